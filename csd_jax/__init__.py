@@ -1,0 +1,1 @@
+"""csd-jax: Concrete Score Distillation for LLMs in JAX."""

@@ -1,0 +1,20 @@
+"""csd_jax.losses: CSD and its baselines as pure functions of arrays (see CSD_MATH.md).
+
+- `logit_loss(name, student_logits, teacher_logits, mask, **params)`: the loss on logits.
+- `fused_logit_loss(name, student_hidden, student_head, teacher_hidden, teacher_head, mask)`:
+  the same loss and gradients without materialising the logits (token chunks, shardable).
+- `per_token_loss(name, student_logits, teacher_logits, **params)`: unreduced values.
+- `token_weights(mask, normalize=...)`: the reduction, for callers that split batches.
+
+This package imports nothing else of csd_jax.
+"""
+
+from csd_jax.losses.fused import DEFAULT_CHUNK_SIZE, fused_logit_loss
+from csd_jax.losses.reduce import NORMALIZATIONS, token_weights
+from csd_jax.losses.registry import (IGNORE_LABEL, LOSS_NAMES, LOSSES, logit_loss, per_token_loss,
+                                     resolve)
+
+__all__ = [
+    "DEFAULT_CHUNK_SIZE", "IGNORE_LABEL", "LOSSES", "LOSS_NAMES", "NORMALIZATIONS",
+    "fused_logit_loss", "logit_loss", "per_token_loss", "resolve", "token_weights",
+]

@@ -1,0 +1,231 @@
+"""Fused LM-head + loss: the loss of `hidden @ head` without ever materialising `[N, V]` logits.
+
+`fused_logit_loss` walks the tokens in chunks of `chunk_size`. For each chunk it forms the
+student's and teacher's logits (float32 accumulation), the per-token loss and its gradient `g`
+with respect to the student's logits, then `d hidden = g W^T` and `d W += h^T g`. All of this
+happens in the forward pass of a `jax.custom_vjp`; the backward pass only scales the stored
+gradients by the incoming cotangent. Peak extra memory is O(chunk x V), whatever N is.
+
+On a mesh, tokens are split over the data axes and the vocabulary over the tensor axis (a
+`shard_map`): each device computes its tokens' logits for its slice of the vocabulary, the
+per-row reductions over V are combined across the tensor axis (see `vocab.VocabAxis`), and no
+device ever holds a full `[N, V]` array. A vocabulary that does not divide the tensor axis is
+padded with columns that count as invalid (-inf logits): the result is unchanged.
+
+The teacher is frozen: its hidden states and head get zero gradients.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.sharding import PartitionSpec as P
+
+from csd_jax.losses.reduce import token_weights, weighted_sum
+from csd_jax.losses.registry import IGNORE_LABEL, LossSpec, loss_mask, prepare_logits, resolve
+from csd_jax.losses.vocab import VocabAxis
+
+Array = jax.Array
+
+DEFAULT_CHUNK_SIZE = 1024
+
+
+def _softcap(logits: Array, cap: float | None) -> Array:
+  return logits if cap is None else cap * jnp.tanh(logits / cap)
+
+
+def _round_up(n: int, multiple: int) -> int:
+  return -(-n // multiple) * multiple
+
+
+def _chunked_value_and_grads(
+    spec: LossSpec, params: dict[str, Any], hs: Array, ws: Array, target: Array,
+    wt: Array | None, weights: Array, *, chunk_size: int, vocab_size: int,
+    softcaps: tuple[float | None, float | None], axis: VocabAxis,
+    vary_axes: tuple[str, ...]) -> tuple[Array, Array, Array]:
+  """Loss value, d/d hs and d/d ws over (this device's) tokens and vocabulary slice."""
+  n, local_vocab = hs.shape[0], ws.shape[1]
+  chunk = min(chunk_size, max(n, 1))
+  n_pad = _round_up(n, chunk)
+  pad = n_pad - n
+  hs_c = jnp.pad(hs, ((0, pad), (0, 0))).reshape(n_pad // chunk, chunk, -1)
+  w_c = jnp.pad(weights, (0, pad)).reshape(n_pad // chunk, chunk)
+  if spec.takes_labels:
+    tgt_c = jnp.pad(target, (0, pad), constant_values=IGNORE_LABEL).reshape(-1, chunk)
+  else:
+    tgt_c = jnp.pad(target, ((0, pad), (0, 0))).reshape(n_pad // chunk, chunk, -1)
+  # Columns past the real vocabulary (padding for an even split) are invalid: -inf logits.
+  in_vocab = axis.global_index(local_vocab) < vocab_size
+  student_cap, teacher_cap = softcaps
+
+  def chunk_loss(z_pre: Array, target_logits: Array, w: Array) -> Array:
+    z = jnp.where(in_vocab, _softcap(z_pre, student_cap), -jnp.inf)
+    z, tgt, valid = prepare_logits(z, target_logits, spec.takes_labels)
+    return weighted_sum(spec.fn(z, tgt, valid, axis, **params), w)
+
+  def body(dws_acc: Array, xs: tuple[Array, Array, Array]) -> tuple[Array, tuple[Array, Array]]:
+    h, tgt, w = xs
+    z_pre = jnp.dot(h, ws, preferred_element_type=jnp.float32)
+    if not spec.takes_labels:
+      t = jnp.dot(tgt, wt, preferred_element_type=jnp.float32)
+      tgt = jnp.where(in_vocab, _softcap(t, teacher_cap), -jnp.inf)
+    value, g = jax.value_and_grad(chunk_loss)(z_pre, tgt, w)
+    dh = jnp.dot(g.astype(ws.dtype), ws.T, preferred_element_type=jnp.float32)
+    dws_acc = dws_acc + jnp.dot(h.T, g.astype(h.dtype), preferred_element_type=jnp.float32)
+    return dws_acc, (value, dh)
+
+  dws0 = jnp.zeros(ws.shape, jnp.float32)
+  if vary_axes:
+    dws0 = lax.pcast(dws0, vary_axes, to="varying")
+  dws, (values, dhs) = lax.scan(body, dws0, (hs_c, tgt_c, w_c))
+  return jnp.sum(values), dhs.reshape(n_pad, -1)[:n], dws
+
+
+def _mesh_axes(mesh: Any, token_axes: Sequence[str], vocab_axis: str
+               ) -> tuple[tuple[str, ...], str | None]:
+  names = tuple(mesh.axis_names)
+  tokens = tuple(a for a in token_axes if a in names)
+  return tokens, (vocab_axis if vocab_axis in names else None)
+
+
+def _make_fused(spec: LossSpec, params: dict[str, Any], *, chunk_size: int,
+                softcaps: tuple[float | None, float | None], mesh: Any,
+                token_axes: Sequence[str], vocab_axis: str) -> Callable[..., Array]:
+  """The custom-VJP function (hs, ws, target, wt, weights) -> loss for one configuration."""
+
+  def value_and_grads(hs, ws, target, wt, weights):
+    vocab_size = ws.shape[1]
+    if mesh is None or mesh.empty:
+      return _chunked_value_and_grads(
+          spec, params, hs, ws, target, wt, weights, chunk_size=chunk_size,
+          vocab_size=vocab_size, softcaps=softcaps, axis=VocabAxis(), vary_axes=())
+    tokens, vocab = _mesh_axes(mesh, token_axes, vocab_axis)
+    n_token_shards = math.prod(mesh.shape[a] for a in tokens)
+    n_vocab_shards = mesh.shape[vocab] if vocab else 1
+    # Pad tokens (zero weight) and vocabulary (invalid columns) to split evenly.
+    n = hs.shape[0]
+    pad_n = _round_up(n, n_token_shards) - n
+    pad_v = _round_up(vocab_size, n_vocab_shards) - vocab_size
+    hs_p = jnp.pad(hs, ((0, pad_n), (0, 0)))
+    ws_p = jnp.pad(ws, ((0, 0), (0, pad_v)))
+    weights_p = jnp.pad(weights, (0, pad_n))
+    if spec.takes_labels:
+      target_p, wt_p = jnp.pad(target, (0, pad_n), constant_values=IGNORE_LABEL), None
+    else:
+      target_p, wt_p = jnp.pad(target, ((0, pad_n), (0, 0))), jnp.pad(wt, ((0, 0), (0, pad_v)))
+    rows = P(tokens or None)
+    rows_h = P(tokens or None, None)
+    cols = P(None, vocab)
+
+    def local(hs_l, ws_l, target_l, wt_l, w_l):
+      value, dhs, dws = _chunked_value_and_grads(
+          spec, params, hs_l, ws_l, target_l, wt_l, w_l, chunk_size=chunk_size,
+          vocab_size=vocab_size, softcaps=softcaps, axis=VocabAxis(vocab),
+          vary_axes=tokens + ((vocab,) if vocab else ()))
+      if tokens:
+        value = lax.psum(value, tokens)
+        dws = lax.psum(dws, tokens)
+      if vocab:
+        dhs = lax.psum(dhs, vocab)
+      return value, dhs, dws
+
+    target_spec = rows if spec.takes_labels else rows_h
+    wt_spec = None if wt_p is None else cols
+    value, dhs, dws = jax.shard_map(
+        local, mesh=mesh, in_specs=(rows_h, cols, target_spec, wt_spec, rows),
+        out_specs=(P(), rows_h, cols))(hs_p, ws_p, target_p, wt_p, weights_p)
+    return value, dhs[:n], dws[:, :vocab_size]
+
+  @jax.custom_vjp
+  def fused(hs, ws, target, wt, weights):
+    return value_and_grads(hs, ws, target, wt, weights)[0]
+
+  def fused_fwd(hs, ws, target, wt, weights):
+    value, dhs, dws = value_and_grads(hs, ws, target, wt, weights)
+    return value, (dhs.astype(hs.dtype), dws.astype(ws.dtype), target, wt, weights)
+
+  def fused_bwd(residuals, cotangent):
+    dhs, dws, target, wt, weights = residuals
+    # The teacher is frozen and the weights are constants: zero cotangents for them.
+    return ((cotangent * dhs).astype(dhs.dtype), (cotangent * dws).astype(dws.dtype),
+            _zero_cotangent(target), _zero_cotangent(wt), jnp.zeros_like(weights))
+
+  fused.defvjp(fused_fwd, fused_bwd)
+  return fused
+
+
+def _zero_cotangent(x: Array | None) -> Any:
+  if x is None:
+    return None
+  if jnp.issubdtype(x.dtype, jnp.integer):
+    return jnp.zeros(x.shape, jax.dtypes.float0)
+  return jnp.zeros_like(x)
+
+
+def fused_logit_loss(
+    name: str, student_hidden: Array, student_head: Array, teacher_hidden: Array | None,
+    teacher_head: Array | None, mask: Array | None = None, *, labels: Array | None = None,
+    chunk_size: int = DEFAULT_CHUNK_SIZE, logit_softcap: float | None = None,
+    teacher_logit_softcap: float | None = None, normalize: str = "token",
+    num_valid_tokens: Array | float | None = None, num_sequences: Array | float | None = None,
+    mesh: Any = None, token_axes: Sequence[str] = ("data", "fsdp"), vocab_axis: str = "tensor",
+    **params: Any) -> Array:
+  """`logit_loss(name, hs @ Ws, ht @ Wt, mask)` with O(chunk x V) memory, same value and grads.
+
+  Args:
+    name: a loss name (see `LOSS_NAMES`); `ce` takes `labels` and no teacher.
+    student_hidden: `[..., Hs]` final hidden states (after the final norm).
+    student_head: `[Hs, V]` the student's LM-head weight.
+    teacher_hidden: `[..., Ht]` (Ht may differ from Hs); None for `ce`.
+    teacher_head: `[Ht, V]`; None for `ce`.
+    mask: `[...]` bool or float; None = every position.
+    labels: `[...]` int, for `ce` (-100 = ignored).
+    chunk_size: tokens per chunk (the peak extra memory is ~ chunk x V float32 a few times).
+    logit_softcap: Gemma-2 style `cap * tanh(logits / cap)` on the student's logits.
+    teacher_logit_softcap: the same for the teacher (default: `logit_softcap`).
+    normalize, num_valid_tokens, num_sequences: the reduction, as in `logit_loss`.
+    mesh: a `Mesh` / `AbstractMesh` to split over; default: the ambient mesh (`jax.set_mesh`),
+      and none outside one.
+    token_axes: mesh axes the tokens are split over (those the mesh has).
+    vocab_axis: mesh axis the vocabulary is split over (if the mesh has it).
+    **params: the loss's parameters.
+  """
+  spec, full = resolve(name, params)
+  if chunk_size < 1:
+    raise ValueError(f"chunk_size={chunk_size}: must be a positive number of tokens")
+  positions = student_hidden.shape[:-1]
+  if student_head.ndim != 2 or student_head.shape[0] != student_hidden.shape[-1]:
+    raise ValueError(f"student head {student_head.shape} does not match hidden size "
+                     f"{student_hidden.shape[-1]}: expected [H, V]")
+  if spec.takes_labels:
+    if labels is None:
+      raise ValueError(f"loss {name!r} needs labels=")
+    target, wt = jnp.reshape(labels, (-1,)), None
+  else:
+    if teacher_hidden is None or teacher_head is None:
+      raise ValueError(f"loss {name!r} needs teacher_hidden and teacher_head")
+    if teacher_hidden.shape[:-1] != positions:
+      raise ValueError(f"teacher hidden {teacher_hidden.shape} and student hidden "
+                       f"{student_hidden.shape} cover different positions")
+    if teacher_head.shape != (teacher_hidden.shape[-1], student_head.shape[1]):
+      raise ValueError(f"vocabulary mismatch: student head {student_head.shape}, teacher head "
+                       f"{teacher_head.shape}; both must be [H, V] with the same V")
+    target = jnp.reshape(teacher_hidden, (-1, teacher_hidden.shape[-1]))
+    wt = teacher_head
+  weights = token_weights(loss_mask(name, positions, mask, labels), normalize=normalize,
+                          num_valid_tokens=num_valid_tokens, num_sequences=num_sequences)
+  if mesh is None:
+    mesh = jax.sharding.get_abstract_mesh()
+  softcaps = (logit_softcap,
+              logit_softcap if teacher_logit_softcap is None else teacher_logit_softcap)
+  fused = _make_fused(spec, full, chunk_size=chunk_size, softcaps=softcaps, mesh=mesh,
+                      token_axes=tuple(token_axes), vocab_axis=vocab_axis)
+  hs = jnp.reshape(student_hidden, (-1, student_hidden.shape[-1]))
+  return fused(hs, student_head, lax.stop_gradient(target),
+               None if wt is None else lax.stop_gradient(wt),
+               lax.stop_gradient(weights.reshape(-1)))
