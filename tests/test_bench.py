@@ -1,0 +1,20 @@
+"""bench/loss.py runs end to end (a smoke test: no timing is asserted)."""
+
+import os
+import pathlib
+import subprocess
+import sys
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def test_bench_loss_runs_and_prints_every_row():
+  env = {**os.environ, "PYTHONPATH": str(ROOT)}
+  result = subprocess.run(
+      [sys.executable, str(ROOT / "bench" / "loss.py"), "--sizes", "tiny", "--chunk-size", "64",
+       "--repeats", "1"], capture_output=True, text=True, env=env, check=False, timeout=600)
+  assert result.returncode == 0, result.stderr
+  rows = [line for line in result.stdout.splitlines() if line.startswith("256 x 1024")]
+  assert [row.split()[4] for row in rows] == ["csd", "fkl"]
+  csd_row = rows[0].split()
+  assert float(csd_row[-1]) > 0  # the torch baseline ran beside it
