@@ -1,0 +1,19 @@
+"""Flax NNX ports of GPT-2, LLaMA and Gemma, with Hugging Face checkpoint I/O and generation.
+
+- `load_pretrained(path_or_hub_id, dtype=..., param_dtype=..., mesh=...)`, `init_random(config)`,
+  `save_pretrained(model, path, tokenizer)`;
+- `model(input_ids, attention_mask, positions) -> logits`; `model.hidden_states(...)` and
+  `model.head_weight()` for the fused loss;
+- `generate(model, prompt_ids, max_new_tokens=..., ...)`.
+
+This package never imports the losses, data, training or checkpoint code.
+"""
+
+from csd_jax.models.config import SUPPORTED_FAMILIES, ModelConfig, config_from_hf
+from csd_jax.models.hf import init_random, load_pretrained, save_pretrained
+from csd_jax.models.transformer import CausalLM, positions_from_mask
+
+__all__ = [
+    "SUPPORTED_FAMILIES", "CausalLM", "ModelConfig", "config_from_hf", "init_random",
+    "load_pretrained", "positions_from_mask", "save_pretrained",
+]

@@ -1,0 +1,153 @@
+"""Hugging Face checkpoints <-> NNX models: load, random init, save.
+
+`load_pretrained` reads `config.json` and the safetensors weights one tensor at a time, straight
+into (sharded) device arrays; `init_random` builds a random model from a transformers config,
+born sharded; `save_pretrained` writes a directory that
+`transformers.AutoModelForCausalLM.from_pretrained` loads.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh
+
+from csd_jax.models.config import ModelConfig, config_from_hf
+from csd_jax.models.hf_names import IGNORED_SUFFIXES, canonical_name, weight_entries
+from csd_jax.models.safetensors_io import SafetensorsCheckpoint, write_sharded
+from csd_jax.models.transformer import CausalLM
+from csd_jax.sharding import state_shardings
+
+MAX_SHARD_BYTES = 5 * 2**30
+ARCHITECTURES = {"gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM",
+                 "gemma": "GemmaForCausalLM"}
+
+
+def resolve_model_dir(path_or_hub_id: str | os.PathLike) -> pathlib.Path:
+  """A local model directory, or a hub id downloaded (config, safetensors, tokenizer) when online.
+
+  Raises:
+    FileNotFoundError: neither a local directory nor reachable on the hub.
+  """
+  path = pathlib.Path(path_or_hub_id)
+  if path.is_dir():
+    if not (path / "config.json").exists():
+      raise FileNotFoundError(f"{path} has no config.json: not a Hugging Face model directory")
+    return path
+  if path.exists() or str(path_or_hub_id).startswith((".", "/")):
+    raise FileNotFoundError(f"{path} is not a model directory")
+  try:
+    from huggingface_hub import snapshot_download
+
+    return pathlib.Path(snapshot_download(
+        str(path_or_hub_id), allow_patterns=["*.json", "*.safetensors", "tokenizer*", "*.model",
+                                             "*.txt"]))
+  except Exception as error:  # noqa: BLE001 (any hub failure means the same to the user)
+    raise FileNotFoundError(
+        f"{path_or_hub_id!r} is not a local directory and could not be fetched from the "
+        f"Hugging Face hub ({type(error).__name__}); pass a local model directory") from error
+
+
+def _abstract(cfg: ModelConfig) -> tuple[nnx.GraphDef, nnx.State]:
+  return nnx.split(nnx.eval_shape(lambda: CausalLM(cfg, nnx.Rngs(0))))
+
+
+def init_random(hf_config: Any, seed: int = 0, *, dtype: Any = jnp.float32,
+                param_dtype: Any = None, mesh: Mesh | None = None, **overrides: Any) -> CausalLM:
+  """A randomly initialised model for a transformers config (dict or `PretrainedConfig`),
+  born sharded over `mesh` when one is given."""
+  cfg = config_from_hf(hf_config, dtype=dtype, param_dtype=param_dtype, **overrides)
+  graphdef, abstract = _abstract(cfg)
+
+  def create() -> nnx.State:
+    return nnx.state(CausalLM(cfg, nnx.Rngs(seed)))
+
+  shardings = state_shardings(abstract, mesh) if mesh is not None else None
+  state = jax.jit(create, out_shardings=shardings)()
+  return nnx.merge(graphdef, state)
+
+
+def _place(array: np.ndarray, sharding: Any) -> jax.Array:
+  if sharding is None:
+    return jnp.asarray(array)
+  return jax.make_array_from_callback(array.shape, sharding, lambda index: array[index])
+
+
+def load_pretrained(path_or_hub_id: str | os.PathLike, *, dtype: Any = jnp.float32,
+                    param_dtype: Any = None, mesh: Mesh | None = None,
+                    **overrides: Any) -> CausalLM:
+  """A model from a Hugging Face directory (config.json + safetensors) or hub id.
+
+  Args:
+    dtype: compute dtype. param_dtype: storage dtype (default float32).
+    mesh: place each parameter straight into its sharded array (rules in `csd_jax.sharding`).
+    **overrides: `ModelConfig` fields (`remat`, `attention_impl`, ...).
+
+  Raises:
+    ValueError: unsupported model_type; missing, unexpected or mis-shaped tensors (named).
+  """
+  directory = resolve_model_dir(path_or_hub_id)
+  hf_config = json.loads((directory / "config.json").read_text())
+  cfg = config_from_hf(hf_config, dtype=dtype, param_dtype=param_dtype, **overrides)
+  graphdef, abstract = _abstract(cfg)
+  variables = dict(nnx.to_flat_state(abstract))
+  shardings = (dict(nnx.to_flat_state(state_shardings(abstract, mesh)))
+               if mesh is not None else {})
+  checkpoint = SafetensorsCheckpoint(directory)
+  available = {canonical_name(cfg, n): n for n in checkpoint.names()}
+  entries = weight_entries(cfg)
+  needed = {e.hf_name for e in entries}
+  missing = sorted(needed - set(available))
+  unexpected = sorted(n for n in set(available) - needed if not n.endswith(IGNORED_SUFFIXES)
+                      and not (cfg.tie_word_embeddings and n == "lm_head.weight"))
+  if missing or unexpected:
+    raise ValueError(f"{directory}: checkpoint does not fit the {cfg.family} config: "
+                     f"missing {missing[:8] or 'none'}{' ...' if len(missing) > 8 else ''}; "
+                     f"unexpected {unexpected[:8] or 'none'}"
+                     f"{' ...' if len(unexpected) > 8 else ''}")
+  for entry in entries:
+    parts = entry.to_ours(checkpoint.read(available[entry.hf_name]))
+    for path, part in zip(entry.paths, parts, strict=True):
+      variable = variables[path]
+      expected = variable.get_value().shape
+      if part.shape != expected:
+        raise ValueError(f"{entry.hf_name}: shape {checkpoint.shape(available[entry.hf_name])} "
+                         f"does not fit the config (expected {expected} for {path})")
+      variable.set_value(_place(part.astype(cfg.param_dtype), shardings.get(path)))
+  return nnx.merge(graphdef, nnx.from_flat_state(variables))
+
+
+def hf_config_of(cfg: ModelConfig) -> dict[str, Any]:
+  """The transformers config.json of a model (its original one, with architectures and dtype)."""
+  out = dict(cfg.hf_config)
+  out.setdefault("architectures", [ARCHITECTURES[cfg.family]])
+  out["model_type"] = cfg.family
+  out["torch_dtype"] = out["dtype"] = jnp.dtype(cfg.param_dtype).name
+  return out
+
+
+def save_pretrained(model: CausalLM, path: str | os.PathLike, tokenizer: Any = None, *,
+                    max_shard_bytes: int = MAX_SHARD_BYTES) -> pathlib.Path:
+  """Write config.json and safetensors (sharded above `max_shard_bytes`) and the tokenizer."""
+  cfg = model.cfg
+  directory = pathlib.Path(path)
+  directory.mkdir(parents=True, exist_ok=True)
+  variables = dict(nnx.to_flat_state(nnx.state(model)))
+
+  def tensors():
+    for entry in weight_entries(cfg):
+      ours = tuple(np.asarray(jax.device_get(variables[p].get_value())) for p in entry.paths)
+      yield entry.hf_name, entry.to_hf(ours)
+
+  write_sharded(directory, tensors(), max_shard_bytes)
+  (directory / "config.json").write_text(json.dumps(hf_config_of(cfg), indent=2, default=str))
+  if tokenizer is not None:
+    tokenizer.save_pretrained(directory)
+  return directory

@@ -1,0 +1,111 @@
+"""The decoder-only LM shared by GPT-2, LLaMA and Gemma (`ModelConfig` picks the family's parts).
+
+`model(input_ids, attention_mask, positions) -> logits [B, T, V]`. For the fused loss,
+`model.hidden_states(...)` gives the final normed hidden states and `model.head_weight()` the LM
+head `[D, V]`, without computing logits. Positions default to the count of real tokens before
+each one, so left- and right-padded batches give each sequence the logits it has alone.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from csd_jax.models.config import REMAT_POLICIES, ModelConfig
+from csd_jax.models.layers import Block, KVCache, Norm, param
+
+Array = jax.Array
+
+_REMAT = {
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+def positions_from_mask(attention_mask: Array) -> Array:
+  """Position of each token among the real ones (0 for leading padding): [B, T] int32."""
+  return jnp.maximum(jnp.cumsum(attention_mask.astype(jnp.int32), axis=-1) - 1, 0)
+
+
+class CausalLM(nnx.Module):
+  """A pre-norm decoder-only language model."""
+
+  def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+    if cfg.remat not in REMAT_POLICIES:
+      raise ValueError(f"remat={cfg.remat!r}; valid: {', '.join(REMAT_POLICIES)}")
+    self.cfg = cfg
+    self.embed = param(rngs, (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"), cfg)
+    self.pos_embed = (param(rngs, (cfg.max_position_embeddings, cfg.hidden_size),
+                            ("positions", "embed"), cfg) if cfg.positions == "learned" else None)
+    self.layers = nnx.List([Block(cfg, rngs) for _ in range(cfg.num_layers)])
+    self.final_norm = Norm(cfg.hidden_size, cfg, rngs)
+    self.lm_head = (None if cfg.tie_word_embeddings else
+                    param(rngs, (cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"), cfg))
+
+  def head_weight(self) -> Array:
+    """The LM head [D, V] in the compute dtype (the embedding's transpose when tied)."""
+    weight = self.embed[...].T if self.lm_head is None else self.lm_head[...]
+    return weight.astype(self.cfg.dtype)
+
+  def hidden_states(self, input_ids: Array, attention_mask: Array | None = None,
+                    positions: Array | None = None, *, cache: Sequence[KVCache] | None = None,
+                    cache_index: Array | int = 0, kv_valid: Array | None = None
+                    ) -> tuple[Array, list[KVCache] | None]:
+    """Final normed hidden states [B, T, D] (and the updated KV cache when one is given).
+
+    Args:
+      input_ids: [B, T] int.
+      attention_mask: [B, T], 1 for real tokens (default: all real).
+      positions: [B, T] (default: from `attention_mask`).
+      cache: one (keys, values) pair per layer, each [B, S, K, H]; this call writes its keys
+        and values at `cache_index`.
+      cache_index: the cache slot of this call's first token.
+      kv_valid: [B, S] which cache slots hold real tokens (required with `cache`).
+    """
+    cfg = self.cfg
+    if attention_mask is None:
+      attention_mask = jnp.ones(input_ids.shape, jnp.int32)
+    if positions is None:
+      positions = positions_from_mask(attention_mask)
+    if cache is None:
+      kv_valid = attention_mask
+    elif kv_valid is None:
+      raise ValueError("decoding with a cache needs kv_valid [B, S]")
+    x = jnp.take(self.embed[...], input_ids, axis=0).astype(cfg.dtype)
+    if cfg.embed_scale:
+      x = x * jnp.asarray(cfg.hidden_size**0.5, cfg.dtype)
+    if self.pos_embed is not None:
+      x = x + jnp.take(self.pos_embed[...], positions, axis=0).astype(cfg.dtype)
+    new_cache = [] if cache is not None else None
+    for i, block in enumerate(self.layers):
+      layer_cache = None if cache is None else cache[i]
+      if cfg.remat != "none" and cache is None:
+        x, _ = nnx.remat(lambda blk, h: blk(h, positions, kv_valid), policy=_REMAT[cfg.remat])(
+            block, x)
+      else:
+        x, layer_cache = block(x, positions, kv_valid, layer_cache, cache_index)
+      if new_cache is not None:
+        new_cache.append(layer_cache)
+    return self.final_norm(x), new_cache
+
+  def logits(self, hidden: Array) -> Array:
+    """Logits [..., V] in float32 from final hidden states (with the family's soft-cap)."""
+    logits = jnp.dot(hidden, self.head_weight(), preferred_element_type=jnp.float32)
+    cap = self.cfg.final_logit_softcap
+    return logits if cap is None else cap * jnp.tanh(logits / cap)
+
+  def __call__(self, input_ids: Array, attention_mask: Array | None = None,
+               positions: Array | None = None) -> Array:
+    """Logits [B, T, V] (float32)."""
+    hidden, _ = self.hidden_states(input_ids, attention_mask, positions)
+    return self.logits(hidden)
+
+  def init_cache(self, batch: int, length: int, dtype=None) -> list[KVCache]:
+    """An empty KV cache: per layer, keys and values [batch, length, K, H]."""
+    cfg = self.cfg
+    shape = (batch, length, cfg.num_kv_heads, cfg.head_dim)
+    dtype = dtype or cfg.dtype
+    return [(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in range(cfg.num_layers)]
