@@ -18,3 +18,13 @@ def test_bench_loss_runs_and_prints_every_row():
   assert [row.split()[4] for row in rows] == ["csd", "fkl"]
   csd_row = rows[0].split()
   assert float(csd_row[-1]) > 0  # the torch baseline ran beside it
+
+
+def test_bench_models_runs():
+  env = {**os.environ, "PYTHONPATH": str(ROOT)}
+  result = subprocess.run(
+      [sys.executable, str(ROOT / "bench" / "models.py"), "--sizes", "tiny", "--repeats", "1"],
+      capture_output=True, text=True, env=env, check=False, timeout=600)
+  assert result.returncode == 0, result.stderr
+  row = [line for line in result.stdout.splitlines() if line.startswith("gpt2-tiny")]
+  assert len(row) == 1 and float(row[0].split()[3].replace(",", "")) > 0
