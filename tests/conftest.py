@@ -28,3 +28,15 @@ def converted(gguf_file: pathlib.Path, tmp_path_factory: pytest.TempPathFactory)
   from smollm2 import converted_smollm2
 
   return converted_smollm2(tmp_path_factory.mktemp("models"))
+
+
+@pytest.fixture(scope="session")
+def gpt2_tokenizer():
+  """The real GPT-2 BPE tokenizer (files fetched by `make test` into .venv/assets/gpt2)."""
+  import transformers
+
+  assets = pathlib.Path(__file__).resolve().parents[1] / ".venv" / "assets" / "gpt2"
+  if not (assets / "vocab.json").exists():
+    pytest.fail(f"GPT-2 BPE files missing: python tests/fetch_gpt2_bpe.py {assets}")
+  # from_pretrained on the directory: transformers 5 ignores vocab_file / merges_file arguments.
+  return transformers.GPT2TokenizerFast.from_pretrained(str(assets))

@@ -61,3 +61,16 @@ def test_hidden_states_and_head_give_the_logits():
   ids = jax.random.randint(jax.random.key(4), (2, 9), 0, 97)
   hidden, _ = model.hidden_states(ids)
   np.testing.assert_allclose(hidden @ model.head_weight(), model(ids), rtol=1e-6, atol=1e-6)
+
+
+def test_packed_rows_equal_the_samples_alone():
+  config = CONFIGS["llama_gqa_untied_bias"]()
+  model = init_random(config, seed=6)
+  a = jax.random.randint(jax.random.key(5), (7,), 0, 97)
+  b = jax.random.randint(jax.random.key(6), (5,), 0, 97)
+  packed = jnp.concatenate([a, b, jnp.zeros((4,), jnp.int32)])[None]
+  segments = jnp.asarray([[1] * 7 + [2] * 5 + [0] * 4])
+  positions = jnp.asarray([list(range(7)) + list(range(5)) + [0] * 4])
+  logits = model(packed, segments, positions)[0]
+  np.testing.assert_allclose(logits[:7], model(a[None])[0], rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(logits[7:12], model(b[None])[0], rtol=1e-5, atol=1e-5)

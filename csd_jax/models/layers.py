@@ -135,12 +135,14 @@ class Attention(nnx.Module):
                    rngs=rngs)
 
   def __call__(self, x: Array, positions: Array, kv_valid: Array,
-               cache: KVCache | None = None, cache_index: Array | int = 0
-               ) -> tuple[Array, KVCache | None]:
+               cache: KVCache | None = None, cache_index: Array | int = 0,
+               query_segments: Array | None = None) -> tuple[Array, KVCache | None]:
     """x [B, T, D]; positions [B, T]; kv_valid [B, S] (S = T, or the cache length).
 
     Query i sits at slot `cache_index + i` and sees the keys at slots <= its own that are
-    valid. With a cache, this call's keys and values are written at `cache_index` first.
+    valid (kv_valid > 0) and, when `query_segments` [B, T] is given, in the same segment
+    (kv_valid holds the keys' segment ids then). With a cache, this call's keys and values
+    are written at `cache_index` first.
     """
     q, k, v = self.q(x), self.k(x), self.v(x)
     if self.cfg.positions == "rope":
@@ -153,7 +155,9 @@ class Attention(nnx.Module):
       k, v = cache
     query_slots = cache_index + jnp.arange(x.shape[1])
     causal = jnp.arange(k.shape[1])[None, :] <= query_slots[:, None]
-    mask = causal[None, None] & kv_valid[:, None, None, :].astype(bool)
+    mask = causal[None, None] & (kv_valid[:, None, None, :] > 0)
+    if query_segments is not None:  # packed rows: attend within the own segment only
+      mask = mask & (query_segments[:, None, :, None] == kv_valid[:, None, None, :])
     out = jax.nn.dot_product_attention(q, k.astype(q.dtype), v.astype(q.dtype), mask=mask,
                                        scale=self.cfg.head_dim**-0.5,
                                        implementation=self.cfg.attention_impl)
@@ -190,7 +194,9 @@ class Block(nnx.Module):
     self.mlp = MLP(cfg, rngs)
 
   def __call__(self, x: Array, positions: Array, kv_valid: Array, cache: KVCache | None = None,
-               cache_index: Array | int = 0) -> tuple[Array, KVCache | None]:
-    attn_out, cache = self.attn(self.attn_norm(x), positions, kv_valid, cache, cache_index)
+               cache_index: Array | int = 0, query_segments: Array | None = None
+               ) -> tuple[Array, KVCache | None]:
+    attn_out, cache = self.attn(self.attn_norm(x), positions, kv_valid, cache, cache_index,
+                                query_segments)
     x = x + attn_out
     return x + self.mlp(self.mlp_norm(x)), cache

@@ -4,6 +4,9 @@
 `model.hidden_states(...)` gives the final normed hidden states and `model.head_weight()` the LM
 head `[D, V]`, without computing logits. Positions default to the count of real tokens before
 each one, so left- and right-padded batches give each sequence the logits it has alone.
+
+Packed rows (several samples in one row) pass segment ids as `attention_mask` (0 = padding,
+1, 2, ... = the samples) and their own `positions`: a token attends only within its segment.
 """
 
 from __future__ import annotations
@@ -58,8 +61,10 @@ class CausalLM(nnx.Module):
 
     Args:
       input_ids: [B, T] int.
-      attention_mask: [B, T], 1 for real tokens (default: all real).
-      positions: [B, T] (default: from `attention_mask`).
+      attention_mask: [B, T], 1 for real tokens, 0 for padding (default: all real); or segment
+        ids of packed samples (tokens attend within their segment).
+      positions: [B, T] (default: the count of real tokens before each; pass them for packed
+        rows).
       cache: one (keys, values) pair per layer, each [B, S, K, H]; this call writes its keys
         and values at `cache_index`.
       cache_index: the cache slot of this call's first token.
@@ -70,8 +75,9 @@ class CausalLM(nnx.Module):
       attention_mask = jnp.ones(input_ids.shape, jnp.int32)
     if positions is None:
       positions = positions_from_mask(attention_mask)
+    query_segments = None
     if cache is None:
-      kv_valid = attention_mask
+      kv_valid = query_segments = attention_mask
     elif kv_valid is None:
       raise ValueError("decoding with a cache needs kv_valid [B, S]")
     x = jnp.take(self.embed[...], input_ids, axis=0).astype(cfg.dtype)
@@ -83,10 +89,10 @@ class CausalLM(nnx.Module):
     for i, block in enumerate(self.layers):
       layer_cache = None if cache is None else cache[i]
       if cfg.remat != "none" and cache is None:
-        x, _ = nnx.remat(lambda blk, h: blk(h, positions, kv_valid), policy=_REMAT[cfg.remat])(
-            block, x)
+        x, _ = nnx.remat(lambda blk, h: blk(h, positions, kv_valid, None, 0, query_segments),
+                         policy=_REMAT[cfg.remat])(block, x)
       else:
-        x, layer_cache = block(x, positions, kv_valid, layer_cache, cache_index)
+        x, layer_cache = block(x, positions, kv_valid, layer_cache, cache_index, query_segments)
       if new_cache is not None:
         new_cache.append(layer_cache)
     return self.final_norm(x), new_cache

@@ -1,0 +1,1 @@
+"""Instruction and text data: rendering, TFDS builders, the Grain loader."""

@@ -1,0 +1,224 @@
+"""Records -> token ids: prompt rendering, instruction tokenisation with masks, text windows.
+
+Instruction records are in the Dolly form (`instruction`, `context`, `response`); prompts are
+rendered with the MiniLLM / DistiLLM template, the tokenizer's chat template, or left bare.
+`InstructionTokenizer` turns one record into `input_ids` and PRE-SHIFTED `labels`: `labels[t]` is
+the token that follows position `t`, and -100 where that token is still part of the prompt. The
+prompt is cut from the left to `max_prompt_length`, the response from the right so that the
+whole sample fits `max_length`; what was cut and what was dropped is counted in `stats`.
+`TextTokenizer` cuts a pre-training text into windows with the same label convention.
+Padding, batching and packing are the loader's business, not this module's.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+
+logger = logging.getLogger("csd_jax.data")
+
+IGNORE_INDEX = -100
+
+PROMPT_TEMPLATES: dict[str, str] = {
+    "with_context": (
+        "Below is an instruction that describes a task, paired with an input that provides further"
+        " context. Write a response that appropriately completes the request.\n\n"
+        "### Instruction:\n{instruction}\n\n### Input:\n{context}\n\n### Response:\n"),
+    "without_context": (
+        "Below is an instruction that describes a task. Write a response that appropriately"
+        " completes the request.\n\n### Instruction:\n{instruction}\n\n### Response:\n"),
+}
+TEMPLATE_NAMES = ("minillm", "chat", "none")
+
+INSTRUCTION_FIELDS = ("instruction", "prompt", "question")
+CONTEXT_FIELDS = ("context", "input")
+RESPONSE_FIELDS = ("response", "output", "completion", "answer")
+
+
+def _user_text(record: Mapping[str, str]) -> str:
+  context = record.get("context") or ""
+  return record["instruction"] + ("\n\n" + context if context else "")
+
+
+def render_prompt(record: Mapping[str, str], template: str, tokenizer: Any = None) -> str:
+  """The prompt text for `record` under `template` ("minillm", "chat" or "none")."""
+  context = record.get("context") or ""
+  if template == "minillm":
+    if context:
+      return PROMPT_TEMPLATES["with_context"].format(instruction=record["instruction"],
+                                                     context=context)
+    return PROMPT_TEMPLATES["without_context"].format(instruction=record["instruction"])
+  if template == "chat":
+    if tokenizer is None or not getattr(tokenizer, "chat_template", None):
+      name = type(tokenizer).__name__ if tokenizer is not None else "no tokenizer"
+      raise ValueError(f"template='chat' needs a tokenizer with a chat template ({name} has none);"
+                       " use template='minillm' for base models")
+    return tokenizer.apply_chat_template([{"role": "user", "content": _user_text(record)}],
+                                         add_generation_prompt=True, tokenize=False)
+  if template == "none":
+    return _user_text(record)
+  raise ValueError(f"unknown prompt template {template!r}; expected one of {TEMPLATE_NAMES}")
+
+
+@dataclasses.dataclass
+class TokenizeStats:
+  """Counts over the records seen: `samples` counts every record, dropped ones included."""
+
+  samples: int = 0
+  prompts_truncated: int = 0
+  responses_truncated: int = 0
+  dropped_no_response: int = 0
+
+  def __add__(self, other: TokenizeStats) -> TokenizeStats:
+    if not isinstance(other, TokenizeStats):
+      return NotImplemented
+    return TokenizeStats(*(getattr(self, f.name) + getattr(other, f.name)
+                           for f in dataclasses.fields(self)))
+
+  @property
+  def kept(self) -> int:
+    """Records that produced a sample."""
+    return self.samples - self.dropped_no_response
+
+  def summary(self) -> str:
+    """One line for the log."""
+    return (f"{self.samples} records: {self.kept} kept, {self.prompts_truncated} prompts cut from"
+            f" the left, {self.responses_truncated} responses cut from the right,"
+            f" {self.dropped_no_response} dropped with no response token")
+
+
+def _token_id(tokenizer: Any, name: str) -> int | None:
+  value = getattr(tokenizer, f"{name}_token_id", None)
+  return None if value is None else int(value)
+
+
+def _pad_id(tokenizer: Any) -> int:
+  pad = _token_id(tokenizer, "pad")
+  if pad is not None:
+    return pad
+  eos = _token_id(tokenizer, "eos")
+  if eos is None:
+    raise ValueError(f"{type(tokenizer).__name__} has neither a pad nor an eos token; set"
+                     " tokenizer.pad_token before tokenising")
+  logger.warning("%s has no pad token: using its eos token %r (id %d) as the pad token",
+                 type(tokenizer).__name__, getattr(tokenizer, "eos_token", None), eos)
+  return eos
+
+
+def _eos_id(tokenizer: Any) -> int:
+  eos = _token_id(tokenizer, "eos")
+  if eos is None:
+    raise ValueError(f"{type(tokenizer).__name__} has no eos token; pass add_eos=False or set"
+                     " tokenizer.eos_token")
+  return eos
+
+
+def _encode(tokenizer: Any, text: str) -> list[int]:
+  return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+class InstructionTokenizer:
+  """Dolly-form record -> {"input_ids", "labels"} (int32, same length <= max_length) or None."""
+
+  def __init__(self, tokenizer: Any, *, template: str = "minillm", max_length: int = 512,
+               max_prompt_length: int = 256, add_eos: bool = True, add_bos: bool = False):
+    if not 0 < max_prompt_length < max_length:
+      raise ValueError(
+          f"need 0 < max_prompt_length < max_length, got max_prompt_length={max_prompt_length},"
+          f" max_length={max_length}: lower max_prompt_length (or raise max_length) so that"
+          " at least one response token fits")
+    if template not in TEMPLATE_NAMES:
+      raise ValueError(f"unknown prompt template {template!r}; expected one of {TEMPLATE_NAMES}")
+    if template == "chat" and not getattr(tokenizer, "chat_template", None):
+      raise ValueError(f"template='chat' needs a tokenizer with a chat template"
+                       f" ({type(tokenizer).__name__} has none); use template='minillm'")
+    self.tokenizer = tokenizer
+    self.template = template
+    self.max_length = max_length
+    self.max_prompt_length = max_prompt_length
+    self.add_eos = add_eos
+    self.eos_id = _eos_id(tokenizer) if add_eos else _token_id(tokenizer, "eos")
+    self.bos_id = _token_id(tokenizer, "bos") if add_bos else None
+    if add_bos and self.bos_id is None:
+      logger.warning("add_bos=True but %s has no bos token: prompts get none",
+                     type(tokenizer).__name__)
+    self.pad_id = _pad_id(tokenizer)
+    self.stats = TokenizeStats()
+
+  def __call__(self, record: Mapping[str, str]) -> dict[str, np.ndarray] | None:
+    self.stats.samples += 1
+    prompt = _encode(self.tokenizer, render_prompt(record, self.template, self.tokenizer))
+    head = [] if self.bos_id is None else [self.bos_id]
+    keep = self.max_prompt_length - len(head)
+    if len(prompt) > keep:
+      self.stats.prompts_truncated += 1
+      prompt = prompt[len(prompt) - keep:]
+    prompt = head + prompt
+    response = _encode(self.tokenizer, record["response"])
+    if self.add_eos:
+      response.append(self.eos_id)
+    budget = self.max_length + 1 - len(prompt)   # `full` may hold max_length + 1 tokens
+    if len(response) > budget:
+      self.stats.responses_truncated += 1
+      response = response[:budget]
+    if not response:
+      self.stats.dropped_no_response += 1
+      return None
+    full = np.asarray(prompt + response, dtype=np.int32)
+    labels = full[1:].copy()
+    labels[:max(len(prompt) - 1, 0)] = IGNORE_INDEX   # targets still inside the prompt
+    return {"input_ids": full[:-1], "labels": labels}
+
+
+class TextTokenizer:
+  """{"text"} record -> windows {"input_ids", "labels"} of <= max_length tokens covering it."""
+
+  def __init__(self, tokenizer: Any, *, max_length: int):
+    if max_length < 1:
+      raise ValueError(f"max_length must be >= 1, got {max_length}")
+    self.tokenizer = tokenizer
+    self.max_length = max_length
+    self.eos_id = _eos_id(tokenizer)
+    self.pad_id = _pad_id(tokenizer)
+
+  def __call__(self, record: Mapping[str, str]) -> list[dict[str, np.ndarray]]:
+    ids = np.asarray(_encode(self.tokenizer, record["text"]) + [self.eos_id], dtype=np.int32)
+    windows = []
+    for start in range(0, len(ids), self.max_length):   # windows share one token at each seam
+      window = ids[start:start + self.max_length + 1]
+      if len(window) >= 2:
+        windows.append({"input_ids": window[:-1], "labels": window[1:]})
+    return windows
+
+
+def _first(obj: Mapping[str, Any], names: tuple[str, ...]) -> str | None:
+  for name in names:
+    value = obj.get(name)
+    if value is not None:
+      if not isinstance(value, str):
+        raise ValueError(f"record field {name!r} is {type(value).__name__}, expected a string")
+      return value
+  return None
+
+
+def records_from_json(obj: Mapping[str, Any]) -> dict[str, str]:
+  """A JSON record with any of the known field aliases, in the Dolly form."""
+  instruction = _first(obj, INSTRUCTION_FIELDS)
+  response = _first(obj, RESPONSE_FIELDS)
+  if instruction is None or response is None:
+    raise ValueError(f"record has fields {sorted(obj)}; expected {'/'.join(INSTRUCTION_FIELDS)}"
+                     f" and {'/'.join(RESPONSE_FIELDS)}")
+  return {"instruction": instruction, "context": _first(obj, CONTEXT_FIELDS) or "",
+          "response": response}
+
+
+def text_from_json(obj: Mapping[str, Any]) -> dict[str, str]:
+  """A JSON record of the pre-training text source, as {"text": ...}."""
+  text = _first(obj, ("text",))
+  if text is None:
+    raise ValueError(f"record has fields {sorted(obj)}; expected text")
+  return {"text": text}
