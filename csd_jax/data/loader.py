@@ -1,0 +1,226 @@
+"""The Grain input pipeline: shuffled, sharded per process, padded or packed, resumable.
+
+    source (random access) -> shuffle(seed, reshuffled every epoch) -> repeat -> this process's
+    slice -> encode (tokenise; a record gives 0..n examples) -> pad to a bucket | pack -> batch
+    -> prefetch -> a global `jax.Array` batch under the batch sharding
+
+Every process runs the same shuffle and takes every `process_count`-th record, so the processes
+see disjoint slices that together cover the data. A batch is a dict of `[B, T]` int32 arrays:
+`input_ids`, `labels` (pre-shifted next-token targets, -100 where no loss), `attention_mask`
+(0 padding; 1, 2, ... the packed samples of a row) and `positions`. `T` is the longest sample
+rounded up to a multiple of `bucket_multiple` (capped at `max_length`), or `max_length` when
+packing. `get_state()` / `set_state()` save and restore the position exactly: the restored
+loader yields the same next batches.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any
+
+import grain
+import jax
+import numpy as np
+
+IGNORE_INDEX = -100
+Example = dict[str, np.ndarray]
+Batch = dict[str, Any]
+
+
+@dataclasses.dataclass(frozen=True)
+class LoaderConfig:
+  """How batches are formed. `global_batch_size` counts rows across all processes."""
+
+  global_batch_size: int
+  max_length: int
+  seed: int = 0
+  shuffle: bool = True
+  pack: bool = False
+  bucket_multiple: int = 64
+  num_threads: int = 2
+  prefetch: int = 4
+
+
+def _decode(record: Mapping[str, Any]) -> dict[str, str]:
+  """TFDS text features come back as bytes."""
+  return {k: v.decode("utf-8") if isinstance(v, bytes) else v for k, v in record.items()}
+
+
+class _Encode(grain.experimental.FlatMapTransform):
+  """A record -> its examples (an encoder returns an example, a list of them, or None)."""
+
+  max_fan_out = 1 << 16
+
+  def __init__(self, encode: Callable[[Mapping[str, str]], Any]):
+    self._encode = encode
+
+  def flat_map(self, element: Mapping[str, Any]) -> Sequence[Example]:
+    out = self._encode(_decode(element))
+    if out is None:
+      return []
+    return out if isinstance(out, list) else [out]
+
+
+def pad_batch(examples: Sequence[Example], *, pad_id: int, max_length: int,
+              bucket_multiple: int) -> Batch:
+  """Right-pad examples to the bucket length: the longest, rounded up to `bucket_multiple`."""
+  longest = max(len(e["input_ids"]) for e in examples)
+  length = min(max_length, -(-longest // bucket_multiple) * bucket_multiple)
+  rows = len(examples)
+  batch = {"input_ids": np.full((rows, length), pad_id, np.int32),
+           "labels": np.full((rows, length), IGNORE_INDEX, np.int32),
+           "attention_mask": np.zeros((rows, length), np.int32),
+           "positions": np.zeros((rows, length), np.int32)}
+  for i, example in enumerate(examples):
+    n = len(example["input_ids"])
+    batch["input_ids"][i, :n] = example["input_ids"]
+    batch["labels"][i, :n] = example["labels"]
+    batch["attention_mask"][i, :n] = 1
+    batch["positions"][i, :n] = np.arange(n)
+  return batch
+
+
+def stack_packed(rows: Sequence[Example], *, pad_id: int) -> Batch:
+  """Packed rows from Grain's packer -> a batch with segment ids as the attention mask."""
+  segments = np.stack([r["input_ids_segment_ids"] for r in rows]).astype(np.int32)
+  padding = segments == 0
+  return {"input_ids": np.where(padding, pad_id, np.stack([r["input_ids"] for r in rows])
+                                ).astype(np.int32),
+          "labels": np.where(padding, IGNORE_INDEX, np.stack([r["labels"] for r in rows])
+                             ).astype(np.int32),
+          "attention_mask": segments,
+          "positions": np.where(padding, 0, np.stack([r["input_ids_positions"] for r in rows])
+                                ).astype(np.int32)}
+
+
+def padding_fraction(batch: Mapping[str, np.ndarray]) -> float:
+  """The share of the batch's token slots that hold padding."""
+  mask = np.asarray(batch["attention_mask"])
+  return float(np.mean(mask == 0))
+
+
+class BatchLoader:
+  """An endless iterator of batches over a random-access source, with exact save / restore.
+
+  Args:
+    source: a random-access sequence of records (a TFDS data source, a list of dicts).
+    encode: record (text fields as str) -> example dict(input_ids, labels), a list of them, or
+      None (dropped); e.g. `instruct.InstructionTokenizer` or `instruct.TextTokenizer`.
+    pad_id: the token that fills padding.
+    config: batch size, lengths, seed, packing.
+    sharding: the global batch's `NamedSharding` (batch axis over the data axes); None gives
+      this process's NumPy batch.
+    process_index / process_count: default `jax.process_index()` / `jax.process_count()`.
+  """
+
+  def __init__(self, source: Sequence[Any], encode: Callable[[Mapping[str, str]], Any], *,
+               pad_id: int, config: LoaderConfig, sharding: Any = None,
+               process_index: int | None = None, process_count: int | None = None):
+    self.config = config
+    self.pad_id = pad_id
+    self.sharding = sharding
+    self.process_index = jax.process_index() if process_index is None else process_index
+    self.process_count = jax.process_count() if process_count is None else process_count
+    if len(source) == 0:
+      raise ValueError("the dataset is empty: nothing to load")
+    if config.global_batch_size % self.process_count:
+      raise ValueError(f"global batch size {config.global_batch_size} does not divide over "
+                       f"{self.process_count} processes; use a multiple of {self.process_count}")
+    self.local_batch_size = config.global_batch_size // self.process_count
+    self.num_records = len(source)
+    dataset = grain.MapDataset.source(source)
+    if config.shuffle:
+      dataset = dataset.shuffle(seed=config.seed)
+    dataset = dataset.repeat()[self.process_index::self.process_count]
+    examples = grain.experimental.FlatMapIterDataset(
+        dataset.to_iter_dataset(grain.ReadOptions(num_threads=config.num_threads,
+                                                  prefetch_buffer_size=config.prefetch)),
+        _Encode(encode))
+    if config.pack:
+      lengths = {"input_ids": config.max_length, "labels": config.max_length}
+      packed = grain.experimental.FirstFitPackIterDataset(
+          examples, length_struct=lengths, num_packing_bins=self.local_batch_size,
+          seed=config.seed, shuffle_bins=False)
+      batches = packed.batch(self.local_batch_size, drop_remainder=True,
+                             batch_fn=lambda rows: stack_packed(rows, pad_id=pad_id))
+    else:
+      batches = examples.batch(self.local_batch_size, drop_remainder=True, batch_fn=lambda ex: (
+          pad_batch(ex, pad_id=pad_id, max_length=config.max_length,
+                    bucket_multiple=config.bucket_multiple)))
+    self._iterator = iter(batches)
+
+  @property
+  def steps_per_epoch(self) -> int:
+    """Global batches per pass over the records (before samples dropped by the encoder)."""
+    return max(1, self.num_records // self.config.global_batch_size)
+
+  def __iter__(self) -> Iterator[Batch]:
+    return self
+
+  def __next__(self) -> Batch:
+    local = next(self._iterator)
+    if self.process_count > 1 and not self.config.pack:
+      local = self._agree_on_length(local)
+    if self.sharding is None:
+      return local
+    return {k: jax.make_array_from_process_local_data(self.sharding, v)
+            for k, v in local.items()}
+
+  def _agree_on_length(self, local: Batch) -> Batch:
+    """Bucket lengths differ between processes; every process pads to the longest."""
+    from jax.experimental import multihost_utils
+
+    length = int(np.max(multihost_utils.process_allgather(np.int32(local["input_ids"].shape[1]))))
+    extra = length - local["input_ids"].shape[1]
+    if extra == 0:
+      return local
+    fill = {"input_ids": self.pad_id, "labels": IGNORE_INDEX, "attention_mask": 0, "positions": 0}
+    return {k: np.pad(v, ((0, 0), (0, extra)), constant_values=fill[k]) for k, v in local.items()}
+
+  def get_state(self) -> dict[str, Any]:
+    """A JSON-serialisable state: the Grain iterator's, plus the epoch and position in it."""
+    state = self._iterator.get_state()
+    return {"grain": json.loads(json.dumps(state, default=_jsonable)),
+            "epoch_and_position": self._epoch_and_position(state)}
+
+  def set_state(self, state: Mapping[str, Any]) -> None:
+    """Restore a state from `get_state()`: the next batches are those that followed it."""
+    self._iterator.set_state(_restore(state["grain"]))
+
+  def _epoch_and_position(self, state: Any) -> list[int] | None:
+    index = _find_key(state, "next_index")
+    if index is None:
+      return None
+    records_read = int(index) * self.process_count
+    return [records_read // self.num_records, records_read % self.num_records]
+
+
+def _jsonable(value: Any) -> Any:
+  if isinstance(value, np.generic):
+    return value.item()
+  if isinstance(value, bytes):
+    return {"__bytes__": value.hex()}
+  raise TypeError(f"loader state holds a {type(value).__name__}")
+
+
+def _restore(value: Any) -> Any:
+  if isinstance(value, dict):
+    if set(value) == {"__bytes__"}:
+      return bytes.fromhex(value["__bytes__"])
+    return {k: _restore(v) for k, v in value.items()}
+  if isinstance(value, list):
+    return [_restore(v) for v in value]
+  return value
+
+
+def _find_key(state: Any, key: str) -> Any:
+  if isinstance(state, dict):
+    if key in state:
+      return state[key]
+    for value in state.values():
+      found = _find_key(value, key)
+      if found is not None:
+        return found
+  return None

@@ -1,0 +1,210 @@
+"""TFDS builders that cache instruction and text datasets as ArrayRecord files (no TensorFlow).
+
+- `InstructionFiles`: local JSONL / JSON / Parquet files of Dolly-form records or prompt /
+  response pairs (field aliases in `instruct.records_from_json`), one or more files per split;
+  also the evaluation sets (Dolly test, Self-Instruct, Vicuna, S-NI, UnNI) given as local files.
+- `TextFiles`: local JSONL / JSON / Parquet files of `{"text": ...}`, for the LM term.
+- `Dolly`: databricks-dolly-15k from the Hugging Face hub (online) or a local copy, split into
+  train / valid / test as MiniLLM does (a seeded shuffle; 500 valid, 500 test).
+
+`build(...)` prepares a builder once under `data_dir` (a cache keyed by the sources' paths,
+sizes and modification times) and returns a random-access data source per split, which the
+Grain loader reads. Records come back with their text fields as UTF-8 bytes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import pathlib
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import tensorflow_datasets as tfds
+
+from csd_jax.data.instruct import records_from_json, text_from_json
+
+DOLLY_HUB_ID = "databricks/databricks-dolly-15k"
+DOLLY_EVAL_SIZE = 500
+DOLLY_SPLIT_SEED = 1234
+
+
+def read_json_records(path: str | os.PathLike) -> Iterator[tuple[str, Mapping[str, Any]]]:
+  """(key, record) for every record of a JSONL, JSON (a list, or {"data": [...]}) or Parquet file.
+
+  Raises:
+    FileNotFoundError: the file does not exist. ValueError: it cannot be parsed.
+  """
+  path = pathlib.Path(path)
+  if not path.is_file():
+    raise FileNotFoundError(f"data file {path} does not exist")
+  suffix = path.suffix.lower()
+  if suffix == ".parquet":
+    try:
+      import pyarrow.parquet as pq
+    except ImportError as error:
+      raise ValueError(f"{path}: reading Parquet needs pyarrow (pip install pyarrow)") from error
+    for i, row in enumerate(pq.read_table(path).to_pylist()):
+      yield f"{path.name}:{i}", row
+    return
+  if suffix == ".json":
+    data = json.loads(path.read_text(encoding="utf-8"))
+    rows = data.get("data") if isinstance(data, dict) else data
+    if not isinstance(rows, list):
+      raise ValueError(f"{path}: expected a JSON list of records (or {{'data': [...]}})")
+    for i, row in enumerate(rows):
+      yield f"{path.name}:{i}", row
+    return
+  with open(path, encoding="utf-8") as f:
+    for line_number, line in enumerate(f, 1):
+      if line.strip():
+        try:
+          yield f"{path.name}:{line_number}", json.loads(line)
+        except json.JSONDecodeError as error:
+          raise ValueError(f"{path}:{line_number}: not valid JSON ({error.msg})") from error
+
+
+def _convert(records: Iterator[tuple[str, Mapping[str, Any]]],
+             to_example: Callable[[Mapping[str, Any]], dict[str, str]],
+             ) -> Iterator[tuple[str, dict[str, str]]]:
+  for key, record in records:
+    try:
+      yield key, to_example(record)
+    except ValueError as error:
+      raise ValueError(f"{key}: {error}") from error
+
+
+def _fingerprint(sources: Mapping[str, Sequence[str]]) -> str:
+  """A cache key of the sources: their paths, sizes and modification times."""
+  parts = []
+  for split in sorted(sources):
+    for source in sources[split]:
+      path = pathlib.Path(source)
+      stat = path.stat() if path.exists() else None
+      parts.append(f"{split}|{path.resolve() if stat else source}|"
+                   f"{stat.st_size if stat else ''}|{stat.st_mtime_ns if stat else ''}")
+  return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
+
+
+class _FilesBuilder(tfds.core.GeneratorBasedBuilder):
+  """Shared by the file builders: one split per key of `sources`; each subclass names its
+  fields and how a JSON record becomes an example (`_to_example`)."""
+
+  VERSION = tfds.core.Version("1.0.0")
+  _FIELDS: tuple[str, ...] = ()
+  _to_example: Callable[[Mapping[str, Any]], dict[str, str]]
+
+  def __init__(self, *, sources: Mapping[str, Sequence[str]], **kwargs: Any):
+    for split, paths in sources.items():
+      if not paths:
+        raise ValueError(f"split {split!r} has no files")
+      for p in paths:
+        if not pathlib.Path(p).is_file():
+          raise FileNotFoundError(f"data file {p} (split {split!r}) does not exist")
+    self._sources = {split: [str(p) for p in paths] for split, paths in sources.items()}
+    config = tfds.core.BuilderConfig(name=f"src_{_fingerprint(self._sources)}")
+    super().__init__(config=config, **kwargs)
+
+  def _info(self) -> tfds.core.DatasetInfo:
+    return tfds.core.DatasetInfo(
+        builder=self,
+        features=tfds.features.FeaturesDict({f: tfds.features.Text() for f in self._FIELDS}))
+
+  def _split_generators(self, dl_manager: Any) -> dict[str, Iterator]:
+    del dl_manager  # local files only
+    return {split: self._generate_examples(paths) for split, paths in self._sources.items()}
+
+  def _generate_examples(self, paths: Sequence[str]) -> Iterator[tuple[str, dict[str, str]]]:
+    count = 0
+    for path in paths:
+      for key, example in _convert(read_json_records(path), self._to_example):
+        count += 1
+        yield key, example
+    if count == 0:
+      raise ValueError(f"no records in {', '.join(paths)}: the dataset is empty")
+
+
+class InstructionFiles(_FilesBuilder):
+  """Instruction records (Dolly form or prompt / response pairs) from local files."""
+
+  _FIELDS = ("instruction", "context", "response")
+  _to_example = staticmethod(records_from_json)
+
+
+class TextFiles(_FilesBuilder):
+  """Pre-training text (`{"text": ...}` records) from local files."""
+
+  _FIELDS = ("text",)
+  _to_example = staticmethod(text_from_json)
+
+
+class Dolly(tfds.core.GeneratorBasedBuilder):
+  """databricks-dolly-15k with MiniLLM's train / valid / test split (500 valid, 500 test)."""
+
+  VERSION = tfds.core.Version("1.0.0")
+
+  def __init__(self, *, source: str = DOLLY_HUB_ID, **kwargs: Any):
+    self._source = source
+    name = f"src_{_fingerprint({'all': [source]})}"
+    super().__init__(config=tfds.core.BuilderConfig(name=name), **kwargs)
+
+  def _info(self) -> tfds.core.DatasetInfo:
+    return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict(
+        {f: tfds.features.Text() for f in ("instruction", "context", "response")}))
+
+  def _local_file(self) -> str:
+    if pathlib.Path(self._source).exists():
+      return self._source
+    try:
+      from huggingface_hub import hf_hub_download
+
+      return hf_hub_download(self._source, "databricks-dolly-15k.jsonl", repo_type="dataset")
+    except Exception as error:  # noqa: BLE001 (any hub failure means the same to the user)
+      raise FileNotFoundError(f"Dolly: {self._source!r} is not a local file and the Hugging "
+                              f"Face hub is out of reach ({type(error).__name__}); download "
+                              "databricks-dolly-15k.jsonl and pass its path") from error
+
+  def _split_generators(self, dl_manager: Any) -> dict[str, Iterator]:
+    del dl_manager
+    records = list(_convert(read_json_records(self._local_file()), records_from_json))
+    if len(records) <= 2 * DOLLY_EVAL_SIZE:
+      raise ValueError(f"Dolly source has {len(records)} records; expected the ~15k of "
+                       "databricks-dolly-15k")
+    order = np.random.default_rng(DOLLY_SPLIT_SEED).permutation(len(records))
+    shuffled = [records[i] for i in order]
+    return {"test": self._generate_examples(shuffled[:DOLLY_EVAL_SIZE]),
+            "valid": self._generate_examples(shuffled[DOLLY_EVAL_SIZE:2 * DOLLY_EVAL_SIZE]),
+            "train": self._generate_examples(shuffled[2 * DOLLY_EVAL_SIZE:])}
+
+  def _generate_examples(self, records: Sequence[tuple[str, dict[str, str]]]
+                         ) -> Iterator[tuple[str, dict[str, str]]]:
+    yield from records
+
+
+def build(builder: tfds.core.DatasetBuilder) -> dict[str, Any]:
+  """Prepare `builder` (once; later calls reuse the cache) and return its data source per split."""
+  builder.download_and_prepare()
+  return {split: builder.as_data_source(split=split) for split in builder.info.splits}
+
+
+def instruction_files(sources: Mapping[str, Sequence[str | os.PathLike]],
+                      data_dir: str | os.PathLike) -> dict[str, Any]:
+  """Random-access sources per split for local instruction files, cached under `data_dir`."""
+  builder = InstructionFiles(sources={k: [str(p) for p in v] for k, v in sources.items()},
+                             data_dir=str(data_dir), file_format="array_record")
+  return build(builder)
+
+
+def text_files(sources: Mapping[str, Sequence[str | os.PathLike]],
+               data_dir: str | os.PathLike) -> dict[str, Any]:
+  """Random-access sources per split for local text files, cached under `data_dir`."""
+  builder = TextFiles(sources={k: [str(p) for p in v] for k, v in sources.items()},
+                      data_dir=str(data_dir), file_format="array_record")
+  return build(builder)
+
+
+def dolly(data_dir: str | os.PathLike, source: str = DOLLY_HUB_ID) -> dict[str, Any]:
+  """Dolly's train / valid / test sources (hub id when online, or a local JSONL copy)."""
+  return build(Dolly(source=source, data_dir=str(data_dir), file_format="array_record"))
