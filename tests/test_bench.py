@@ -28,3 +28,17 @@ def test_bench_models_runs():
   assert result.returncode == 0, result.stderr
   row = [line for line in result.stdout.splitlines() if line.startswith("gpt2-tiny")]
   assert len(row) == 1 and float(row[0].split()[3].replace(",", "")) > 0
+
+
+def test_bench_data_runs(gpt2_tokenizer, tmp_path):
+  gpt2_tokenizer.save_pretrained(tmp_path)
+  env = {**os.environ, "PYTHONPATH": str(ROOT)}
+  result = subprocess.run(
+      [sys.executable, str(ROOT / "bench" / "data.py"), "--bpe-dir", str(tmp_path),
+       "--records", "200", "--batches", "5"],
+      capture_output=True, text=True, env=env, check=False, timeout=600)
+  assert result.returncode == 0, result.stderr
+  rows = {line.rsplit(None, 2)[0]: line.split()[-1] for line in result.stdout.splitlines()
+          if line.startswith(("pad to", "buckets", "packing"))}
+  assert set(rows) == {"pad to max_length", "buckets of 64", "packing"}
+  assert float(rows["packing"].rstrip("%")) < float(rows["pad to max_length"].rstrip("%"))
