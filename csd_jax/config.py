@@ -1,0 +1,287 @@
+"""The run configuration: typed, frozen dataclasses; YAML in, dotted `key=value` overrides.
+
+    config = load_config("configs/tiny.yaml", ["train.steps=20", "loss.name=fkl"])
+
+Every key is checked: an unknown key fails with the closest valid ones, a value of the wrong
+type fails naming the key and the type expected. `to_dict(config)` gives back plain YAML-able
+data (the resolved config written to `W/config.yaml`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import pathlib
+import types
+import typing
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+  """A bad config file or override; the message is one line that names the key and the fix."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSpec:
+  """A teacher or student: a Hugging Face directory / hub id, or a transformers config to
+  initialise randomly (`config`: a dict with `model_type` and its fields)."""
+
+  path: str | None = None
+  config: dict | None = None
+  dtype: str = "bfloat16"          # compute dtype
+  param_dtype: str = "float32"     # storage; the teacher is cast to `dtype` when frozen
+  remat: str = "none"              # none | full | dots
+  attention_impl: str | None = None
+  seed: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class LossConfig:
+  name: str = "csd"
+  params: dict = dataclasses.field(default_factory=dict)  # e.g. {w1: teacher, w2: student}
+  kd_coef: float = 1.0
+  ce_coef: float = 0.0            # SFT term on the data's responses
+  lm_coef: float = 0.0            # LM term on pre-training text (data.lm_files)
+  fused: bool = True
+  chunk_size: int = 1024
+  normalize: str = "token"
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimConfig:
+  lr: float = 1e-4
+  schedule: str = "cosine"        # cosine | linear | constant
+  warmup_steps: int = 0
+  end_lr: float = 0.0
+  weight_decay: float = 0.01
+  clip_norm: float = 1.0          # 0 = no clipping
+  b1: float = 0.9
+  b2: float = 0.999
+  eps: float = 1e-8
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+  steps: int = 0                  # 0: epochs x steps per epoch
+  epochs: float = 1.0
+  batch_size: int = 8             # global rows per optimizer step
+  grad_accum: int = 1             # micro-batches per step (batch_size divides into them)
+  seed: int = 0
+  log_every: int = 10
+  eval_every: int = 0             # 0: only at the end
+  eval_batches: int = 4
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+  data: int = -1
+  fsdp: int = 1
+  tensor: int = 1
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+  source: str = "synthetic"       # synthetic | files | dolly
+  train_files: list = dataclasses.field(default_factory=list)
+  eval_files: list = dataclasses.field(default_factory=list)
+  lm_files: list = dataclasses.field(default_factory=list)
+  dolly_source: str = "databricks/databricks-dolly-15k"
+  data_dir: str = "~/tensorflow_datasets"
+  tokenizer: str | None = None    # default: the teacher's directory
+  template: str = "minillm"       # minillm | chat | none
+  max_length: int = 512
+  max_prompt_length: int = 256
+  pack: bool = False
+  synthetic_samples: int = 256    # synthetic: random token sequences of max_length
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraConfig:
+  rank: int = 0                   # 0: full fine-tuning
+  alpha: float = 16.0
+  dropout: float = 0.0
+  targets: list = dataclasses.field(default_factory=lambda: ["q", "k", "v", "o"])
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointConfig:
+  every: int = 0                  # 0: only at the end
+  keep: int = 3
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+  teacher: ModelSpec = dataclasses.field(default_factory=ModelSpec)
+  student: ModelSpec = dataclasses.field(default_factory=ModelSpec)
+  loss: LossConfig = dataclasses.field(default_factory=LossConfig)
+  optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
+  train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+  mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
+  data: DataConfig = dataclasses.field(default_factory=DataConfig)
+  lora: LoraConfig = dataclasses.field(default_factory=LoraConfig)
+  checkpoint: CheckpointConfig = dataclasses.field(default_factory=CheckpointConfig)
+
+
+CHOICES = {
+    "loss.normalize": ("token", "sequence"), "optim.schedule": ("cosine", "linear", "constant"),
+    "data.source": ("synthetic", "files", "dolly"), "data.template": ("minillm", "chat", "none"),
+    "teacher.remat": ("none", "full", "dots"), "student.remat": ("none", "full", "dots"),
+    "teacher.dtype": ("float32", "bfloat16", "float16"),
+    "student.dtype": ("float32", "bfloat16", "float16"),
+    "teacher.param_dtype": ("float32", "bfloat16", "float16"),
+    "student.param_dtype": ("float32", "bfloat16", "float16"),
+}
+# Dict-valued fields: their keys are free (checked by their users), not config keys.
+FREE_DICTS = ("loss.params", "teacher.config", "student.config")
+
+
+def _closest(key: str, valid: Sequence[str]) -> str:
+  close = difflib.get_close_matches(key, valid, n=3, cutoff=0.5)
+  return f"did you mean {', '.join(close)}?" if close else f"valid: {', '.join(valid)}"
+
+
+def _coerce(key: str, value: Any, annotation: Any) -> Any:
+  """`value` as the field's type (a YAML scalar from the command line may be a string)."""
+  union = typing.get_origin(annotation) in (typing.Union, types.UnionType)
+  options = typing.get_args(annotation) if union else (annotation,)
+  if value is None and type(None) in options:
+    return None
+  errors = []
+  for option in (o for o in options if o is not type(None)):
+    try:
+      if option is bool:
+        if isinstance(value, bool):
+          return value
+        if isinstance(value, str) and value.lower() in ("true", "false"):
+          return value.lower() == "true"
+        raise TypeError
+      if option is int:
+        if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+          raise TypeError
+        return int(value)
+      if option is float:
+        if isinstance(value, bool):
+          raise TypeError
+        return float(value)
+      if option is str:
+        if isinstance(value, (dict, list)):
+          raise TypeError
+        return str(value)
+      if option in (dict, list):
+        if not isinstance(value, option):
+          raise TypeError
+        return value
+    except (TypeError, ValueError):
+      errors.append(getattr(option, "__name__", str(option)))
+  raise ConfigError(f"{key}={value!r}: expected {' or '.join(errors)}")
+
+
+def _build(cls: type, data: Mapping[str, Any], prefix: str = "") -> Any:
+  if not isinstance(data, Mapping):
+    raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {data!r}")
+  hints = typing.get_type_hints(cls)
+  fields = {f.name: f for f in dataclasses.fields(cls)}
+  unknown = [k for k in data if k not in fields]
+  if unknown:
+    valid = [prefix + name for name in fields]
+    raise ConfigError(f"unknown config key {prefix + unknown[0]!r}; "
+                      f"{_closest(prefix + unknown[0], valid)}")
+  values = {}
+  for name, value in data.items():
+    key = prefix + name
+    hint = hints[name]
+    if dataclasses.is_dataclass(hint):
+      values[name] = _build(hint, value, key + ".")
+    else:
+      values[name] = _coerce(key, value, hint)
+      if key in CHOICES and values[name] not in CHOICES[key]:
+        raise ConfigError(f"{key}={values[name]!r}: valid: {', '.join(CHOICES[key])}")
+  return cls(**values)
+
+
+def to_dict(config: Any) -> dict[str, Any]:
+  """Plain data (dicts, lists, scalars) of a config, for YAML."""
+  return dataclasses.asdict(config)
+
+
+def _all_keys(cls: type = Config, prefix: str = "") -> list[str]:
+  keys = []
+  for f in dataclasses.fields(cls):
+    hint = typing.get_type_hints(cls)[f.name]
+    if dataclasses.is_dataclass(hint):
+      keys += _all_keys(hint, prefix + f.name + ".")
+    else:
+      keys.append(prefix + f.name)
+  return keys
+
+
+def apply_override(data: dict[str, Any], override: str) -> None:
+  """Apply one `dotted.key=value` (value parsed as YAML) to the nested dict `data`."""
+  if "=" not in override:
+    raise ConfigError(f"override {override!r}: expected key=value, e.g. train.steps=100")
+  key, raw = override.split("=", 1)
+  key = key.strip()
+  value = yaml.safe_load(raw) if raw.strip() else ""
+  free = next((f for f in FREE_DICTS if key.startswith(f + ".")), None)
+  if free is None and key not in _all_keys():
+    raise ConfigError(f"unknown config key {key!r}; {_closest(key, _all_keys())}")
+  node = data
+  parts = key.split(".")
+  for part in parts[:-1]:
+    node = node.setdefault(part, {})
+    if not isinstance(node, dict):
+      raise ConfigError(f"override {override!r}: {part!r} is not a section")
+  node[parts[-1]] = value
+
+
+def load_config(path: str | pathlib.Path | None, overrides: Sequence[str] = ()) -> Config:
+  """The config of a YAML file (None: the defaults) with `key=value` overrides applied.
+
+  Raises:
+    ConfigError: unknown keys, wrong types, invalid choices, a missing file.
+  """
+  data: dict[str, Any] = {}
+  if path is not None:
+    path = pathlib.Path(path)
+    if not path.is_file():
+      raise ConfigError(f"config file {path} does not exist")
+    try:
+      data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as error:
+      raise ConfigError(f"{path}: not valid YAML ({str(error).splitlines()[0]})") from error
+  for override in overrides:
+    apply_override(data, override)
+  config = _build(Config, data)
+  _check(config)
+  return config
+
+
+def _check(config: Config) -> None:
+  """Cross-field checks, each a one-line error naming the keys."""
+  from csd_jax.losses import resolve
+
+  try:
+    resolve(config.loss.name, config.loss.params)
+  except ValueError as error:
+    raise ConfigError(f"loss: {error}") from error
+  for role in ("teacher", "student"):
+    spec = getattr(config, role)
+    if (spec.path is None) == (spec.config is None):
+      raise ConfigError(f"{role}: set exactly one of {role}.path (a model directory or hub id) "
+                        f"and {role}.config (a transformers config to initialise randomly)")
+  train = config.train
+  if train.batch_size % train.grad_accum:
+    raise ConfigError(f"train.batch_size={train.batch_size} does not divide into "
+                      f"train.grad_accum={train.grad_accum} micro-batches")
+  if train.steps <= 0 and train.epochs <= 0:
+    raise ConfigError("set train.steps or train.epochs to a positive number")
+  if config.data.max_prompt_length >= config.data.max_length:
+    raise ConfigError(f"data.max_prompt_length={config.data.max_prompt_length} must be below "
+                      f"data.max_length={config.data.max_length}")
+  if config.loss.lm_coef and not config.data.lm_files:
+    raise ConfigError("loss.lm_coef > 0 needs data.lm_files (pre-training text, JSONL of text)")
+  if config.data.source == "files" and not config.data.train_files:
+    raise ConfigError("data.source=files needs data.train_files")
