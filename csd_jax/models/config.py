@@ -51,6 +51,10 @@ class ModelConfig:
   param_dtype: Any = jnp.float32
   remat: str = "none"                 # "none" | "full" | "dots"
   attention_impl: str | None = None   # None (XLA picks) | "xla" | "cudnn"
+  lora_rank: int = 0                  # > 0: LoRA adapters on `lora_targets` (see lora.py)
+  lora_alpha: float = 16.0
+  lora_dropout: float = 0.0
+  lora_targets: tuple[str, ...] = ()
   hf_config: Mapping[str, Any] = dataclasses.field(default_factory=dict)
 
   def replace(self, **changes: Any) -> ModelConfig:

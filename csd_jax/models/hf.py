@@ -20,6 +20,7 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from csd_jax.models.config import ModelConfig, config_from_hf
+from csd_jax.models.lora import LoraParam, merge_lora
 from csd_jax.models.hf_names import IGNORED_SUFFIXES, canonical_name, weight_entries
 from csd_jax.models.safetensors_io import SafetensorsCheckpoint, write_sharded
 from csd_jax.models.transformer import CausalLM
@@ -112,6 +113,7 @@ def load_pretrained(path_or_hub_id: str | os.PathLike, *, dtype: Any = jnp.float
                      f"missing {missing[:8] or 'none'}{' ...' if len(missing) > 8 else ''}; "
                      f"unexpected {unexpected[:8] or 'none'}"
                      f"{' ...' if len(unexpected) > 8 else ''}")
+  _init_adapters(variables, {p for e in entries for p in e.paths}, shardings, cfg)
   for entry in entries:
     parts = entry.to_ours(checkpoint.read(available[entry.hf_name]))
     for path, part in zip(entry.paths, parts, strict=True):
@@ -122,6 +124,22 @@ def load_pretrained(path_or_hub_id: str | os.PathLike, *, dtype: Any = jnp.float
                          f"does not fit the config (expected {expected} for {path})")
       variable.set_value(_place(part.astype(cfg.param_dtype), shardings.get(path)))
   return nnx.merge(graphdef, nnx.from_flat_state(variables))
+
+
+def _init_adapters(variables: dict, loaded: set, shardings: dict, cfg: ModelConfig) -> None:
+  """LoRA adapters are not in the checkpoint: A random (scaled by 1/sqrt(fan-in)), B zero."""
+  for index, (path, variable) in enumerate(sorted(variables.items(), key=lambda kv: str(kv[0]))):
+    if path in loaded:
+      continue
+    if not isinstance(variable, LoraParam):
+      raise AssertionError(f"{path} is neither in the checkpoint map nor a LoRA adapter")
+    shape = variable.get_value().shape
+    if path[-1] == "lora_b":
+      value = np.zeros(shape, np.float32)
+    else:
+      rng = np.random.default_rng([cfg.lora_rank, index])
+      value = (rng.standard_normal(shape) / np.sqrt(np.prod(shape[:-1]))).astype(np.float32)
+    variable.set_value(_place(value.astype(cfg.param_dtype), shardings.get(path)))
 
 
 def hf_config_of(cfg: ModelConfig) -> dict[str, Any]:
@@ -135,7 +153,12 @@ def hf_config_of(cfg: ModelConfig) -> dict[str, Any]:
 
 def save_pretrained(model: CausalLM, path: str | os.PathLike, tokenizer: Any = None, *,
                     max_shard_bytes: int = MAX_SHARD_BYTES) -> pathlib.Path:
-  """Write config.json and safetensors (sharded above `max_shard_bytes`) and the tokenizer."""
+  """Write config.json and safetensors (sharded above `max_shard_bytes`) and the tokenizer.
+
+  LoRA adapters are merged into the kernels of a copy first: the files hold a plain model.
+  """
+  if any(isinstance(v, LoraParam) for _, v in nnx.to_flat_state(nnx.state(model))):
+    model = merge_lora(nnx.clone(model))
   cfg = model.cfg
   directory = pathlib.Path(path)
   directory.mkdir(parents=True, exist_ok=True)

@@ -17,6 +17,7 @@ from flax import nnx
 from jax import lax
 
 from csd_jax.models.config import ModelConfig
+from csd_jax.models.lora import LoraParam
 
 Array = jax.Array
 KVCache = tuple[Array, Array]  # keys, values: [B, S, K, H]
@@ -32,6 +33,11 @@ ACTIVATIONS = {
 }
 
 INIT_STD = 0.02
+
+
+def sub_key(key: Array | None, index: int) -> Array | None:
+  """An independent key per sub-layer (LoRA dropout), or None when there is no dropout."""
+  return None if key is None else jax.random.fold_in(key, index)
 
 
 def param(rngs: nnx.Rngs, shape: Sequence[int], axes: Sequence[str | None], cfg: ModelConfig,
@@ -52,18 +58,36 @@ class Dense(nnx.Module):
 
   def __init__(self, in_shape: Sequence[int], out_shape: Sequence[int],
                in_axes: Sequence[str | None], out_axes: Sequence[str | None], *,
-               bias: bool, cfg: ModelConfig, rngs: nnx.Rngs):
+               bias: bool, cfg: ModelConfig, rngs: nnx.Rngs, name: str = ""):
     self.cfg = cfg
     self.n_in = len(in_shape)
     self.kernel = param(rngs, (*in_shape, *out_shape), (*in_axes, *out_axes), cfg)
     self.bias = param(rngs, out_shape, out_axes, cfg, "zeros") if bias else None
+    adapted = cfg.lora_rank > 0 and name in cfg.lora_targets
+    r = cfg.lora_rank
+    self.lora_a = LoraParam(
+        jax.random.normal(rngs.params(), (*in_shape, r), cfg.param_dtype)
+        / math.sqrt(math.prod(in_shape)), logical_axes=(*in_axes, None)) if adapted else None
+    self.lora_b = LoraParam(jnp.zeros((r, *out_shape), cfg.param_dtype),
+                            logical_axes=(None, *out_axes)) if adapted else None
 
-  def __call__(self, x: Array) -> Array:
-    kernel = self.kernel[...].astype(self.cfg.dtype)
+  def _project(self, x: Array, kernel: Array, n_in: int) -> Array:
     letters = string.ascii_letters
-    n_out = kernel.ndim - self.n_in
-    contract, out = letters[:self.n_in], letters[self.n_in:self.n_in + n_out]
-    y = jnp.einsum(f"...{contract},{contract}{out}->...{out}", x.astype(self.cfg.dtype), kernel)
+    contract, out = letters[:n_in], letters[n_in:kernel.ndim]
+    return jnp.einsum(f"...{contract},{contract}{out}->...{out}", x, kernel.astype(x.dtype))
+
+  def __call__(self, x: Array, dropout_key: Array | None = None) -> Array:
+    x = x.astype(self.cfg.dtype)
+    y = self._project(x, self.kernel[...], self.n_in)
+    if getattr(self, "lora_a", None) is not None:
+      lora_in = x
+      rate = self.cfg.lora_dropout
+      if dropout_key is not None and rate > 0:
+        keep = jax.random.bernoulli(dropout_key, 1.0 - rate, x.shape)
+        lora_in = jnp.where(keep, x / (1.0 - rate), 0.0).astype(x.dtype)
+      low_rank = self._project(lora_in, self.lora_a[...], self.n_in)
+      y = y + self._project(low_rank, self.lora_b[...], 1) * (
+          self.cfg.lora_alpha / self.cfg.lora_rank)
     if self.bias is not None:
       y = y + self.bias[...].astype(self.cfg.dtype)
     return y
@@ -128,15 +152,19 @@ class Attention(nnx.Module):
     self.cfg = cfg
     d, n, k, h = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     bias = cfg.attention_bias
-    self.q = Dense([d], [n, h], ["embed"], ["heads", "head_dim"], bias=bias, cfg=cfg, rngs=rngs)
-    self.k = Dense([d], [k, h], ["embed"], ["kv_heads", "head_dim"], bias=bias, cfg=cfg, rngs=rngs)
-    self.v = Dense([d], [k, h], ["embed"], ["kv_heads", "head_dim"], bias=bias, cfg=cfg, rngs=rngs)
+    self.q = Dense([d], [n, h], ["embed"], ["heads", "head_dim"], bias=bias, cfg=cfg, rngs=rngs,
+                   name="q")
+    self.k = Dense([d], [k, h], ["embed"], ["kv_heads", "head_dim"], bias=bias, cfg=cfg,
+                   rngs=rngs, name="k")
+    self.v = Dense([d], [k, h], ["embed"], ["kv_heads", "head_dim"], bias=bias, cfg=cfg,
+                   rngs=rngs, name="v")
     self.o = Dense([n, h], [d], ["heads", "head_dim"], ["embed"], bias=cfg.output_bias, cfg=cfg,
-                   rngs=rngs)
+                   rngs=rngs, name="o")
 
   def __call__(self, x: Array, positions: Array, kv_valid: Array,
                cache: KVCache | None = None, cache_index: Array | int = 0,
-               query_segments: Array | None = None) -> tuple[Array, KVCache | None]:
+               query_segments: Array | None = None, dropout_key: Array | None = None
+               ) -> tuple[Array, KVCache | None]:
     """x [B, T, D]; positions [B, T]; kv_valid [B, S] (S = T, or the cache length).
 
     Query i sits at slot `cache_index + i` and sees the keys at slots <= its own that are
@@ -144,7 +172,8 @@ class Attention(nnx.Module):
     (kv_valid holds the keys' segment ids then). With a cache, this call's keys and values
     are written at `cache_index` first.
     """
-    q, k, v = self.q(x), self.k(x), self.v(x)
+    q, k, v = (self.q(x, sub_key(dropout_key, 0)), self.k(x, sub_key(dropout_key, 1)),
+               self.v(x, sub_key(dropout_key, 2)))
     if self.cfg.positions == "rope":
       inv_freq = rope_inverse_frequencies(self.cfg)
       q, k = apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq)
@@ -161,7 +190,7 @@ class Attention(nnx.Module):
     out = jax.nn.dot_product_attention(q, k.astype(q.dtype), v.astype(q.dtype), mask=mask,
                                        scale=self.cfg.head_dim**-0.5,
                                        implementation=self.cfg.attention_impl)
-    return self.o(out), cache
+    return self.o(out, sub_key(dropout_key, 3)), cache
 
 
 class MLP(nnx.Module):
@@ -170,18 +199,19 @@ class MLP(nnx.Module):
   def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
     self.cfg = cfg
     d, f, bias = cfg.hidden_size, cfg.intermediate_size, cfg.mlp_bias
-    self.gate = (Dense([d], [f], ["embed"], ["mlp"], bias=bias, cfg=cfg, rngs=rngs)
+    self.gate = (Dense([d], [f], ["embed"], ["mlp"], bias=bias, cfg=cfg, rngs=rngs, name="gate")
                  if cfg.mlp == "gated" else None)
-    self.up = Dense([d], [f], ["embed"], ["mlp"], bias=bias, cfg=cfg, rngs=rngs)
-    self.down = Dense([f], [d], ["mlp"], ["embed"], bias=bias, cfg=cfg, rngs=rngs)
+    self.up = Dense([d], [f], ["embed"], ["mlp"], bias=bias, cfg=cfg, rngs=rngs, name="up")
+    self.down = Dense([f], [d], ["mlp"], ["embed"], bias=bias, cfg=cfg, rngs=rngs, name="down")
 
-  def __call__(self, x: Array) -> Array:
+  def __call__(self, x: Array, dropout_key: Array | None = None) -> Array:
     if self.cfg.activation not in ACTIVATIONS:
       raise ValueError(f"unsupported activation {self.cfg.activation!r}; supported: "
                        f"{', '.join(ACTIVATIONS)}")
     act = ACTIVATIONS[self.cfg.activation]
-    hidden = act(self.gate(x)) * self.up(x) if self.gate is not None else act(self.up(x))
-    return self.down(hidden)
+    up = self.up(x, sub_key(dropout_key, 1))
+    hidden = act(self.gate(x, sub_key(dropout_key, 0))) * up if self.gate is not None else act(up)
+    return self.down(hidden, sub_key(dropout_key, 2))
 
 
 class Block(nnx.Module):
@@ -194,9 +224,9 @@ class Block(nnx.Module):
     self.mlp = MLP(cfg, rngs)
 
   def __call__(self, x: Array, positions: Array, kv_valid: Array, cache: KVCache | None = None,
-               cache_index: Array | int = 0, query_segments: Array | None = None
-               ) -> tuple[Array, KVCache | None]:
+               cache_index: Array | int = 0, query_segments: Array | None = None,
+               dropout_key: Array | None = None) -> tuple[Array, KVCache | None]:
     attn_out, cache = self.attn(self.attn_norm(x), positions, kv_valid, cache, cache_index,
-                                query_segments)
+                                query_segments, sub_key(dropout_key, 0))
     x = x + attn_out
-    return x + self.mlp(self.mlp_norm(x)), cache
+    return x + self.mlp(self.mlp_norm(x), sub_key(dropout_key, 1)), cache

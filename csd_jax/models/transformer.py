@@ -18,7 +18,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from csd_jax.models.config import REMAT_POLICIES, ModelConfig
-from csd_jax.models.layers import Block, KVCache, Norm, param
+from csd_jax.models.layers import Block, KVCache, Norm, param, sub_key
 
 Array = jax.Array
 
@@ -55,8 +55,8 @@ class CausalLM(nnx.Module):
 
   def hidden_states(self, input_ids: Array, attention_mask: Array | None = None,
                     positions: Array | None = None, *, cache: Sequence[KVCache] | None = None,
-                    cache_index: Array | int = 0, kv_valid: Array | None = None
-                    ) -> tuple[Array, list[KVCache] | None]:
+                    cache_index: Array | int = 0, kv_valid: Array | None = None,
+                    dropout_key: Array | None = None) -> tuple[Array, list[KVCache] | None]:
     """Final normed hidden states [B, T, D] (and the updated KV cache when one is given).
 
     Args:
@@ -69,6 +69,7 @@ class CausalLM(nnx.Module):
         and values at `cache_index`.
       cache_index: the cache slot of this call's first token.
       kv_valid: [B, S] which cache slots hold real tokens (required with `cache`).
+      dropout_key: a PRNG key for LoRA dropout while training (None: no dropout).
     """
     cfg = self.cfg
     if attention_mask is None:
@@ -88,11 +89,13 @@ class CausalLM(nnx.Module):
     new_cache = [] if cache is not None else None
     for i, block in enumerate(self.layers):
       layer_cache = None if cache is None else cache[i]
+      key = sub_key(dropout_key, i)
       if cfg.remat != "none" and cache is None:
-        x, _ = nnx.remat(lambda blk, h: blk(h, positions, kv_valid, None, 0, query_segments),
+        x, _ = nnx.remat(lambda blk, h: blk(h, positions, kv_valid, None, 0, query_segments, key),
                          policy=_REMAT[cfg.remat])(block, x)
       else:
-        x, layer_cache = block(x, positions, kv_valid, layer_cache, cache_index, query_segments)
+        x, layer_cache = block(x, positions, kv_valid, layer_cache, cache_index, query_segments,
+                               key)
       if new_cache is not None:
         new_cache.append(layer_cache)
     return self.final_norm(x), new_cache

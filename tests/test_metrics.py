@@ -1,0 +1,261 @@
+"""Tests for csd_jax.metrics: JSONL + TensorBoard writing and reading, progress bar, MFU."""
+
+import io
+import json
+import math
+import pathlib
+import struct
+import types
+
+import numpy as np
+import pytest
+
+from csd_jax import metrics
+from csd_jax.metrics import (MetricsWriter, ProgressBar, crc32c, masked_crc32c, mfu,
+                             peak_flops_per_device, read_metrics, read_tensorboard_scalars,
+                             transformer_flops_per_token)
+
+
+def _f32(x: float) -> float:
+  return float(np.float32(x))
+
+
+def _records(path: pathlib.Path) -> list[bytes]:
+  data, i, out = path.read_bytes(), 0, []
+  while i < len(data):
+    (n,) = struct.unpack("<Q", data[i:i + 8])
+    out.append(data[i + 12:i + 12 + n])
+    i += 16 + n
+  return out
+
+
+def test_crc32c_known_vectors():
+  assert crc32c(b"123456789") == 0xE3069283
+  # RFC 3720 (iSCSI) appendix B.4 vectors.
+  assert crc32c(bytes(32)) == 0x8A9136AA
+  assert crc32c(b"\xff" * 32) == 0x62A8AB43
+  assert crc32c(bytes(range(32))) == 0x46DD794E
+
+
+def test_masked_crc_matches_a_tfrecord_written_by_tensorflow():
+  """A TFRecord file shipped in grain's test data: both CRCs of every record must match ours."""
+  grain = pytest.importorskip("grain")
+  path = pathlib.Path(grain.__file__).parent / "_src/python/testdata"
+  path /= "morris_sequence_first_5.tfrecord"
+  if not path.exists():
+    pytest.skip("grain's test TFRecord is not in this install")
+  data, i, checked = path.read_bytes(), 0, 0
+  while i < len(data):
+    (n,) = struct.unpack("<Q", data[i:i + 8])
+    length_crc, data_crc = struct.unpack("<II", data[i + 8:i + 12] + data[i + 12 + n:i + 16 + n])
+    assert length_crc == masked_crc32c(data[i:i + 8])
+    assert data_crc == masked_crc32c(data[i + 12:i + 12 + n])
+    i, checked = i + 16 + n, checked + 1
+  assert checked == 5
+
+
+def test_jsonl_resumed_run_appends_and_last_line_wins(tmp_path):
+  with MetricsWriter(tmp_path) as w:
+    for step in (1, 2, 3):
+      w.write(step, {"loss": 10.0 - step, "lr": np.float32(0.5)})
+  with MetricsWriter(tmp_path) as w:  # resumed from the step-2 checkpoint
+    w.write(3, {"loss": 33.0})
+    w.write(4, {"loss": 44.0, "tokens": 7})
+  lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+  assert len(lines) == 5
+  assert json.loads(lines[0]) == {"step": 1, "loss": 9.0, "lr": 0.5}
+  rows = read_metrics(tmp_path)
+  assert [r["step"] for r in rows] == [1, 2, 3, 4]
+  assert rows[2] == {"step": 3, "loss": 33.0}
+  assert rows[3] == {"step": 4, "loss": 44.0, "tokens": 7}
+  assert len(list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))) == 2
+
+
+def test_jsonl_nonfinite_becomes_null(tmp_path):
+  with MetricsWriter(tmp_path) as w:
+    w.write(5, {"loss": float("nan"), "grad_norm": float("inf"), "lr": -float("inf"), "ok": 1.5})
+  text = (tmp_path / "metrics.jsonl").read_text()
+  assert "NaN" not in text and "Infinity" not in text
+  assert json.loads(text) == {"step": 5, "loss": None, "grad_norm": None, "lr": None, "ok": 1.5}
+
+
+def test_jsonl_is_flushed_per_line_and_a_torn_line_is_survived(tmp_path):
+  w = MetricsWriter(tmp_path)
+  w.write(1, {"loss": 1.0})
+  assert read_metrics(tmp_path) == [{"step": 1, "loss": 1.0}]  # before close: flushed
+  w.close()
+  with open(tmp_path / "metrics.jsonl", "a") as f:
+    f.write('{"step": 2, "lo')  # a run killed mid-line
+  with MetricsWriter(tmp_path) as w:
+    w.write(2, {"loss": 2.0})
+  assert read_metrics(tmp_path) == [{"step": 1, "loss": 1.0}, {"step": 2, "loss": 2.0}]
+
+
+def test_tensorboard_scalars_round_trip(tmp_path):
+  values = {1: 0.1, 2: 1e40, 7: -3.25, 2**40: float("nan")}
+  with MetricsWriter(tmp_path) as w:
+    for step, v in values.items():
+      w.write(step, {"train/loss": v, "lr": step * 1e-3})
+  with MetricsWriter(tmp_path) as w:  # a second file: the directory read covers both
+    w.write(-1, {"lr": 2.0})
+  got = read_tensorboard_scalars(tmp_path / "tensorboard")
+  assert set(got) == {"train/loss", "lr"}
+  loss = got["train/loss"]
+  assert [s for s, _ in loss] == list(values)
+  assert loss[0][1] == _f32(0.1) and loss[0][1] != 0.1
+  assert loss[1][1] == math.inf and loss[2][1] == -3.25 and math.isnan(loss[3][1])
+  assert got["lr"] == [(s, _f32(s * 1e-3)) for s in values] + [(-1, 2.0)]
+
+
+def test_tensorboard_reader_rejects_a_bad_crc(tmp_path):
+  with MetricsWriter(tmp_path) as w:
+    w.write(1, {"loss": 1.0})
+  (event_file,) = (tmp_path / "tensorboard").iterdir()
+  data = bytearray(event_file.read_bytes())
+  assert read_tensorboard_scalars(event_file) == {"loss": [(1, 1.0)]}
+  data[-6] ^= 0x01  # inside the last record's data
+  event_file.write_bytes(bytes(data))
+  with pytest.raises(ValueError, match="crc"):
+    read_tensorboard_scalars(event_file)
+
+
+def test_tensorboard_reader_stops_at_a_truncated_tail(tmp_path):
+  with MetricsWriter(tmp_path) as w:
+    w.write(1, {"loss": 1.0})
+    w.write(2, {"loss": 2.0})
+  (event_file,) = (tmp_path / "tensorboard").iterdir()
+  event_file.write_bytes(event_file.read_bytes()[:-5])  # a writer killed mid-record
+  assert read_tensorboard_scalars(event_file) == {"loss": [(1, 1.0)]}
+
+
+def test_event_protos_decode_with_protobuf(tmp_path):
+  """An independent decoder: the Event/Summary/Value schema built with google.protobuf."""
+  pytest.importorskip("google.protobuf")
+  from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
+
+  fd = descriptor_pb2.FileDescriptorProto(name="ev_test.proto", package="evtest")
+  f = descriptor_pb2.FieldDescriptorProto
+  for name, fields in [
+      ("Value", [("tag", 1, f.TYPE_STRING, None), ("simple_value", 2, f.TYPE_FLOAT, None)]),
+      ("Summary", [("value", 1, f.TYPE_MESSAGE, ".evtest.Value")]),
+      ("Event", [("wall_time", 1, f.TYPE_DOUBLE, None), ("step", 2, f.TYPE_INT64, None),
+                 ("file_version", 3, f.TYPE_STRING, None),
+                 ("summary", 5, f.TYPE_MESSAGE, ".evtest.Summary")])]:
+    msg = fd.message_type.add(name=name)
+    for fname, number, ftype, type_name in fields:
+      label = f.LABEL_REPEATED if name == "Summary" else f.LABEL_OPTIONAL
+      msg.field.add(name=fname, number=number, type=ftype, label=label, type_name=type_name)
+  pool = descriptor_pool.DescriptorPool()
+  pool.Add(fd)
+  event_cls = message_factory.GetMessageClass(pool.FindMessageTypeByName("evtest.Event"))
+
+  with MetricsWriter(tmp_path) as w:
+    w.write(3, {"a": 0.25, "b": -1.0})
+    w.write(300000, {"a": 0.5})
+  (event_file,) = (tmp_path / "tensorboard").iterdir()
+  events = [event_cls.FromString(r) for r in _records(event_file)]
+  assert events[0].file_version == "brain.Event:2" and events[0].wall_time > 1e9
+  assert [e.step for e in events[1:]] == [3, 300000]
+  assert [(v.tag, v.simple_value) for v in events[1].summary.value] == [("a", 0.25), ("b", -1.0)]
+  assert [(v.tag, v.simple_value) for v in events[2].summary.value] == [("a", 0.5)]
+
+
+def test_tensorboard_own_reader(tmp_path):
+  pytest.importorskip("tensorboard")
+  from tensorboard.backend.event_processing import event_accumulator
+
+  with MetricsWriter(tmp_path) as w:
+    for step in (1, 2, 5):
+      w.write(step, {"loss": 1.0 / step})
+  acc = event_accumulator.EventAccumulator(str(tmp_path / "tensorboard"))
+  acc.Reload()
+  assert [(e.step, e.value) for e in acc.Scalars("loss")] == [(s, _f32(1.0 / s)) for s in (1, 2, 5)]
+
+
+def test_disabled_writer_creates_nothing(tmp_path):
+  workdir = tmp_path / "run"
+  with MetricsWriter(workdir, enabled=False) as w:
+    w.write(1, {"loss": 1.0})
+  assert not workdir.exists()
+  assert list(tmp_path.iterdir()) == []
+  assert read_metrics(workdir) == []
+
+
+class _Clock:
+  def __init__(self, now: float):
+    self.now = now
+
+  def __call__(self) -> float:
+    return self.now
+
+
+def test_progress_bar_non_tty(monkeypatch):
+  clock = _Clock(100.0)
+  monkeypatch.setattr(metrics.time, "monotonic", clock)
+  out = io.StringIO()
+  bar = ProgressBar(10, stream=out, min_interval_s=0.0)
+  # The first update (after compilation) is the baseline: step 2 takes 30 s, step 3 2 s.
+  for step, t in [(1, 100.0), (2, 130.0), (3, 132.0)]:
+    clock.now = t
+    bar.update(step, loss=1.23456 * step, tokens_per_s=12345.6, mfu=0.45 if step == 3 else None)
+  bar.close()
+  lines = out.getvalue().splitlines()
+  assert "\r" not in out.getvalue() and len(lines) == 3
+  assert lines[0].startswith("step 1/10") and "ETA ?" in lines[0]
+  assert "loss 1.2346" in lines[0] and "12,346 tokens/s" in lines[0] and "MFU" not in lines[0]
+  assert "step 2/10" in lines[1] and "ETA 0:04:00" in lines[1]  # 30 s/step x 8 steps left
+  assert "step 3/10" in lines[2] and "loss 3.7037" in lines[2] and "MFU 45.0%" in lines[2]
+  assert "ETA 0:01:52" in lines[2]  # (132 - 100) / 2 = 16 s/step x 7 steps left
+
+
+def test_progress_bar_throttles_and_tty_redraws(monkeypatch):
+  clock = _Clock(0.0)
+  monkeypatch.setattr(metrics.time, "monotonic", clock)
+  out = io.StringIO()
+  bar = ProgressBar(100, stream=out, min_interval_s=10.0)
+  for step in (1, 2, 3):
+    clock.now = float(step)
+    bar.update(step, loss=1.0, tokens_per_s=1.0)
+  assert out.getvalue().count("\n") == 1  # only step 1 shown so far
+  bar.close()  # shows the held-back step 3
+  assert [line.split(" |")[0] for line in out.getvalue().splitlines()] == ["step 1/100",
+                                                                          "step 3/100"]
+
+  out = io.StringIO()
+  bar = ProgressBar(2, stream=out, min_interval_s=10.0)
+  for step in (1, 2):
+    clock.now = 10.0 + step
+    bar.update(step, loss=1.0, tokens_per_s=1.0)
+  assert out.getvalue().count("\n") == 2  # the final step is shown at once, before close()
+
+  tty = io.StringIO()
+  tty.isatty = lambda: True
+  bar = ProgressBar(2, stream=tty, min_interval_s=0.0)
+  bar.update(1, loss=2.0, tokens_per_s=1.0)
+  bar.update(2, loss=1.0, tokens_per_s=1.0)
+  assert tty.getvalue().count("\r") == 2 and "\n" not in tty.getvalue()
+  bar.close()
+  assert tty.getvalue().endswith("\n") and "step 2/2" in tty.getvalue().split("\r")[-1]
+
+
+def test_mfu_and_flops():
+  assert mfu(1e15, 2.0, 1e15) == 0.5
+  assert mfu(1e15, 2.0, None) is None and mfu(1e15, 0.0, 1e15) is None
+  fwd = transformer_flops_per_token(1_000_000, 2, 128, 64, backward=False)
+  assert fwd == 2 * 1_000_000 + 4 * 2 * 128 * 64
+  assert transformer_flops_per_token(1_000_000, 2, 128, 64, backward=True) == 3 * fwd
+
+
+@pytest.mark.parametrize("kind, peak", [
+    ("NVIDIA H100 80GB HBM3", 989e12), ("NVIDIA H100 PCIe", 756e12), ("NVIDIA H200", 989e12),
+    ("NVIDIA A100-SXM4-80GB", 312e12), ("NVIDIA L4", 121e12), ("NVIDIA L40S", None),
+    ("TPU v4", 275e12), ("TPU v5 lite", 197e12), ("TPU v5e", 197e12), ("TPU v5p", 459e12),
+    ("TPU v6 lite", 918e12), ("TPU v6e", 918e12), ("Some New Chip", None)])
+def test_peak_flops_table(kind, peak):
+  assert peak_flops_per_device(types.SimpleNamespace(platform="gpu", device_kind=kind)) == peak
+
+
+def test_peak_flops_cpu_is_none():
+  import jax
+
+  assert peak_flops_per_device(jax.devices("cpu")[0]) is None
