@@ -16,6 +16,12 @@ def _parser() -> argparse.ArgumentParser:
   demo.add_argument("--steps", type=int, default=60)
   demo.add_argument("--loss", choices=[n for n in LOSS_NAMES if n != "ce"], default="csd")
   demo.add_argument("--seed", type=int, default=0)
+  train = commands.add_parser(
+      "train", help="distill a teacher into a student; re-running continues in the workdir")
+  train.add_argument("--config", required=True, help="a YAML file, e.g. configs/tiny.yaml")
+  train.add_argument("--workdir", required=True)
+  train.add_argument("overrides", nargs="*", metavar="key=value",
+                     help="dotted overrides, e.g. train.steps=100 loss.name=fkl")
   convert = commands.add_parser(
       "convert-gguf", help="write a Hugging Face directory from a LLaMA-architecture GGUF file")
   convert.add_argument("gguf_file")
@@ -31,6 +37,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     first, last = demo.run(steps=args.steps, loss=args.loss, seed=args.seed)
     return 0 if last < first else 1
+  if args.command == "train":
+    return _train(args)
   if args.command == "convert-gguf":
     from csd_jax.models.gguf import convert_gguf
 
@@ -42,6 +50,27 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"wrote {out}")
     return 0
   raise AssertionError(args.command)  # argparse only lets known commands through
+
+
+def _train(args: argparse.Namespace) -> int:
+  import logging
+
+  from csd_jax.config import ConfigError, load_config
+
+  logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+  try:
+    config = load_config(args.config, args.overrides)
+  except ConfigError as error:
+    print(f"csd-jax train: {error}", file=sys.stderr)
+    return 2
+  from csd_jax.train.loop import train
+
+  try:
+    train(config, args.workdir)
+  except (ValueError, FileNotFoundError) as error:
+    print(f"csd-jax train: {error}", file=sys.stderr)
+    return 2
+  return 0
 
 
 if __name__ == "__main__":

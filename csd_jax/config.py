@@ -283,5 +283,10 @@ def _check(config: Config) -> None:
                       f"data.max_length={config.data.max_length}")
   if config.loss.lm_coef and not config.data.lm_files:
     raise ConfigError("loss.lm_coef > 0 needs data.lm_files (pre-training text, JSONL of text)")
+  from csd_jax.models.lora import LORA_TARGETS
+
+  unknown = sorted(set(config.lora.targets) - set(LORA_TARGETS))
+  if unknown:
+    raise ConfigError(f"lora.targets: unknown {unknown}; valid: {', '.join(LORA_TARGETS)}")
   if config.data.source == "files" and not config.data.train_files:
     raise ConfigError("data.source=files needs data.train_files")

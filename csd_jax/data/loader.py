@@ -150,6 +150,7 @@ class BatchLoader:
           pad_batch(ex, pad_id=pad_id, max_length=config.max_length,
                     bucket_multiple=config.bucket_multiple)))
     self._iterator = iter(batches)
+    self._start_state = self._iterator.get_state()
 
   @property
   def steps_per_epoch(self) -> int:
@@ -178,6 +179,10 @@ class BatchLoader:
       return local
     fill = {"input_ids": self.pad_id, "labels": IGNORE_INDEX, "attention_mask": 0, "positions": 0}
     return {k: np.pad(v, ((0, 0), (0, extra)), constant_values=fill[k]) for k, v in local.items()}
+
+  def rewind(self) -> None:
+    """Back to the first batch (held-out evaluation reads the same batches every time)."""
+    self._iterator.set_state(self._start_state)
 
   def get_state(self) -> dict[str, Any]:
     """A JSON-serialisable state: the Grain iterator's, plus the epoch and position in it."""

@@ -1,0 +1,184 @@
+"""The training loop: the one place that ties config, mesh, models, data, step and metrics.
+
+    config -> mesh -> teacher + student (born sharded) -> loaders -> jitted step -> loop
+           -> W/metrics.jsonl, W/tensorboard/, progress bar, held-out evaluation
+
+Metrics stay on the device between log steps (no host synchronisation in the loop body);
+every `train.log_every` steps they are fetched and written. Only process 0 writes files.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import pathlib
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import yaml
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from csd_jax.config import Config, to_dict
+from csd_jax.metrics import (MetricsWriter, ProgressBar, mfu, peak_flops_per_device,
+                             transformer_flops_per_token)
+from csd_jax.sharding import make_mesh
+from csd_jax.train.inputs import Inputs, build_inputs
+from csd_jax.train.state import (Models, build_models, count_params, make_optimizer,
+                                 trainable_filter)
+from csd_jax.train.step import Objective, make_eval_step, make_train_step
+
+logger = logging.getLogger("csd_jax.train")
+
+
+def _replicated(mesh, value):
+  return jax.device_put(value, NamedSharding(mesh, P()))
+
+
+def _commit(tree: Any, mesh) -> Any:
+  """Every leaf committed to a NamedSharding of `mesh` (a 1-device mesh hands out uncommitted
+  single-device arrays, whose first jitted step would otherwise compile twice)."""
+  def sharding(x):
+    spec = x.sharding.spec if isinstance(x.sharding, NamedSharding) else P()
+    return NamedSharding(mesh, spec)
+
+  return jax.device_put(tree, jax.tree.map(sharding, tree))
+
+
+def _flops_per_token(model, seq_len: int, backward: bool) -> float:
+  cfg = model.cfg
+  params = count_params(nnx.state(model, nnx.Param))
+  matmul = params - cfg.vocab_size * cfg.hidden_size * (1 if cfg.tie_word_embeddings else 0)
+  if model.pos_embed is not None:
+    matmul -= model.pos_embed.get_value().size
+  return transformer_flops_per_token(matmul, cfg.num_layers, seq_len,
+                                     cfg.num_heads * cfg.head_dim, backward=backward)
+
+
+def _fetch(metrics: dict[str, Any]) -> dict[str, float]:
+  return {k: float(v) for k, v in jax.device_get(metrics).items()}
+
+
+def evaluate(eval_step, state, teacher_state, loader, batches: int) -> dict[str, float]:
+  """Held-out distillation loss and teacher-student top-1 agreement over `batches` batches
+  (the same batches every time: the loader is rewound first)."""
+  loader.rewind()
+  totals = {"kd_sum": 0.0, "count": 0.0, "agree": 0.0}
+  for _ in range(batches):
+    out = _fetch(eval_step(state["params"], state["frozen"], teacher_state, next(loader)))
+    totals = {k: totals[k] + out[k] for k in totals}
+  count = max(totals["count"], 1.0)
+  return {"eval_loss": totals["kd_sum"] / count, "eval_agreement": totals["agree"] / count}
+
+
+@dataclasses.dataclass
+class Trainer:
+  """Everything a run needs, built from the config: the mesh, the models split into the jitted
+  step's inputs, the loaders, and the step functions."""
+
+  config: Config
+  mesh: Mesh
+  models: Models
+  inputs: Inputs
+  total_steps: int
+  state: dict[str, Any]
+  teacher_state: nnx.State
+  train_step: Any
+  eval_step: Any
+
+
+def build_trainer(config: Config, mesh: Mesh | None = None) -> Trainer:
+  """Mesh (from `config.mesh` unless given), models born sharded, loaders, optimizer state and
+  the jitted steps."""
+  # ---- mesh, models, data ----------------------------------------------------------------
+  mesh = mesh or make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
+  models = build_models(config, mesh)
+  inputs = build_inputs(config, mesh, models.vocab_size)
+  total_steps = config.train.steps or math.ceil(config.train.epochs *
+                                                inputs.train.steps_per_epoch)
+
+  # ---- optimizer and state ---------------------------------------------------------------
+  tx, schedule = make_optimizer(config.optim, total_steps)
+  student_graphdef, params, frozen = nnx.split(models.student, trainable_filter(config), ...)
+  teacher_graphdef, teacher_state = nnx.split(models.teacher)
+  state = {"params": params, "frozen": frozen, "opt_state": jax.jit(tx.init)(params),
+           "step": _replicated(mesh, jnp.int32(0)),
+           "key": _replicated(mesh, jax.random.key(config.train.seed))}
+  state, teacher_state = _commit(state, mesh), _commit(teacher_state, mesh)
+  logger.info("student %s parameters trained of %s; teacher %s (frozen)",
+              f"{count_params(params):,}", f"{count_params(nnx.state(models.student)):,}",
+              f"{count_params(teacher_state):,}")
+
+  # ---- the jitted steps ------------------------------------------------------------------
+  objective = Objective(config.loss.name, config.loss.params, config.loss.kd_coef,
+                        config.loss.ce_coef, config.loss.lm_coef, config.loss.fused,
+                        config.loss.chunk_size, config.loss.normalize, models.vocab_size)
+  state_shardings = jax.tree.map(lambda x: x.sharding, state)
+  train_step = jax.jit(
+      make_train_step(student_graphdef, teacher_graphdef, tx, schedule, objective,
+                      config.train.grad_accum),
+      in_shardings=(state_shardings, None, None, None), out_shardings=(state_shardings, None),
+      donate_argnums=(0,))
+  eval_step = jax.jit(make_eval_step(student_graphdef, teacher_graphdef, objective))
+  return Trainer(config, mesh, models, inputs, total_steps, state, teacher_state, train_step,
+                 eval_step)
+
+
+def train(config: Config, workdir: str | pathlib.Path) -> dict[str, float]:
+  """Run (or continue) the distillation described by `config` in `workdir`; returns the last
+  logged metrics and the final held-out ones."""
+  workdir = pathlib.Path(workdir)
+  is_main = jax.process_index() == 0
+  if is_main:
+    workdir.mkdir(parents=True, exist_ok=True)
+    (workdir / "config.yaml").write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
+  trainer = build_trainer(config)
+  models, inputs, total_steps = trainer.models, trainer.inputs, trainer.total_steps
+  state, teacher_state = trainer.state, trainer.teacher_state
+  train_step, eval_step, mesh = trainer.train_step, trainer.eval_step, trainer.mesh
+
+  # ---- the loop --------------------------------------------------------------------------
+  seq_len = config.data.max_length
+  flops_per_token = (_flops_per_token(models.student, seq_len, backward=True)
+                     + _flops_per_token(models.teacher, seq_len, backward=False))
+  peak = peak_flops_per_device(jax.devices()[0])
+  peak = peak * jax.device_count() if peak else None
+  writer = MetricsWriter(workdir, enabled=is_main)
+  progress = ProgressBar(total_steps) if is_main else None
+  logged: dict[str, float] = {}
+  tokens_since, time_since = 0, time.perf_counter()
+  with jax.set_mesh(mesh), writer:
+    for step in range(int(state["step"]), total_steps):
+      batch = next(inputs.train)
+      lm_batch = next(inputs.lm) if inputs.lm is not None else None
+      state, metrics = train_step(state, teacher_state, batch, lm_batch)
+      tokens_since += int(np.prod(batch["input_ids"].shape))
+      done = step + 1
+      if done % config.train.log_every == 0 or done == total_steps:
+        logged = _fetch(metrics)
+        elapsed = time.perf_counter() - time_since
+        logged["tokens_per_s"] = tokens_since / elapsed
+        utilisation = mfu(flops_per_token * tokens_since, elapsed, peak)
+        if utilisation is not None:
+          logged["mfu"] = utilisation
+        if config.train.eval_every and done % config.train.eval_every == 0 and inputs.eval:
+          logged.update(evaluate(eval_step, state, teacher_state, inputs.eval,
+                                 config.train.eval_batches))
+        writer.write(done, logged)
+        if progress:
+          progress.update(done, loss=logged["loss"], tokens_per_s=logged["tokens_per_s"],
+                          mfu=logged.get("mfu"))
+        tokens_since, time_since = 0, time.perf_counter()
+    if progress:
+      progress.close()
+    final = {}
+    if inputs.eval is not None:
+      final = evaluate(eval_step, state, teacher_state, inputs.eval, config.train.eval_batches)
+      writer.write(total_steps, {**logged, **final})
+  logger.info("done: %d steps; %s", total_steps,
+              ", ".join(f"{k} {v:.4g}" for k, v in {**logged, **final}.items()))
+  return {**logged, **final}
