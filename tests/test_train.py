@@ -91,7 +91,7 @@ def test_lora_trains_only_adapters():
 
 
 def test_tiny_config_lowers_the_loss_and_writes_metrics(tmp_path):
-  final = train(load_config(TINY), tmp_path)
+  final = train(load_config(TINY), tmp_path).metrics
   rows = read_metrics(tmp_path)
   assert [r["step"] for r in rows] == list(range(1, 31))
   for key in ("loss", "lr", "grad_norm", "tokens_per_s"):

