@@ -29,6 +29,8 @@ def _train(*args, workdir):
     (["--config", "configs/nope.yaml"], "config file configs/nope.yaml does not exist"),
     (["--config", TINY, "mesh.data=3"], "mesh data=3, fsdp=1, tensor=1 needs 3 devices, found 8"),
     (["--config", TINY, "train.grad_accum=3"], "train.batch_size=8 does not divide into"),
+    (["--config", TINY, "train.grad_accum=2"], "micro-batches of 4 rows (train.batch_size / "
+                                               "train.grad_accum) do not split over the 8"),
     (["--config", TINY, "teacher.path=/nonexistent", "teacher.config=null"],
      "/nonexistent is not a model directory"),
 ])

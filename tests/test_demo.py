@@ -2,6 +2,8 @@
 
 import json
 
+import numpy as np
+
 from csd_jax import demo
 from csd_jax.models import load_pretrained
 from csd_jax.models.layer_drop import layer_dropped_copy
@@ -18,7 +20,6 @@ def test_layer_dropped_student_keeps_the_chosen_layers(converted, tmp_path):
   config = json.loads((student / "config.json").read_text())
   assert config["num_hidden_layers"] == 2
   small, big = load_pretrained(student), load_pretrained(converted)
-  import numpy as np
   np.testing.assert_array_equal(np.asarray(small.layers[1].mlp.up.kernel[...]),
                                 np.asarray(big.layers[29].mlp.up.kernel[...]))
   assert (student / "tokenizer.json").exists()
@@ -26,7 +27,7 @@ def test_layer_dropped_student_keeps_the_chosen_layers(converted, tmp_path):
 
 def test_reduced_demo_lowers_the_held_out_csd(tmp_path, capsys):
   results = demo.run(tmp_path, steps=12, num_prompts=40, num_eval=8, max_new_tokens=16,
-                     overrides=["train.log_every=4", "train.batch_size=4"])
+                     overrides=["train.log_every=4"])
   assert results["after"]["csd"] < results["before"]["csd"]
   assert results["after"]["fkl"] < results["before"]["fkl"]
   out = capsys.readouterr().out

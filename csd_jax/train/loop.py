@@ -108,6 +108,12 @@ def build_trainer(config: Config, mesh: Mesh | None = None) -> Trainer:
   the jitted steps."""
   # ---- mesh, models, data ----------------------------------------------------------------
   mesh = mesh or make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
+  data_parallel = mesh.shape["data"] * mesh.shape["fsdp"]
+  micro_rows = config.train.batch_size // config.train.grad_accum
+  if micro_rows % data_parallel:
+    raise ValueError(f"micro-batches of {micro_rows} rows (train.batch_size / train.grad_accum) "
+                     f"do not split over the {data_parallel} data-parallel devices (mesh.data x "
+                     f"mesh.fsdp); use a multiple of {data_parallel} rows")
   models = build_models(config, mesh)
   inputs = build_inputs(config, mesh, models.vocab_size)
   total_steps = config.train.steps or math.ceil(config.train.epochs *
