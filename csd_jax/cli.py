@@ -70,6 +70,8 @@ def _train(args: argparse.Namespace) -> int:
   from csd_jax.config import ConfigError, load_config
 
   logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+  for noisy in ("absl", "jax", "orbax"):  # their INFO lines drown the run's own
+    logging.getLogger(noisy).setLevel(logging.WARNING)
   try:
     config = load_config(args.config, args.overrides)
   except ConfigError as error:

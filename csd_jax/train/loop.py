@@ -13,6 +13,8 @@ import dataclasses
 import logging
 import math
 import pathlib
+import signal
+import threading
 import time
 from typing import Any
 
@@ -23,6 +25,7 @@ import yaml
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from csd_jax.checkpoint import Checkpointer
 from csd_jax.config import Config, to_dict
 from csd_jax.metrics import (MetricsWriter, ProgressBar, mfu, peak_flops_per_device,
                              transformer_flops_per_token)
@@ -101,6 +104,7 @@ class Trainer:
 class RunResult:
   metrics: dict[str, float]   # the last logged step's and the final held-out ones
   student: Any                # the trained student (an NNX model)
+  preempted: bool = False     # stopped early by SIGTERM / a preemption notice, after a save
 
 
 def build_trainer(config: Config, mesh: Mesh | None = None) -> Trainer:
@@ -146,8 +150,49 @@ def build_trainer(config: Config, mesh: Mesh | None = None) -> Trainer:
                  student_graphdef, train_step, eval_step)
 
 
+class _PreemptionFlag:
+  """Set by SIGTERM: the loop saves at the next step boundary and exits cleanly."""
+
+  def __init__(self):
+    self.requested = False
+    self._previous = None
+
+  def __enter__(self) -> _PreemptionFlag:
+    if threading.current_thread() is threading.main_thread():
+      self._previous = signal.signal(signal.SIGTERM, self._handle)
+    return self
+
+  def _handle(self, signum, frame) -> None:
+    del signum, frame
+    self.requested = True
+
+  def __exit__(self, *exc: object) -> None:
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+
+
+def _loader_states(inputs: Inputs) -> dict[str, Any]:
+  return {"train": inputs.train.get_state(),
+          **({"lm": inputs.lm.get_state()} if inputs.lm is not None else {})}
+
+
+def _resume(checkpointer: Checkpointer, trainer: Trainer) -> dict[str, Any]:
+  """The state to start from: the latest readable checkpoint's, or the fresh one."""
+  restored = checkpointer.restore_latest(trainer.state)
+  if restored is None:
+    return trainer.state
+  step, state, loaders = restored
+  trainer.inputs.train.set_state(loaders["train"])
+  if trainer.inputs.lm is not None and "lm" in loaders:
+    trainer.inputs.lm.set_state(loaders["lm"])
+  logger.info("resuming from the checkpoint of step %d in %s", step, checkpointer.directory)
+  return state
+
+
 def train(config: Config, workdir: str | pathlib.Path) -> RunResult:
-  """Run (or continue) the distillation described by `config` in `workdir`."""
+  """Run the distillation described by `config` in `workdir`, or continue it from the latest
+  complete checkpoint there. SIGTERM (or the platform's preemption notice) saves at the next
+  step boundary and returns with `preempted` set."""
   workdir = pathlib.Path(workdir)
   is_main = jax.process_index() == 0
   if is_main:
@@ -155,8 +200,13 @@ def train(config: Config, workdir: str | pathlib.Path) -> RunResult:
     (workdir / "config.yaml").write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
   trainer = build_trainer(config)
   models, inputs, total_steps = trainer.models, trainer.inputs, trainer.total_steps
-  state, teacher_state = trainer.state, trainer.teacher_state
+  teacher_state = trainer.teacher_state
   train_step, eval_step, mesh = trainer.train_step, trainer.eval_step, trainer.mesh
+  checkpointer = Checkpointer(workdir, keep=config.checkpoint.keep)
+  state = _resume(checkpointer, trainer)
+
+  def save(step: int, wait: bool = False) -> None:
+    checkpointer.save(step, state, _loader_states(inputs), to_dict(config), wait=wait)
 
   # ---- the loop --------------------------------------------------------------------------
   seq_len = config.data.max_length
@@ -164,12 +214,14 @@ def train(config: Config, workdir: str | pathlib.Path) -> RunResult:
                      + _flops_per_token(models.teacher, seq_len, backward=False))
   peak = peak_flops_per_device(jax.devices()[0])
   peak = peak * jax.device_count() if peak else None
-  writer = MetricsWriter(workdir, enabled=is_main)
-  progress = ProgressBar(total_steps) if is_main else None
+  start_step = int(state["step"])
+  progress = ProgressBar(total_steps, start_step=start_step) if is_main else None
   logged: dict[str, float] = {}
+  final: dict[str, float] = {}
   tokens_since, time_since = 0, time.perf_counter()
-  with jax.set_mesh(mesh), writer:
-    for step in range(int(state["step"]), total_steps):
+  with (jax.set_mesh(mesh), MetricsWriter(workdir, enabled=is_main) as writer,
+        _PreemptionFlag() as preemption):
+    for step in range(start_step, total_steps):
       batch = next(inputs.train)
       lm_batch = next(inputs.lm) if inputs.lm is not None else None
       state, metrics = train_step(state, teacher_state, batch, lm_batch)
@@ -190,12 +242,24 @@ def train(config: Config, workdir: str | pathlib.Path) -> RunResult:
           progress.update(done, loss=logged["loss"], tokens_per_s=logged["tokens_per_s"],
                           mfu=logged.get("mfu"))
         tokens_since, time_since = 0, time.perf_counter()
+      if done < total_steps and (preemption.requested or checkpointer.reached_preemption(done)):
+        save(done, wait=True)
+        checkpointer.close()
+        if progress:
+          progress.close()
+        logger.warning("preempted: saved the checkpoint of step %d in %s; re-run the same "
+                       "command to continue", done, checkpointer.directory)
+        return RunResult(logged, trainer.student(state), preempted=True)
+      if config.checkpoint.every and done % config.checkpoint.every == 0 and done < total_steps:
+        save(done)
     if progress:
       progress.close()
-    final = {}
+    if start_step < total_steps:
+      save(total_steps, wait=True)
     if inputs.eval is not None:
       final = evaluate(eval_step, state, teacher_state, inputs.eval, config.train.eval_batches)
       writer.write(total_steps, {**logged, **final})
+  checkpointer.close()
   logger.info("done: %d steps; %s", total_steps,
               ", ".join(f"{k} {v:.4g}" for k, v in {**logged, **final}.items()))
   return RunResult({**logged, **final}, trainer.student(state))
