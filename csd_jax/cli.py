@@ -25,6 +25,10 @@ def _parser() -> argparse.ArgumentParser:
   train.add_argument("--workdir", required=True)
   train.add_argument("overrides", nargs="*", metavar="key=value",
                      help="dotted overrides, e.g. train.steps=100 loss.name=fkl")
+  export = commands.add_parser(
+      "export", help="the student of a run's latest checkpoint as a Hugging Face directory")
+  export.add_argument("--workdir", required=True)
+  export.add_argument("--out", required=True)
   convert = commands.add_parser(
       "convert-gguf", help="write a Hugging Face directory from a LLaMA-architecture GGUF file")
   convert.add_argument("gguf_file")
@@ -39,6 +43,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     return _demo(args)
   if args.command == "train":
     return _train(args)
+  if args.command == "export":
+    from csd_jax.config import ConfigError
+    from csd_jax.train.export import export
+
+    try:
+      out, step = export(args.workdir, args.out)
+    except (ConfigError, ValueError, FileNotFoundError) as error:
+      print(f"csd-jax export: {error}", file=sys.stderr)
+      return 2
+    print(f"wrote the student of step {step} to {out}")
+    return 0
   if args.command == "convert-gguf":
     from csd_jax.models.gguf import convert_gguf
 
@@ -77,9 +92,11 @@ def _train(args: argparse.Namespace) -> int:
   except ConfigError as error:
     print(f"csd-jax train: {error}", file=sys.stderr)
     return 2
+  from csd_jax import distributed
   from csd_jax.train.loop import train
 
   try:
+    distributed.initialize()
     train(config, args.workdir)
   except (ValueError, FileNotFoundError) as error:
     print(f"csd-jax train: {error}", file=sys.stderr)

@@ -10,6 +10,7 @@ every `train.log_every` steps they are fetched and written. Only process 0 write
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import math
 import pathlib
@@ -171,9 +172,34 @@ class _PreemptionFlag:
       signal.signal(signal.SIGTERM, self._previous)
 
 
+def _from_every_process(obj: Any) -> list[Any]:
+  """`obj` (JSON-able) of every process, in process order (a host-level all-gather)."""
+  if jax.process_count() == 1:
+    return [obj]
+  from jax.experimental import multihost_utils
+
+  data = np.frombuffer(json.dumps(obj).encode(), np.uint8)
+  sizes = multihost_utils.process_allgather(np.int32(data.size))
+  padded = np.zeros(int(np.max(sizes)), np.uint8)
+  padded[:data.size] = data
+  gathered = multihost_utils.process_allgather(padded)
+  return [json.loads(bytes(gathered[i][:int(sizes[i])]).decode()) for i in range(len(sizes))]
+
+
 def _loader_states(inputs: Inputs) -> dict[str, Any]:
-  return {"train": inputs.train.get_state(),
+  """Every process's data position (each reads its own slice of the data)."""
+  mine = {"train": inputs.train.get_state(),
           **({"lm": inputs.lm.get_state()} if inputs.lm is not None else {})}
+  return {"per_process": _from_every_process(mine)}
+
+
+def _any_process(flag: bool) -> bool:
+  """True on every process when `flag` is True on any (SIGTERM may reach one process first)."""
+  if jax.process_count() == 1:
+    return flag
+  from jax.experimental import multihost_utils
+
+  return bool(np.any(multihost_utils.process_allgather(np.int32(flag))))
 
 
 def _resume(checkpointer: Checkpointer, trainer: Trainer) -> dict[str, Any]:
@@ -182,9 +208,15 @@ def _resume(checkpointer: Checkpointer, trainer: Trainer) -> dict[str, Any]:
   if restored is None:
     return trainer.state
   step, state, loaders = restored
-  trainer.inputs.train.set_state(loaders["train"])
-  if trainer.inputs.lm is not None and "lm" in loaders:
-    trainer.inputs.lm.set_state(loaders["lm"])
+  per_process = loaders["per_process"]
+  if len(per_process) != jax.process_count():
+    logger.warning("the checkpoint was written by %d processes, this run has %d: each process "
+                   "continues from process 0's data position", len(per_process),
+                   jax.process_count())
+  mine = per_process[jax.process_index() if len(per_process) == jax.process_count() else 0]
+  trainer.inputs.train.set_state(mine["train"])
+  if trainer.inputs.lm is not None and "lm" in mine:
+    trainer.inputs.lm.set_state(mine["lm"])
   logger.info("resuming from the checkpoint of step %d in %s", step, checkpointer.directory)
   return state
 
@@ -242,7 +274,12 @@ def train(config: Config, workdir: str | pathlib.Path) -> RunResult:
           progress.update(done, loss=logged["loss"], tokens_per_s=logged["tokens_per_s"],
                           mfu=logged.get("mfu"))
         tokens_since, time_since = 0, time.perf_counter()
-      if done < total_steps and (preemption.requested or checkpointer.reached_preemption(done)):
+      # Across processes the SIGTERM flag is agreed on at log steps (a collective, so not every
+      # step); JAX's own preemption notice is already agreed on.
+      stop = preemption.requested
+      if jax.process_count() > 1:
+        stop = _any_process(stop) if done % config.train.log_every == 0 else False
+      if done < total_steps and (stop or checkpointer.reached_preemption(done)):
         save(done, wait=True)
         checkpointer.close()
         if progress:

@@ -111,13 +111,18 @@ class Models:
   vocab_size: int  # the vocabulary both heads are cut to
 
 
-def build_models(config: Config, mesh: Mesh) -> Models:
-  check_same_tokenizer(config.teacher.path, config.student.path)
-  teacher = build_model(config.teacher, mesh, frozen=True)
+def build_models_student_only(config: Config, mesh: Mesh) -> CausalLM:
+  """The student as the run trains it (with its LoRA adapters, if any)."""
   lora = config.lora
   adapters = ({"lora_rank": lora.rank, "lora_alpha": lora.alpha, "lora_dropout": lora.dropout,
                "lora_targets": tuple(lora.targets)} if lora.rank > 0 else {})
-  student = build_model(config.student, mesh, frozen=False, **adapters)
+  return build_model(config.student, mesh, frozen=False, **adapters)
+
+
+def build_models(config: Config, mesh: Mesh) -> Models:
+  check_same_tokenizer(config.teacher.path, config.student.path)
+  teacher = build_model(config.teacher, mesh, frozen=True)
+  student = build_models_student_only(config, mesh)
   return Models(teacher, student, common_vocab_size(teacher, student))
 
 

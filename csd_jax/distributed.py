@@ -1,0 +1,48 @@
+"""Multi-host start-up: `jax.distributed.initialize` from the environment, when there is one.
+
+- `CSD_JAX_COORDINATOR` (host:port), `CSD_JAX_NUM_PROCESSES`, `CSD_JAX_PROCESS_ID`: explicit
+  (launch/local_multiprocess.sh sets them; any cluster can);
+- SLURM with more than one task, or a multi-host TPU slice: JAX's own auto-detection;
+- otherwise a single process: nothing to do.
+
+On CPU, collectives between processes go through gloo.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import jax
+
+logger = logging.getLogger("csd_jax.distributed")
+
+
+def _multi_host_cluster() -> bool:
+  if int(os.environ.get("SLURM_NTASKS", "1")) > 1:
+    return True
+  workers = os.environ.get("TPU_WORKER_HOSTNAMES", "")
+  return len([w for w in workers.split(",") if w]) > 1
+
+
+def initialize() -> None:
+  """Join the other processes of this run, if it has any (idempotent)."""
+  if jax.distributed.is_initialized():
+    return
+  coordinator = os.environ.get("CSD_JAX_COORDINATOR")
+  if coordinator:
+    if os.environ.get("JAX_PLATFORMS", "") == "cpu":
+      jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    try:
+      num_processes = int(os.environ["CSD_JAX_NUM_PROCESSES"])
+      process_id = int(os.environ["CSD_JAX_PROCESS_ID"])
+    except (KeyError, ValueError) as error:
+      raise ValueError("CSD_JAX_COORDINATOR is set: also set CSD_JAX_NUM_PROCESSES and "
+                       "CSD_JAX_PROCESS_ID (integers)") from error
+    jax.distributed.initialize(coordinator, num_processes=num_processes, process_id=process_id)
+  elif _multi_host_cluster():
+    jax.distributed.initialize()
+  else:
+    return
+  logger.info("process %d of %d, %d local / %d global devices", jax.process_index(),
+              jax.process_count(), jax.local_device_count(), jax.device_count())
