@@ -20,7 +20,6 @@ import time
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import yaml
 from flax import nnx
@@ -39,18 +38,26 @@ from csd_jax.train.step import Objective, make_eval_step, make_train_step
 logger = logging.getLogger("csd_jax.train")
 
 
-def _replicated(mesh, value):
-  return jax.device_put(value, NamedSharding(mesh, P()))
+def _replicated(mesh, value: np.ndarray) -> jax.Array:
+  """A host value replicated on every device of the mesh (of every process)."""
+  value = np.asarray(value)
+  return jax.make_array_from_callback(value.shape, NamedSharding(mesh, P()), lambda _: value)
+
+
+def _host(x: jax.Array) -> np.ndarray:
+  """The value of a replicated array (on several hosts, any local replica is the value)."""
+  return np.asarray(x if x.is_fully_addressable else x.addressable_data(0))
 
 
 def _commit(tree: Any, mesh) -> Any:
   """Every leaf committed to a NamedSharding of `mesh` (a 1-device mesh hands out uncommitted
   single-device arrays, whose first jitted step would otherwise compile twice)."""
-  def sharding(x):
-    spec = x.sharding.spec if isinstance(x.sharding, NamedSharding) else P()
-    return NamedSharding(mesh, spec)
+  def commit(x):
+    if isinstance(x.sharding, NamedSharding):
+      return x
+    return jax.device_put(x, NamedSharding(mesh, P()))
 
-  return jax.device_put(tree, jax.tree.map(sharding, tree))
+  return jax.tree.map(commit, tree)
 
 
 def _flops_per_token(model, seq_len: int, backward: bool) -> float:
@@ -64,7 +71,7 @@ def _flops_per_token(model, seq_len: int, backward: bool) -> float:
 
 
 def _fetch(metrics: dict[str, Any]) -> dict[str, float]:
-  return {k: float(v) for k, v in jax.device_get(metrics).items()}
+  return {k: float(_host(v)) for k, v in metrics.items()}
 
 
 def evaluate(eval_step, state, teacher_state, loader, batches: int) -> dict[str, float]:
@@ -129,8 +136,9 @@ def build_trainer(config: Config, mesh: Mesh | None = None) -> Trainer:
   student_graphdef, params, frozen = nnx.split(models.student, trainable_filter(config), ...)
   teacher_graphdef, teacher_state = nnx.split(models.teacher)
   state = {"params": params, "frozen": frozen, "opt_state": jax.jit(tx.init)(params),
-           "step": _replicated(mesh, jnp.int32(0)),
-           "key": _replicated(mesh, jax.random.key(config.train.seed))}
+           "step": _replicated(mesh, np.int32(0)),
+           "key": jax.random.wrap_key_data(_replicated(
+               mesh, jax.random.key_data(jax.random.key(config.train.seed))))}
   state, teacher_state = _commit(state, mesh), _commit(teacher_state, mesh)
   logger.info("student %s parameters trained of %s; teacher %s (frozen)",
               f"{count_params(params):,}", f"{count_params(nnx.state(models.student)):,}",
@@ -246,7 +254,7 @@ def train(config: Config, workdir: str | pathlib.Path) -> RunResult:
                      + _flops_per_token(models.teacher, seq_len, backward=False))
   peak = peak_flops_per_device(jax.devices()[0])
   peak = peak * jax.device_count() if peak else None
-  start_step = int(state["step"])
+  start_step = int(_host(state["step"]))
   progress = ProgressBar(total_steps, start_step=start_step) if is_main else None
   logged: dict[str, float] = {}
   final: dict[str, float] = {}
