@@ -169,3 +169,21 @@ def test_load_errors_name_the_problem(tmp_path):
   (tmp_path / "config.json").write_text(json.dumps({**config, "intermediate_size": 48}))
   with pytest.raises(ValueError, match="mlp.gate_proj.weight: shape .* does not fit"):
     load_pretrained(tmp_path)
+
+
+def test_save_pretrained_shards_above_the_limit(tmp_path):
+  directory = tmp_path / "src"
+  make_checkpoint("llama_gqa_untied_bias", directory)
+  model = load_pretrained(directory)
+  save_pretrained(model, tmp_path / "sharded", max_shard_bytes=20_000)
+  index = json.loads((tmp_path / "sharded" / "model.safetensors.index.json").read_text())
+  files = set(index["weight_map"].values())
+  assert len(files) > 1 and all((tmp_path / "sharded" / f).exists() for f in files)
+  assert not list((tmp_path / "sharded").glob("*.partial"))
+  ids = _ids((1, 9), seed=9)
+  np.testing.assert_array_equal(np.asarray(load_pretrained(tmp_path / "sharded")(ids)),
+                                np.asarray(model(ids)))
+  reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "sharded").eval()
+  with torch.no_grad():
+    ref = reloaded.float()(torch.tensor(ids)).logits.numpy()
+  assert _max_rel(model(ids), ref) <= TOL

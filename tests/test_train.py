@@ -102,3 +102,31 @@ def test_tiny_config_lowers_the_loss_and_writes_metrics(tmp_path):
   assert [s for s, _ in scalars["loss"]][:3] == [1, 2, 3]
   assert (tmp_path / "config.yaml").exists()
   assert load_config(tmp_path / "config.yaml").train.steps == 30  # the resolved config reloads
+
+
+def test_sft_and_lm_terms_with_different_vocab_sizes(tmp_path, converted, caplog):
+  """Instruction files + pre-training text through the real tokenizer; the teacher's head has
+  padded rows (a larger vocabulary), cut to the common size with a warning."""
+  import json
+
+  (tmp_path / "train.jsonl").write_text("\n".join(json.dumps(
+      {"instruction": f"Name a colour number {i}.", "response": f"Colour {i} is blue."})
+      for i in range(16)))
+  (tmp_path / "text.jsonl").write_text("\n".join(json.dumps(
+      {"text": f"The river {i} flows into the sea. " * 3}) for i in range(8)))
+  model = {"model_type": "gpt2", "n_embd": 32, "n_layer": 1, "n_head": 2, "n_positions": 64}
+  config = load_config(TINY, [
+      f"teacher.config={json.dumps({**model, 'vocab_size': 49216})}",
+      f"student.config={json.dumps({**model, 'vocab_size': 49152})}",
+      "data.source=files", f"data.train_files=[{tmp_path / 'train.jsonl'}]",
+      f"data.lm_files=[{tmp_path / 'text.jsonl'}]", f"data.tokenizer={converted}",
+      f"data.data_dir={tmp_path / 'tfds'}", "data.max_length=48", "data.max_prompt_length=32",
+      "loss.ce_coef=0.5", "loss.lm_coef=0.25", "train.steps=4"])
+  result = train(config, tmp_path / "run")
+  assert "teacher vocabulary 49216 and student vocabulary 49152 differ" in caplog.text
+  rows = read_metrics(tmp_path / "run")
+  for key in ("kd", "ce", "lm"):
+    assert all(np.isfinite(r[key]) and r[key] > 0 for r in rows), key
+  expected = rows[-1]["kd"] + 0.5 * rows[-1]["ce"] + 0.25 * rows[-1]["lm"]
+  np.testing.assert_allclose(rows[-1]["loss"], expected, rtol=1e-5)
+  assert result.student.cfg.vocab_size == 49152
