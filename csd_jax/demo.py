@@ -24,6 +24,7 @@ import numpy as np
 
 from csd_jax.assets import converted_smollm2
 from csd_jax.config import load_config
+from csd_jax.eval.text_metrics import rouge_l
 from csd_jax.losses import logit_loss
 from csd_jax.models import generate, load_pretrained
 from csd_jax.models.layer_drop import layer_dropped_copy
@@ -65,16 +66,6 @@ def greedy_answers(model: Any, tokenizer: Any, prompts: Sequence[str], *, max_ne
                               max_new_tokens=max_new_tokens, eos_id=tokenizer.eos_token_id))
     answers += [tokenizer.decode(row, skip_special_tokens=True).strip() for row in out]
   return answers
-
-
-def rouge_l(predictions: Sequence[str], references: Sequence[str]) -> float:
-  """Mean ROUGE-L F-measure (x100), as rouge-score computes it."""
-  from rouge_score import rouge_scorer
-
-  scorer = rouge_scorer.RougeScorer(["rougeL"])
-  scores = [scorer.score(ref, pred)["rougeL"].fmeasure for pred, ref in zip(predictions,
-                                                                             references)]
-  return 100.0 * float(np.mean(scores))
 
 
 def held_out_divergences(student: Any, teacher: Any, tokenizer: Any, prompts: Sequence[str],

@@ -36,8 +36,8 @@ def _tokenizer(config: Any) -> Any | None:
   return None
 
 
-def export(workdir: str | pathlib.Path, out: str | pathlib.Path) -> tuple[pathlib.Path, int]:
-  """Write the latest checkpoint's student to `out`; returns (out, the checkpoint's step).
+def restore_student(workdir: str | pathlib.Path) -> tuple[Any, Any, int]:
+  """(the student of the latest readable checkpoint, the run's config, its step).
 
   Raises:
     FileNotFoundError: no config.yaml or no readable checkpoint in `workdir`.
@@ -56,7 +56,21 @@ def export(workdir: str | pathlib.Path, out: str | pathlib.Path) -> tuple[pathli
   if restored is None:
     raise FileNotFoundError(f"no readable checkpoint in {workdir / 'checkpoints'}")
   step, state, _ = restored
-  model = nnx.merge(graphdef, state["params"], state["frozen"])
+  return nnx.merge(graphdef, state["params"], state["frozen"]), config, step
+
+
+def run_tokenizer(config: Any) -> Any | None:
+  """The run's tokenizer: `data.tokenizer`, else the teacher's, else the student's."""
+  return _tokenizer(config)
+
+
+def export(workdir: str | pathlib.Path, out: str | pathlib.Path) -> tuple[pathlib.Path, int]:
+  """Write the latest checkpoint's student to `out`; returns (out, the checkpoint's step).
+
+  Raises:
+    FileNotFoundError: no config.yaml or no readable checkpoint in `workdir`.
+  """
+  model, config, step = restore_student(workdir)
   save_pretrained(model, out, _tokenizer(config))
   logger.info("exported the student of step %d to %s", step, out)
   return pathlib.Path(out), step

@@ -1,0 +1,1 @@
+"""Evaluation of students by generation: text metrics (ROUGE-L, Self-BLEU)."""
