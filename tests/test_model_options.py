@@ -74,3 +74,19 @@ def test_packed_rows_equal_the_samples_alone():
   logits = model(packed, segments, positions)[0]
   np.testing.assert_allclose(logits[:7], model(a[None])[0], rtol=1e-5, atol=1e-5)
   np.testing.assert_allclose(logits[7:12], model(b[None])[0], rtol=1e-5, atol=1e-5)
+
+
+def test_flops_per_token_counts_the_head_once_tied_or_not():
+  from csd_jax.train.state import model_flops_per_token
+
+  tied = init_random(CONFIGS["llama_mqa_tied"](), seed=0)
+  untied = init_random({**CONFIGS["llama_mqa_tied"]().to_dict(), "tie_word_embeddings": False},
+                       seed=0)
+  # Same layers and the same head matmul: the untied lookup table does no matmul.
+  assert model_flops_per_token(tied, 16, backward=False) == model_flops_per_token(
+      untied, 16, backward=False)
+  cfg = tied.cfg
+  layer = 32 * (4 * 8) + 2 * 32 * (1 * 8) + (4 * 8) * 32 + 3 * 32 * 64 + 2 * 32
+  expected = 2 * (2 * layer + 32 + 97 * 32) + 4 * 2 * 16 * 32
+  assert model_flops_per_token(tied, 16, backward=False) == expected
+  assert model_flops_per_token(tied, 16, backward=True) == 3 * expected

@@ -27,12 +27,11 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from csd_jax.checkpoint import Checkpointer
 from csd_jax.config import Config, to_dict
-from csd_jax.metrics import (MetricsWriter, ProgressBar, mfu, peak_flops_per_device,
-                             transformer_flops_per_token)
+from csd_jax.metrics import MetricsWriter, ProgressBar, mfu, peak_flops_per_device
 from csd_jax.sharding import make_mesh
 from csd_jax.train.inputs import Inputs, build_inputs
 from csd_jax.train.state import (Models, build_models, count_params, make_optimizer,
-                                 trainable_filter)
+                                 model_flops_per_token, trainable_filter)
 from csd_jax.train.step import Objective, make_eval_step, make_train_step
 
 logger = logging.getLogger("csd_jax.train")
@@ -58,16 +57,6 @@ def _commit(tree: Any, mesh) -> Any:
     return jax.device_put(x, NamedSharding(mesh, P()))
 
   return jax.tree.map(commit, tree)
-
-
-def _flops_per_token(model, seq_len: int, backward: bool) -> float:
-  cfg = model.cfg
-  params = count_params(nnx.state(model, nnx.Param))
-  matmul = params - cfg.vocab_size * cfg.hidden_size * (1 if cfg.tie_word_embeddings else 0)
-  if model.pos_embed is not None:
-    matmul -= model.pos_embed.get_value().size
-  return transformer_flops_per_token(matmul, cfg.num_layers, seq_len,
-                                     cfg.num_heads * cfg.head_dim, backward=backward)
 
 
 def _fetch(metrics: dict[str, Any]) -> dict[str, float]:
@@ -250,8 +239,8 @@ def train(config: Config, workdir: str | pathlib.Path) -> RunResult:
 
   # ---- the loop --------------------------------------------------------------------------
   seq_len = config.data.max_length
-  flops_per_token = (_flops_per_token(models.student, seq_len, backward=True)
-                     + _flops_per_token(models.teacher, seq_len, backward=False))
+  flops_per_token = (model_flops_per_token(models.student, seq_len, backward=True)
+                     + model_flops_per_token(models.teacher, seq_len, backward=False))
   peak = peak_flops_per_device(jax.devices()[0])
   peak = peak * jax.device_count() if peak else None
   start_step = int(_host(state["step"]))
