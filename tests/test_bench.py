@@ -42,3 +42,15 @@ def test_bench_data_runs(gpt2_tokenizer, tmp_path):
           if line.startswith(("pad to", "buckets", "packing"))}
   assert set(rows) == {"pad to max_length", "buckets of 64", "packing"}
   assert float(rows["packing"].rstrip("%")) < float(rows["pad to max_length"].rstrip("%"))
+
+
+def test_bench_step_runs_beside_the_torch_baseline():
+  env = {**os.environ, "PYTHONPATH": str(ROOT)}
+  result = subprocess.run(
+      [sys.executable, str(ROOT / "bench" / "step.py"), "--sizes", "tiny", "--repeats", "1"],
+      capture_output=True, text=True, env=env, check=False, timeout=600)
+  assert result.returncode == 0, result.stderr
+  row = [line for line in result.stdout.splitlines() if line.startswith("gpt2-tiny")]
+  assert len(row) == 1
+  fields = row[0].split()
+  assert float(fields[2].replace(",", "")) > 0 and float(fields[6].replace(",", "")) > 0

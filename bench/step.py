@@ -1,0 +1,216 @@
+"""The full distillation step, csd-jax against PyTorch + transformers, side by side in one run.
+
+    PYTHONPATH=. python bench/step.py                 # small shapes on CPU, paper shapes on GPU
+    PYTHONPATH=. python bench/step.py --sizes paper --torch-compile
+
+One step = teacher forward (frozen, bf16) + student forward / backward + CSD (S,S) + AdamW,
+on random-init models of the paper's shapes and random tokens (every position a target):
+
+- csd-jax: the jitted train step of `csd_jax.train.step` (fused loss, donation), models born
+  on a 1-device mesh;
+- PyTorch: transformers' models, teacher in bf16 under no_grad, student float32 with bf16
+  autocast, logits materialised and the official-style CSD (gradient through a detached
+  surrogate), torch.optim.AdamW; eager, and `torch.compile` with `--torch-compile`.
+
+Reported: tokens/s, model TFLOP/s and MFU (against the chip's bf16 peak where known), and
+memory (JAX: XLA's compiled memory analysis of the step; torch: the CUDA peak). No
+grain / tensorflow-datasets needed: the GPU host has neither.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from csd_jax.config import OptimConfig
+from csd_jax.metrics import peak_flops_per_device
+from csd_jax.models import init_random
+from csd_jax.sharding import make_mesh
+from csd_jax.train.state import make_optimizer, model_flops_per_token
+from csd_jax.train.step import Objective, make_train_step
+
+GPT2 = dict(model_type="gpt2", n_positions=1024, vocab_size=50257, bos_token_id=0,
+            eos_token_id=0)
+GPT2_XL, GPT2_SMALL = dict(GPT2, n_embd=1600, n_layer=48, n_head=25), dict(GPT2, n_embd=768,
+                                                                            n_layer=12, n_head=12)
+GPT2_MEDIUM = dict(GPT2, n_embd=1024, n_layer=24, n_head=16)
+GEMMA = dict(model_type="gemma", vocab_size=256000, max_position_embeddings=8192,
+             head_dim=256)
+GEMMA_7B = dict(GEMMA, hidden_size=3072, num_hidden_layers=28, num_attention_heads=16,
+                num_key_value_heads=16, intermediate_size=24576)
+GEMMA_2B = dict(GEMMA, hidden_size=2048, num_hidden_layers=18, num_attention_heads=8,
+                num_key_value_heads=1, intermediate_size=16384)
+
+
+def _shrink(config: dict, **changes: Any) -> dict:
+  return {**config, **changes}
+
+
+# name: (teacher config, student config, batch, sequence length)
+SIZES = {
+    "tiny": {"gpt2-tiny": (_shrink(GPT2_XL, n_embd=64, n_layer=2, n_head=4, vocab_size=512),
+                           _shrink(GPT2_SMALL, n_embd=32, n_layer=1, n_head=2, vocab_size=512),
+                           2, 32)},
+    "small": {
+        "gpt2-xl/8->gpt2/8": (_shrink(GPT2_XL, n_embd=200, n_layer=6, n_head=5),
+                              _shrink(GPT2_SMALL, n_embd=96, n_layer=2, n_head=3), 4, 128),
+        "gemma-7b/16->2b/16": (_shrink(GEMMA_7B, hidden_size=192, num_hidden_layers=2,
+                                       intermediate_size=1536, head_dim=64, vocab_size=32000),
+                               _shrink(GEMMA_2B, hidden_size=128, num_hidden_layers=2,
+                                       intermediate_size=1024, head_dim=64, vocab_size=32000),
+                               2, 128)},
+    "paper": {"gpt2-xl->gpt2": (GPT2_XL, GPT2_SMALL, 8, 512),
+              "gpt2-xl->gpt2-medium": (GPT2_XL, GPT2_MEDIUM, 8, 512),
+              "gemma-7b->gemma-2b": (GEMMA_7B, GEMMA_2B, 2, 1024)},
+}
+
+
+def _median_seconds(step, repeats: int) -> float:
+  times = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    step()
+    times.append(time.perf_counter() - start)
+  return statistics.median(times)
+
+
+def bench_jax(teacher_cfg: dict, student_cfg: dict, batch: int, seq: int, repeats: int,
+              compute: Any) -> dict[str, float]:
+  mesh = make_mesh(1, 1, 1, devices=jax.devices()[:1])
+  teacher = init_random(teacher_cfg, seed=1, dtype=compute, param_dtype=compute, mesh=mesh)
+  student = init_random(student_cfg, seed=2, dtype=compute, mesh=mesh)
+  tx, schedule = make_optimizer(OptimConfig(lr=1e-4, schedule="constant"), 100)
+  graphdef, params, frozen = nnx.split(student, nnx.Param, ...)
+  teacher_graphdef, teacher_state = nnx.split(teacher)
+  replicated = NamedSharding(mesh, P())
+  state = {"params": params, "frozen": frozen, "opt_state": jax.jit(tx.init)(params),
+           "step": jax.device_put(jnp.int32(0), replicated),
+           "key": jax.device_put(jax.random.key(0), replicated)}
+  step = jax.jit(make_train_step(graphdef, teacher_graphdef, tx, schedule,
+                                 Objective("csd", {}), grad_accum=1), donate_argnums=(0,))
+  ids = jax.random.randint(jax.random.key(3), (batch, seq + 1), 0, student.cfg.vocab_size)
+  data = {"input_ids": ids[:, :-1], "labels": ids[:, 1:],
+          "attention_mask": jnp.ones((batch, seq), jnp.int32),
+          "positions": jnp.broadcast_to(jnp.arange(seq), (batch, seq))}
+  compiled = step.lower(state, teacher_state, data, None).compile()
+  holder = {"state": state}
+
+  def run():
+    holder["state"], metrics = compiled(holder["state"], teacher_state, data, None)
+    jax.block_until_ready(metrics["loss"])
+
+  run()  # warm-up
+  seconds = _median_seconds(run, repeats)
+  # XLA's own accounting of the step (inputs, outputs not aliased to them, temporaries): a
+  # per-pair figure, where the device's peak counter would keep the largest pair's.
+  memory = compiled.memory_analysis()
+  peak = (memory.argument_size_in_bytes + memory.output_size_in_bytes
+          - memory.alias_size_in_bytes + memory.temp_size_in_bytes)
+  flops = (model_flops_per_token(student, seq, backward=True)
+           + model_flops_per_token(teacher, seq, backward=False)) * batch * seq
+  return {"seconds": seconds, "flops": flops, "peak_gb": peak / 1e9}
+
+
+def bench_torch(teacher_cfg: dict, student_cfg: dict, batch: int, seq: int, repeats: int,
+                compile_model: bool) -> dict[str, float] | None:
+  try:
+    import torch
+    import transformers
+  except ImportError:
+    return None
+  device = "cuda" if torch.cuda.is_available() else "cpu"
+  torch.manual_seed(0)
+
+  def model(cfg: dict, dtype):
+    config = transformers.AutoConfig.for_model(**cfg)
+    return transformers.AutoModelForCausalLM.from_config(config).to(device, dtype)
+
+  teacher = model(teacher_cfg, torch.bfloat16).eval()
+  student = model(student_cfg, torch.float32).train()
+  optimizer = torch.optim.AdamW(student.parameters(), lr=1e-4)
+  ids = torch.randint(0, student_cfg["vocab_size"], (batch, seq), device=device)
+  autocast = torch.autocast(device_type=device, dtype=torch.bfloat16)
+
+  def loss_fn(input_ids):
+    with torch.no_grad():
+      teacher_logits = teacher(input_ids).logits
+    with autocast:
+      logits = student(input_ids).logits
+    q = torch.softmax(logits.float(), -1).detach()
+    d = logits - teacher_logits  # official-style: formed in the logits' dtype
+    grad = q * (d - (q * d).sum(-1, keepdim=True))
+    return (grad.detach() * logits).sum(-1).mean()
+
+  if compile_model:
+    loss_fn = torch.compile(loss_fn)
+
+  def run():
+    optimizer.zero_grad(set_to_none=True)
+    loss_fn(ids).backward()
+    optimizer.step()
+    if device == "cuda":
+      torch.cuda.synchronize()
+
+  run()
+  run()
+  if device == "cuda":
+    torch.cuda.reset_peak_memory_stats()
+  seconds = _median_seconds(run, repeats)
+  peak = torch.cuda.max_memory_allocated() / 1e9 if device == "cuda" else float("nan")
+  return {"seconds": seconds, "peak_gb": peak}
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  parser.add_argument("--sizes", choices=sorted(SIZES), default=None)
+  parser.add_argument("--only", default=None, help="comma-separated pair names")
+  parser.add_argument("--repeats", type=int, default=5)
+  parser.add_argument("--torch-compile", action="store_true")
+  parser.add_argument("--no-torch", action="store_true")
+  args = parser.parse_args()
+  backend = jax.default_backend()
+  sizes = args.sizes or ("small" if backend == "cpu" else "paper")
+  compute = jnp.float32 if backend == "cpu" else jnp.bfloat16
+  peak_flops = peak_flops_per_device(jax.devices()[0])
+  print(f"bench/step.py on {jax.devices()[0].device_kind} ({backend}), {sizes} sizes, CSD (S,S) "
+        f"+ AdamW, median of {args.repeats}; bf16 peak "
+        f"{f'{peak_flops / 1e12:.0f} TFLOP/s' if peak_flops else 'unknown'}")
+  header = (f"{'pair':<24}{'batch':>9}{'jax tok/s':>11}{'TFLOP/s':>9}{'MFU':>7}{'jax GB':>8}"
+            f"{'torch tok/s':>12}{'torch GB':>9}{'jax/torch':>10}")
+  if args.torch_compile:
+    header += f"{'compile tok/s':>14}{'jax/compile':>12}"
+  print(header)
+  names = args.only.split(",") if args.only else list(SIZES[sizes])
+  for name in names:
+    teacher_cfg, student_cfg, batch, seq = SIZES[sizes][name]
+    tokens = batch * seq
+    ours = bench_jax(teacher_cfg, student_cfg, batch, seq, args.repeats, compute)
+    rate = tokens / ours["seconds"]
+    tflops = ours["flops"] / ours["seconds"] / 1e12
+    mfu = f"{tflops * 1e12 / peak_flops:.0%}" if peak_flops else "-"
+    row = (f"{name:<24}{f'{batch}x{seq}':>9}{rate:>11,.0f}{tflops:>9.2f}{mfu:>7}"
+           f"{ours['peak_gb']:>8.2f}")
+    eager = None if args.no_torch else bench_torch(teacher_cfg, student_cfg, batch, seq,
+                                                   args.repeats, False)
+    if eager:
+      torch_rate = tokens / eager["seconds"]
+      row += f"{torch_rate:>12,.0f}{eager['peak_gb']:>9.2f}{rate / torch_rate:>10.2f}"
+    else:
+      row += f"{'-':>12}{'-':>9}{'-':>10}"
+    if args.torch_compile and not args.no_torch:
+      compiled = bench_torch(teacher_cfg, student_cfg, batch, seq, args.repeats, True)
+      compile_rate = tokens / compiled["seconds"]
+      row += f"{compile_rate:>14,.0f}{rate / compile_rate:>12.2f}"
+    print(row, flush=True)
+
+
+if __name__ == "__main__":
+  main()
