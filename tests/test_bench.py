@@ -54,3 +54,16 @@ def test_bench_step_runs_beside_the_torch_baseline():
   assert len(row) == 1
   fields = row[0].split()
   assert float(fields[2].replace(",", "")) > 0 and float(fields[6].replace(",", "")) > 0
+
+
+def test_benches_and_the_step_import_without_data_packages():
+  """The GPU host has no grain, tensorflow-datasets or rouge-score (DESIGN.md)."""
+  code = ("import sys\n"
+          "for m in ('grain', 'tensorflow_datasets', 'rouge_score'): sys.modules[m] = None\n"
+          "import runpy\n"
+          "for b in ('loss', 'models', 'step'): runpy.run_path('bench/%s.py' % b)\n"
+          "import csd_jax.train.step, csd_jax.train.state\n")
+  result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, check=False,
+                          timeout=300)
+  assert result.returncode == 0, result.stderr
