@@ -19,13 +19,11 @@ from collections.abc import Sequence
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from csd_jax.assets import converted_smollm2
 from csd_jax.config import load_config
 from csd_jax.eval.text_metrics import rouge_l
-from csd_jax.losses import logit_loss
 from csd_jax.models import generate, load_pretrained
 from csd_jax.models.layer_drop import layer_dropped_copy
 
@@ -71,17 +69,13 @@ def greedy_answers(model: Any, tokenizer: Any, prompts: Sequence[str], *, max_ne
 def held_out_divergences(student: Any, teacher: Any, tokenizer: Any, prompts: Sequence[str],
                          answers: Sequence[str]) -> dict[str, float]:
   """CSD and forward KL of the student against the teacher on the teacher's answers."""
-  from csd_jax.data.instruct import InstructionTokenizer
-  from csd_jax.data.loader import pad_batch
+  from csd_jax.eval.generation import EvalConfig, teacher_forced_metrics
 
-  encode = InstructionTokenizer(tokenizer, template="chat", max_length=160, max_prompt_length=64)
-  examples = [e for e in (encode({"instruction": p, "context": "", "response": a})
-                          for p, a in zip(prompts, answers)) if e is not None]
-  batch = pad_batch(examples, pad_id=encode.pad_id, max_length=160, bucket_multiple=16)
-  ids, mask = jnp.asarray(batch["input_ids"]), jnp.asarray(batch["attention_mask"])
-  valid = jnp.asarray(batch["labels"]) != -100
-  z, t = student(ids, mask), teacher(ids, mask)
-  return {name: float(logit_loss(name, z, t, valid)) for name in ("csd", "fkl")}
+  records = [{"instruction": p, "context": "", "response": a} for p, a in zip(prompts, answers)]
+  config = EvalConfig(template="chat", max_length=160, max_prompt_length=64,
+                      batch_size=len(records))
+  metrics = teacher_forced_metrics(student, teacher, tokenizer, records, config)
+  return {"csd": metrics["csd"], "fkl": metrics["kl"]}
 
 
 def _teacher_data(workdir: pathlib.Path, teacher_dir: pathlib.Path, prompts: Sequence[str],

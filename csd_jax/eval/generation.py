@@ -68,7 +68,7 @@ def _answers(model: Any, tokenizer: Any, prompts: Sequence[str], seed: int,
   return answers
 
 
-def _teacher_forced(model: Any, teacher: Any | None, tokenizer: Any,
+def teacher_forced_metrics(model: Any, teacher: Any | None, tokenizer: Any,
                     records: Sequence[Mapping[str, str]], cfg: EvalConfig) -> dict[str, float]:
   """Perplexity of the reference responses; with a teacher, KL(p||q) and CSD on them."""
   encode = InstructionTokenizer(tokenizer, template=cfg.template, max_length=cfg.max_length,
@@ -110,7 +110,7 @@ def evaluate(model: Any, tokenizer: Any, datasets: Mapping[str, Sequence[Mapping
                  if len(config.seeds) > 1 else [])
     results[name] = {"rougeL": float(np.mean(rouge)), "rougeL_per_seed": rouge,
                      **({"self_bleu": float(np.mean(diversity))} if diversity else {}),
-                     **_teacher_forced(model, teacher, tokenizer, records, config),
+                     **teacher_forced_metrics(model, teacher, tokenizer, records, config),
                      "examples": len(records),
                      "samples": {str(s): v for s, v in samples.items()}}
   return results
