@@ -107,6 +107,44 @@ class LoraConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class SamplingConfig:
+  """How the student samples (on-policy data, evaluation): the paper's settings by default."""
+
+  temperature: float = 1.0
+  top_k: int = 0                  # 0: off
+  top_p: float = 1.0              # 1: off
+  no_repeat_ngram_size: int = 0   # 0: off (the paper's evaluation option is 6)
+
+
+@dataclasses.dataclass(frozen=True)
+class OnPolicyConfig:
+  """Student-generated training rows (csd_jax/onpolicy.py).
+
+  imitkd: every step the student answers the batch's prompts into a replay buffer, and a share
+  `ratio` of the batch's rows is drawn from the buffer. gkd: with probability `ratio` a step's
+  whole batch is the student's fresh answers, otherwise the dataset's.
+  """
+
+  ratio: float = 0.0              # 0: off
+  mix: str = "imitkd"             # imitkd | gkd
+  buffer_size: int = 1000         # imitkd: the replay buffer's rows (>= train.batch_size)
+  max_new_tokens: int = 0         # 0: data.max_length - data.max_prompt_length
+  sampling: SamplingConfig = dataclasses.field(default_factory=SamplingConfig)
+
+
+@dataclasses.dataclass(frozen=True)
+class GenEvalConfig:
+  """Evaluation by generation during training (csd_jax/eval/generation.py)."""
+
+  every: int = 0                  # 0: never during training (`csd-jax eval` afterwards)
+  datasets: dict = dataclasses.field(default_factory=dict)  # name: instruction file
+  max_examples: int = 64          # the first N records of each dataset (0: all)
+  seeds: list = dataclasses.field(default_factory=lambda: [10])
+  batch_size: int = 16
+  sampling: SamplingConfig = dataclasses.field(default_factory=SamplingConfig)
+
+
+@dataclasses.dataclass(frozen=True)
 class CheckpointConfig:
   every: int = 0                  # 0: only at the end
   keep: int = 3
@@ -123,6 +161,8 @@ class Config:
   data: DataConfig = dataclasses.field(default_factory=DataConfig)
   lora: LoraConfig = dataclasses.field(default_factory=LoraConfig)
   checkpoint: CheckpointConfig = dataclasses.field(default_factory=CheckpointConfig)
+  onpolicy: OnPolicyConfig = dataclasses.field(default_factory=OnPolicyConfig)
+  eval: GenEvalConfig = dataclasses.field(default_factory=GenEvalConfig)
 
 
 CHOICES = {
@@ -133,9 +173,10 @@ CHOICES = {
     "student.dtype": ("float32", "bfloat16", "float16"),
     "teacher.param_dtype": ("float32", "bfloat16", "float16"),
     "student.param_dtype": ("float32", "bfloat16", "float16"),
+    "onpolicy.mix": ("imitkd", "gkd"),
 }
 # Dict-valued fields: their keys are free (checked by their users), not config keys.
-FREE_DICTS = ("loss.params", "teacher.config", "student.config")
+FREE_DICTS = ("loss.params", "teacher.config", "student.config", "eval.datasets")
 
 
 def _closest(key: str, valid: Sequence[str]) -> str:
@@ -290,3 +331,51 @@ def _check(config: Config) -> None:
     raise ConfigError(f"lora.targets: unknown {unknown}; valid: {', '.join(LORA_TARGETS)}")
   if config.data.source == "files" and not config.data.train_files:
     raise ConfigError("data.source=files needs data.train_files")
+  _check_onpolicy(config)
+  _check_eval(config)
+
+
+def _check_sampling(section: str, sampling: SamplingConfig) -> None:
+  from csd_jax.models.generate import Sampling
+
+  try:
+    Sampling(sampling.temperature, sampling.top_k, sampling.top_p,
+             sampling.no_repeat_ngram_size)
+  except ValueError as error:
+    raise ConfigError(f"{section}.sampling: {error}") from error
+
+
+def _check_onpolicy(config: Config) -> None:
+  onpolicy = config.onpolicy
+  if not 0.0 <= onpolicy.ratio <= 1.0:
+    raise ConfigError(f"onpolicy.ratio={onpolicy.ratio}: must be within 0..1")
+  if not onpolicy.ratio:
+    return
+  _check_sampling("onpolicy", onpolicy.sampling)
+  if config.data.pack:
+    raise ConfigError("onpolicy.ratio > 0 needs data.pack=false: a student answer fills a row "
+                      "of its own")
+  if onpolicy.mix == "imitkd" and int(onpolicy.ratio * config.train.batch_size + 0.5) < 1:
+    raise ConfigError(f"onpolicy.ratio={onpolicy.ratio} of train.batch_size="
+                      f"{config.train.batch_size} rows is no row: raise the ratio to at least "
+                      f"{0.5 / config.train.batch_size:.3g}")
+  if onpolicy.mix == "imitkd" and onpolicy.buffer_size < config.train.batch_size:
+    raise ConfigError(f"onpolicy.buffer_size={onpolicy.buffer_size} must hold at least one "
+                      f"batch (train.batch_size={config.train.batch_size})")
+  room = config.data.max_length - config.data.max_prompt_length
+  if not 0 <= onpolicy.max_new_tokens <= room:
+    raise ConfigError(f"onpolicy.max_new_tokens={onpolicy.max_new_tokens}: must be within "
+                      f"0..{room} (data.max_length - data.max_prompt_length; 0 = all of it)")
+
+
+def _check_eval(config: Config) -> None:
+  if config.eval.every < 0:
+    raise ConfigError(f"eval.every={config.eval.every}: must be >= 0")
+  if config.eval.every and not config.eval.datasets:
+    raise ConfigError("eval.every > 0 needs eval.datasets (name: instruction file), e.g. "
+                      "eval.datasets.dolly=dolly_test.jsonl")
+  if config.eval.every and config.data.source == "synthetic":
+    raise ConfigError("eval.every > 0 needs a tokenizer: use data.source files or dolly")
+  if not config.eval.seeds or not all(isinstance(s, int) for s in config.eval.seeds):
+    raise ConfigError(f"eval.seeds={config.eval.seeds}: expected a list of integers")
+  _check_sampling("eval", config.eval.sampling)

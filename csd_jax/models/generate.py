@@ -3,12 +3,18 @@
 Prompts are left-padded to a common length (`prompt_mask` marks the real tokens), so every
 sequence's next token goes into the same cache slot; positions count real tokens only, so a
 padded prompt continues exactly as it would alone. Temperature 0 is greedy; otherwise top-k
-(0 = off) and top-p (1 = off) filter the tempered logits. A sequence stops at its first eos
-token and is padded with `pad_id` after it; the loop ends when every sequence has stopped.
+(0 = off) and top-p (1 = off) filter the tempered logits, and `no_repeat_ngram_size` n (0 = off)
+forbids any token that would repeat an n-gram of the real tokens so far (prompt included, left
+padding not). A sequence stops at its first eos token and is padded with `pad_id` after it; the
+loop ends when every sequence has stopped.
+
+`sample_loop` is the un-jitted core, for callers that generate inside their own jitted function
+(on-policy distillation); `generate` is the jitted entry point.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections.abc import Sequence
 
@@ -48,45 +54,102 @@ def sample_token(logits: Array, key: Array, *, temperature: float, top_k: int = 
   return jax.random.categorical(key, filtered, axis=-1).astype(jnp.int32)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "temperature",
-                                             "top_k", "top_p", "eos_ids", "pad_id"))
-def _generate(graphdef: nnx.GraphDef, state: nnx.State, prompt: Array, prompt_mask: Array,
-              key: Array, *, max_new_tokens: int, temperature: float, top_k: int, top_p: float,
-              eos_ids: tuple[int, ...], pad_id: int) -> Array:
-  model = nnx.merge(graphdef, state)
+@dataclasses.dataclass(frozen=True)
+class Sampling:
+  """How tokens are drawn: temperature 0 is greedy; top_k 0, top_p 1, no_repeat_ngram_size 0
+  are off."""
+
+  temperature: float = 0.0
+  top_k: int = 0
+  top_p: float = 1.0
+  no_repeat_ngram_size: int = 0
+
+  def __post_init__(self):
+    if (self.temperature < 0 or not 0.0 < self.top_p <= 1.0 or self.top_k < 0
+        or self.no_repeat_ngram_size < 0):
+      raise ValueError(f"temperature={self.temperature}, top_k={self.top_k}, top_p={self.top_p}"
+                       f", no_repeat_ngram_size={self.no_repeat_ngram_size}: need temperature "
+                       ">= 0, top_k >= 0, 0 < top_p <= 1 and no_repeat_ngram_size >= 0")
+
+
+def ban_repeated_ngrams(logits: Array, tokens: Array, real: Array, length: Array | int,
+                        n: int) -> Array:
+  """`logits` [B, V] with -inf on every token that would complete an n-gram already present.
+
+  `tokens` [B, S] holds the sequence so far in its first `length` slots (later slots are
+  ignored); `real` [B, S] marks its real tokens (left padding is not text).
+  """
+  size = tokens.shape[1]
+  starts = jnp.arange(size - n + 1)
+  # window[b, j, k] = tokens[b, j + k]; the tail is the last n - 1 tokens of the sequence.
+  window = tokens[:, starts[:, None] + jnp.arange(n)[None, :]]
+  window_real = jnp.all(real[:, starts[:, None] + jnp.arange(n)[None, :]], axis=-1)
+  tail = lax.dynamic_slice_in_dim(tokens, length - (n - 1), n - 1, axis=1) if n > 1 else (
+      tokens[:, :0])
+  tail_real = lax.dynamic_slice_in_dim(real, length - (n - 1), n - 1, axis=1) if n > 1 else (
+      real[:, :0])
+  matches = (jnp.all(window[:, :, :n - 1] == tail[:, None, :], axis=-1) & window_real
+             & jnp.all(tail_real, axis=-1, keepdims=True) & (starts[None, :] + n <= length))
+  banned = jnp.where(matches, window[:, :, n - 1], logits.shape[-1])  # V: dropped below
+  rows = jnp.broadcast_to(jnp.arange(logits.shape[0])[:, None], banned.shape)
+  return logits.at[rows, banned].set(-jnp.inf, mode="drop")
+
+
+def sample_loop(model: CausalLM, prompt: Array, prompt_mask: Array, key: Array, *,
+                max_new_tokens: int, sampling: Sampling, eos_ids: tuple[int, ...],
+                pad_id: int) -> Array:
+  """New tokens [B, max_new_tokens] after left-padded prompts [B, P] (traceable: call it
+  under jit)."""
   batch, prompt_len = prompt.shape
+  total = prompt_len + max_new_tokens
   kv_valid = jnp.concatenate([prompt_mask, jnp.ones((batch, max_new_tokens), jnp.int32)], 1)
   positions = positions_from_mask(prompt_mask)
-  cache = model.init_cache(batch, prompt_len + max_new_tokens)
+  cache = model.init_cache(batch, total)
   hidden, cache = model.hidden_states(prompt, prompt_mask, positions, cache=cache,
                                       cache_index=0, kv_valid=kv_valid)
   logits = model.logits(hidden[:, -1])
-  out = jnp.full((batch, max_new_tokens), pad_id, jnp.int32)
+  tokens = jnp.concatenate([prompt, jnp.full((batch, max_new_tokens), pad_id, jnp.int32)], 1)
   done = jnp.zeros((batch,), bool)
-  state0 = (0, cache, logits, positions[:, -1] + 1, done, out, key)
+  state0 = (0, cache, logits, positions[:, -1] + 1, done, tokens, key)
   eos = jnp.asarray(eos_ids, jnp.int32) if eos_ids else None
+  n = sampling.no_repeat_ngram_size
 
   def cond(carry):
     i, _, _, _, done, _, _ = carry
     return (i < max_new_tokens) & ~jnp.all(done)
 
   def body(carry):
-    i, cache, logits, position, done, out, key = carry
+    i, cache, logits, position, done, tokens, key = carry
     key, sub = jax.random.split(key)
-    token = sample_token(logits, sub, temperature=temperature, top_k=top_k, top_p=top_p)
+    if n:
+      logits = ban_repeated_ngrams(logits.astype(jnp.float32), tokens, kv_valid,
+                                   prompt_len + i, n)
+    token = sample_token(logits, sub, temperature=sampling.temperature, top_k=sampling.top_k,
+                         top_p=sampling.top_p)
     token = jnp.where(done, pad_id, token)
-    out = out.at[:, i].set(token)
+    tokens = lax.dynamic_update_slice_in_dim(tokens, token[:, None], prompt_len + i, axis=1)
     if eos is not None:
       done = done | jnp.isin(token, eos)
     hidden, cache = model.hidden_states(token[:, None], None, position[:, None], cache=cache,
                                         cache_index=prompt_len + i, kv_valid=kv_valid)
-    return i + 1, cache, model.logits(hidden[:, -1]), position + 1, done, out, key
+    return i + 1, cache, model.logits(hidden[:, -1]), position + 1, done, tokens, key
 
-  return lax.while_loop(cond, body, state0)[5]
+  return lax.while_loop(cond, body, state0)[5][:, prompt_len:]
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "sampling",
+                                             "eos_ids", "pad_id"))
+def _generate(graphdef: nnx.GraphDef, state: nnx.State, prompt: Array, prompt_mask: Array,
+              key: Array, *, max_new_tokens: int, sampling: Sampling,
+              eos_ids: tuple[int, ...], pad_id: int) -> Array:
+  return sample_loop(nnx.merge(graphdef, state), prompt, prompt_mask, key,
+                     max_new_tokens=max_new_tokens, sampling=sampling, eos_ids=eos_ids,
+                     pad_id=pad_id)
 
 
 def generate(model: CausalLM, prompt_ids: Array, *, max_new_tokens: int,
-             temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0,
+             temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
+             no_repeat_ngram_size: int = 0, seed: int = 0,
              eos_id: int | Sequence[int] | None = None, prompt_mask: Array | None = None,
              pad_id: int | None = None) -> Array:
   """Continue left-padded prompts [B, P]: returns the new tokens [B, max_new_tokens].
@@ -94,6 +157,7 @@ def generate(model: CausalLM, prompt_ids: Array, *, max_new_tokens: int,
   Args:
     temperature: 0 for greedy decoding; otherwise the sampling temperature.
     top_k: keep the k most likely tokens (0 = all). top_p: nucleus mass (1 = all).
+    no_repeat_ngram_size: n > 0 forbids repeating any n-gram (as transformers' option).
     seed: the sampling seed (the same seed gives the same samples).
     eos_id: token id(s) that end a sequence. pad_id: what follows the end (default: the
       first eos id, or 0).
@@ -101,9 +165,7 @@ def generate(model: CausalLM, prompt_ids: Array, *, max_new_tokens: int,
   """
   if max_new_tokens < 1:
     raise ValueError(f"max_new_tokens={max_new_tokens}: must be at least 1")
-  if temperature < 0 or not 0.0 < top_p <= 1.0 or top_k < 0:
-    raise ValueError(f"temperature={temperature}, top_k={top_k}, top_p={top_p}: need "
-                     "temperature >= 0, top_k >= 0 and 0 < top_p <= 1")
+  sampling = Sampling(float(temperature), int(top_k), float(top_p), int(no_repeat_ngram_size))
   prompt_ids = jnp.asarray(prompt_ids, jnp.int32)
   if prompt_mask is None:
     prompt_mask = jnp.ones(prompt_ids.shape, jnp.int32)
@@ -116,5 +178,5 @@ def generate(model: CausalLM, prompt_ids: Array, *, max_new_tokens: int,
     pad_id = eos_ids[0] if eos_ids else 0
   graphdef, state = nnx.split(model)
   return _generate(graphdef, state, prompt_ids, prompt_mask, jax.random.key(seed),
-                   max_new_tokens=max_new_tokens, temperature=float(temperature),
-                   top_k=int(top_k), top_p=float(top_p), eos_ids=eos_ids, pad_id=int(pad_id))
+                   max_new_tokens=max_new_tokens, sampling=sampling, eos_ids=eos_ids,
+                   pad_id=int(pad_id))

@@ -26,6 +26,7 @@ class Inputs:
   eval: Any | None
   lm: Any | None
   tokenizer: Any | None
+  pad_id: int = 0
 
 
 class SyntheticTokens:
@@ -64,8 +65,11 @@ def build_inputs(config: Config, mesh: Mesh, vocab_size: int) -> Inputs:
   sharding = batch_sharding(mesh)
 
   def loader(source, encode, pad_id, seed_offset=0, shuffle=True):
+    # On-policy rows are data.max_length long: the batches they join are too.
+    bucket = data.max_length if config.onpolicy.ratio else 64
     cfg = LoaderConfig(global_batch_size=config.train.batch_size, max_length=data.max_length,
-                       seed=config.train.seed + seed_offset, shuffle=shuffle, pack=data.pack)
+                       seed=config.train.seed + seed_offset, shuffle=shuffle, pack=data.pack,
+                       bucket_multiple=bucket)
     return BatchLoader(source, encode, pad_id=pad_id, config=cfg, sharding=sharding)
 
   if data.source == "synthetic":
@@ -98,4 +102,5 @@ def build_inputs(config: Config, mesh: Mesh, vocab_size: int) -> Inputs:
     lm = loader(text, TextTokenizer(tokenizer, max_length=data.max_length), encode.pad_id, 2)
   evaluation = (loader(eval_source, encode, encode.pad_id, 1, False)
                 if eval_source is not None else None)
-  return Inputs(loader(train_source, encode, encode.pad_id), evaluation, lm, tokenizer)
+  return Inputs(loader(train_source, encode, encode.pad_id), evaluation, lm, tokenizer,
+                encode.pad_id)

@@ -25,6 +25,7 @@ import yaml
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from csd_jax import onpolicy as onpolicy_lib
 from csd_jax.checkpoint import Checkpointer
 from csd_jax.config import Config, to_dict
 from csd_jax.metrics import MetricsWriter, ProgressBar, mfu, peak_flops_per_device
@@ -90,6 +91,7 @@ class Trainer:
   student_graphdef: nnx.GraphDef
   train_step: Any
   eval_step: Any
+  onpolicy: onpolicy_lib.OnPolicy | None = None
 
   def student(self, state: dict[str, Any] | None = None) -> Any:
     """The student model with the parameters of `state` (default: the trainer's)."""
@@ -128,6 +130,9 @@ def build_trainer(config: Config, mesh: Mesh | None = None) -> Trainer:
            "step": _replicated(mesh, np.int32(0)),
            "key": jax.random.wrap_key_data(_replicated(
                mesh, jax.random.key_data(jax.random.key(config.train.seed))))}
+  onpolicy = onpolicy_lib.build(config, student_graphdef, mesh, inputs.tokenizer, inputs.pad_id)
+  if onpolicy is not None and (replay := onpolicy.init_state()) is not None:
+    state["replay"] = replay  # checkpointed with the rest: a resumed run draws the same rows
   state, teacher_state = _commit(state, mesh), _commit(teacher_state, mesh)
   logger.info("student %s parameters trained of %s; teacher %s (frozen)",
               f"{count_params(params):,}", f"{count_params(nnx.state(models.student)):,}",
@@ -145,7 +150,7 @@ def build_trainer(config: Config, mesh: Mesh | None = None) -> Trainer:
       donate_argnums=(0,))
   eval_step = jax.jit(make_eval_step(student_graphdef, teacher_graphdef, objective))
   return Trainer(config, mesh, models, inputs, total_steps, state, teacher_state,
-                 student_graphdef, train_step, eval_step)
+                 student_graphdef, train_step, eval_step, onpolicy)
 
 
 class _PreemptionFlag:
@@ -253,6 +258,8 @@ def train(config: Config, workdir: str | pathlib.Path) -> RunResult:
     for step in range(start_step, total_steps):
       batch = next(inputs.train)
       lm_batch = next(inputs.lm) if inputs.lm is not None else None
+      if trainer.onpolicy is not None:
+        state, batch = trainer.onpolicy(state, batch, step)
       state, metrics = train_step(state, teacher_state, batch, lm_batch)
       tokens_since += int(np.prod(batch["input_ids"].shape))
       done = step + 1

@@ -1,0 +1,170 @@
+"""On-policy distillation: row layout (and the official off-by-one), replay buffer, tiny runs."""
+
+import pathlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from csd_jax import onpolicy
+from csd_jax.config import ConfigError, load_config
+from csd_jax.data.instruct import InstructionTokenizer
+from csd_jax.data.loader import pad_batch
+from csd_jax.metrics import read_metrics
+from csd_jax.train.loop import train
+
+TINY = pathlib.Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
+PAD, EOS = 0, 2
+
+
+def _rows(prompt_tokens, answer_tokens, *, length=8, prompt_width=4):
+  """answer_rows for one prompt (left-padded here) and one sampled answer."""
+  prompt = np.full((1, prompt_width), PAD, np.int32)
+  prompt[0, prompt_width - len(prompt_tokens):] = prompt_tokens
+  rows = onpolicy.answer_rows(jnp.asarray(prompt), jnp.asarray([len(prompt_tokens)]),
+                              jnp.asarray([answer_tokens], jnp.int32), eos_ids=(EOS,),
+                              pad_id=PAD, length=length)
+  return {k: np.asarray(v[0]).tolist() for k, v in rows.items()}
+
+
+def test_rows_align_by_hand():
+  # prompt 5 6 7, sampled answer 8 9 eos, then the sampler's padding
+  rows = _rows([5, 6, 7], [8, 9, EOS, PAD, PAD])
+  assert rows["input_ids"] == [5, 6, 7, 8, 9, PAD, PAD, PAD]
+  assert rows["labels"] == [-100, -100, 8, 9, EOS, -100, -100, -100]
+  assert rows["attention_mask"] == [1, 1, 1, 1, 1, 0, 0, 0]
+  assert rows["positions"] == [0, 1, 2, 3, 4, 0, 0, 0]
+
+
+def test_official_sampler_is_one_position_late():
+  """The official sampler (distillm/sampler.py, used by the CSD code) writes
+  `no_model_batch[i, len(prompt):len(full)] = response` and the losses use `label != -100` as
+  the mask over logits that predict the next token. Here is that mask for the example above."""
+  prompt, answer = [5, 6, 7], [8, 9]       # it strips pad == eos (GPT-2) from the answer
+  full = prompt + answer
+  official = [0] * 8
+  for t in range(len(prompt), len(full)):
+    official[t] = 1
+  ours = [int(label != -100) for label in _rows(prompt, [8, 9, EOS, PAD, PAD])["labels"]]
+  assert official == [0, 0, 0, 1, 1, 0, 0, 0]
+  assert ours == [0, 0, 1, 1, 1, 0, 0, 0]
+  # Official position 2 (last prompt token -> first answer token 8) is never trained, and its
+  # position 4 predicts what follows 9 while the input holds 9: one late. Ours trains 2, 3, 4
+  # as the data rows do (4 predicts eos).
+
+
+def test_no_eos_keeps_the_whole_answer_and_rows_are_cut_to_length():
+  rows = _rows([5], [8, 9, 10, 11, 12, 13, 14, 15, 16], length=6)
+  assert rows["input_ids"] == [5, 8, 9, 10, 11, 12]
+  assert rows["labels"] == [8, 9, 10, 11, 12, 13]
+
+
+def test_data_rows_round_trip(gpt2_tokenizer):
+  """A dataset row's prompt plus its own response, as if sampled, gives back the row exactly:
+  on-policy rows are laid out as the data's rows."""
+  encode = InstructionTokenizer(gpt2_tokenizer, max_length=48, max_prompt_length=24)
+  records = [{"instruction": "Name a colour.", "context": "", "response": "Blue, like the sky."},
+             {"instruction": "Add two and three.", "context": "Be brief.", "response": "Five."}]
+  examples = [encode(r) for r in records]
+  batch = {k: jnp.asarray(v) for k, v in pad_batch(examples, pad_id=encode.pad_id,
+                                                   max_length=48, bucket_multiple=48).items()}
+  prompt, mask, lengths = onpolicy.batch_prompts(batch, 24, encode.pad_id)
+  answers = np.full((2, 20), encode.pad_id, np.int32)
+  for i, e in enumerate(examples):
+    start = int(np.argmax(e["labels"] != -100))
+    response = e["labels"][start:]
+    answers[i, :len(response)] = response
+    assert int(lengths[i]) == start + 1
+    np.testing.assert_array_equal(np.asarray(prompt[i, 24 - start - 1:]), e["input_ids"][:start + 1])
+    assert int(mask[i].sum()) == start + 1
+  rows = onpolicy.answer_rows(prompt, lengths, jnp.asarray(answers), eos_ids=(encode.eos_id,),
+                              pad_id=encode.pad_id, length=48)
+  for key in onpolicy.ROW_KEYS:
+    np.testing.assert_array_equal(np.asarray(rows[key]), np.asarray(batch[key]), err_msg=key)
+
+
+def test_prompts_keep_their_end_and_rows_without_targets_are_dropped():
+  batch = {"input_ids": jnp.asarray([[1, 2, 3, 4, 5, 6], [7, 8, 9, 0, 0, 0]]),
+           "labels": jnp.asarray([[-100, -100, -100, 5, 6, -100], [-100] * 6])}
+  prompt, mask, lengths = onpolicy.batch_prompts(batch, 3, PAD)
+  assert np.asarray(prompt).tolist() == [[2, 3, 4], [0, 0, 0]]
+  assert np.asarray(mask).tolist() == [[1, 1, 1], [0, 0, 1]]   # generation needs a last token
+  assert np.asarray(lengths).tolist() == [3, 0]
+  rows = onpolicy.answer_rows(prompt, lengths, jnp.asarray([[9, EOS], [9, EOS]]),
+                              eos_ids=(EOS,), pad_id=PAD, length=6)
+  assert np.asarray(rows["labels"][1]).tolist() == [-100] * 6
+  assert int(rows["attention_mask"][1].sum()) == 0
+
+
+def _marked(values):
+  return {k: jnp.asarray(np.repeat(np.asarray(values)[:, None], 3, 1), jnp.int32)
+          for k in onpolicy.ROW_KEYS}
+
+
+def test_replay_buffer_is_a_ring_and_draws_distinct_filled_rows():
+  buffer = onpolicy.init_buffer(5, 3, PAD)
+  buffer = onpolicy.push(buffer, _marked([1, 2, 3]))
+  assert int(buffer["filled"]) == 3
+  drawn = onpolicy.draw(buffer, jax.random.key(0), 3)
+  assert sorted(np.asarray(drawn["input_ids"][:, 0]).tolist()) == [1, 2, 3]
+  buffer = onpolicy.push(buffer, _marked([4, 5, 6]))           # 6 overwrites the oldest, 1
+  assert int(buffer["filled"]) == 5 and int(buffer["cursor"]) == 1
+  assert np.asarray(buffer["rows"]["input_ids"][:, 0]).tolist() == [6, 2, 3, 4, 5]
+  seen = set()
+  for seed in range(20):
+    rows = np.asarray(onpolicy.draw(buffer, jax.random.key(seed), 4)["input_ids"][:, 0])
+    assert len(set(rows.tolist())) == 4
+    seen |= set(rows.tolist())
+  assert seen == {2, 3, 4, 5, 6}
+
+
+@pytest.mark.parametrize("count,replaced", [(0, []), (2, [3, 7]), (4, [1, 3, 5, 7]),
+                                            (8, list(range(8)))])
+def test_mix_rows_spreads_the_replaced_rows(count, replaced):
+  batch = _marked(np.arange(8))
+  mixed = onpolicy.mix_rows(batch, _marked(100 + np.arange(count)))
+  got = np.asarray(mixed["input_ids"][:, 0]).tolist()
+  assert [i for i, v in enumerate(got) if v >= 100] == replaced
+  assert sorted(v for v in got if v >= 100) == list(100 + np.arange(count))
+
+
+def _tiny(workdir, *overrides):
+  config = load_config(TINY, ["onpolicy.ratio=0.5", "onpolicy.buffer_size=16",
+                              "train.steps=8", *overrides])
+  train(config, workdir)
+  return read_metrics(workdir)
+
+
+@pytest.mark.parametrize("mix", ["imitkd", "gkd"])
+def test_a_short_onpolicy_run_lowers_the_loss(tmp_path, mix):
+  rows = _tiny(tmp_path, f"onpolicy.mix={mix}", "train.eval_every=0")
+  losses = [r["loss"] for r in rows if "loss" in r]
+  assert losses[-1] < 0.7 * losses[0], losses
+  # synthetic rows have 32 targets; an answer row 24 (1 prompt token + 24 sampled)
+  counts = {r["valid_tokens"] for r in rows if "valid_tokens" in r}
+  assert max(counts) <= 256 and min(counts) < 256, counts
+
+
+def test_resume_draws_the_same_rows(tmp_path):
+  """Stopped after 4 steps and resumed, an imitkd run repeats the uninterrupted one exactly:
+  the replay buffer (16 rows, 4 drawn per step) is part of the checkpoint."""
+  whole = _tiny(tmp_path / "whole")
+  _tiny(tmp_path / "split", "train.steps=4")
+  resumed = _tiny(tmp_path / "split")
+  by_step = {r["step"]: r["loss"] for r in whole if "loss" in r}
+  for r in resumed:
+    if "loss" in r and r["step"] > 4:
+      assert r["loss"] == by_step[r["step"]], r["step"]
+
+
+def test_onpolicy_config_errors():
+  for overrides, message in [
+      (["onpolicy.ratio=1.5"], "within 0..1"),
+      (["onpolicy.ratio=0.5", "onpolicy.buffer_size=4"], "at least one batch"),
+      (["onpolicy.ratio=0.5", "data.pack=true"], "data.pack=false"),
+      (["onpolicy.ratio=0.5", "onpolicy.max_new_tokens=99"], "within 0..24"),
+      (["onpolicy.ratio=0.05"], "no row"),
+      (["onpolicy.mix=ppo"], "imitkd, gkd")]:
+    with pytest.raises(ConfigError, match=message):
+      load_config(TINY, overrides)
