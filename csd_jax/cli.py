@@ -42,6 +42,8 @@ def _parser() -> argparse.ArgumentParser:
   evaluate.add_argument("--temperature", type=float, default=1.0)
   evaluate.add_argument("--top-p", type=float, default=1.0)
   evaluate.add_argument("--top-k", type=int, default=0)
+  evaluate.add_argument("--no-repeat-ngram-size", type=int, default=0,
+                        help="forbid repeating any n-gram (the paper's option: 6; 0 = off)")
   evaluate.add_argument("--max-prompt-length", type=int, default=256)
   evaluate.add_argument("--max-length", type=int, default=512)
   evaluate.add_argument("--max-examples", type=int, default=None)
@@ -140,7 +142,8 @@ def _eval(args: argparse.Namespace) -> int:
     teacher = load_pretrained(args.teacher) if args.teacher else None
     seeds = tuple(int(s) for s in args.seeds.split(","))
     cfg = generation.EvalConfig(seeds=seeds, temperature=args.temperature, top_p=args.top_p,
-                                top_k=args.top_k, max_prompt_length=args.max_prompt_length,
+                                top_k=args.top_k, no_repeat_ngram_size=args.no_repeat_ngram_size,
+                                max_prompt_length=args.max_prompt_length,
                                 max_length=args.max_length, template=args.template)
     results = generation.evaluate(model, tokenizer, datasets, teacher=teacher, config=cfg)
   except (ConfigError, ValueError, FileNotFoundError) as error:

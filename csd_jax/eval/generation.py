@@ -36,11 +36,33 @@ class EvalConfig:
   temperature: float = 1.0
   top_p: float = 1.0
   top_k: int = 0
+  no_repeat_ngram_size: int = 0     # the paper's evaluation uses 6 as an option
   max_prompt_length: int = 256
   max_length: int = 512
   batch_size: int = 16
   template: str = "minillm"
   max_examples: int | None = None   # the first N records of each dataset (None: all)
+
+
+def from_run_config(config: Any) -> tuple[EvalConfig, dict[str, list[dict[str, str]]]]:
+  """The evaluation a training run's `eval` section asks for: its settings and its datasets
+  (the run's template and lengths)."""
+  section, data = config.eval, config.data
+  cfg = EvalConfig(seeds=tuple(section.seeds), temperature=section.sampling.temperature,
+                   top_p=section.sampling.top_p, top_k=section.sampling.top_k,
+                   no_repeat_ngram_size=section.sampling.no_repeat_ngram_size,
+                   max_prompt_length=data.max_prompt_length, max_length=data.max_length,
+                   batch_size=section.batch_size, template=data.template)
+  datasets = {name: load_records(path, section.max_examples or None)
+              for name, path in section.datasets.items()}
+  return cfg, datasets
+
+
+def flat_metrics(results: Mapping[str, Mapping[str, Any]]) -> dict[str, float]:
+  """`{dataset}/{metric}` scalars of `evaluate`'s results, for the metrics log."""
+  names = ("rougeL", "self_bleu", "perplexity", "kl", "csd")
+  return {f"{dataset}/{k}": float(row[k]) for dataset, row in results.items()
+          for k in names if k in row}
 
 
 def load_records(path: str | pathlib.Path, limit: int | None = None) -> list[dict[str, str]]:
@@ -54,6 +76,8 @@ def _answers(model: Any, tokenizer: Any, prompts: Sequence[str], seed: int,
              cfg: EvalConfig) -> list[str]:
   tokenizer.padding_side = "left"
   tokenizer.truncation_side = "left"  # a long prompt keeps its end, as in training
+  if tokenizer.pad_token_id is None:   # GPT-2 has none; the mask hides padding anyway
+    tokenizer.pad_token = tokenizer.eos_token
   answers = []
   for start in range(0, len(prompts), cfg.batch_size):
     enc = tokenizer(list(prompts[start:start + cfg.batch_size]), return_tensors="np",
@@ -62,7 +86,8 @@ def _answers(model: Any, tokenizer: Any, prompts: Sequence[str], seed: int,
     new = cfg.max_length - enc["input_ids"].shape[1]
     out = np.asarray(generate(model, enc["input_ids"], prompt_mask=enc["attention_mask"],
                               max_new_tokens=new, temperature=cfg.temperature, top_k=cfg.top_k,
-                              top_p=cfg.top_p, seed=seed + start,
+                              top_p=cfg.top_p, no_repeat_ngram_size=cfg.no_repeat_ngram_size,
+                              seed=seed + start,
                               eos_id=tokenizer.eos_token_id))
     answers += [tokenizer.decode(row, skip_special_tokens=True).strip() for row in out]
   return answers
@@ -99,7 +124,9 @@ def teacher_forced_metrics(model: Any, teacher: Any | None, tokenizer: Any,
 def evaluate(model: Any, tokenizer: Any, datasets: Mapping[str, Sequence[Mapping[str, str]]],
              *, teacher: Any | None = None, config: EvalConfig = EvalConfig()
              ) -> dict[str, dict[str, Any]]:
-  """Metrics per dataset (and the generated samples per seed)."""
+  """Metrics per dataset (and the generated samples per seed, and the sampling settings)."""
+  sampling = {"temperature": config.temperature, "top_p": config.top_p, "top_k": config.top_k,
+              "no_repeat_ngram_size": config.no_repeat_ngram_size}
   results = {}
   for name, records in datasets.items():
     prompts = [render_prompt(r, config.template, tokenizer) for r in records]
@@ -111,7 +138,7 @@ def evaluate(model: Any, tokenizer: Any, datasets: Mapping[str, Sequence[Mapping
     results[name] = {"rougeL": float(np.mean(rouge)), "rougeL_per_seed": rouge,
                      **({"self_bleu": float(np.mean(diversity))} if diversity else {}),
                      **teacher_forced_metrics(model, teacher, tokenizer, records, config),
-                     "examples": len(records),
+                     "examples": len(records), "sampling": sampling,
                      "samples": {str(s): v for s, v in samples.items()}}
   return results
 

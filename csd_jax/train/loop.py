@@ -223,6 +223,33 @@ def _resume(checkpointer: Checkpointer, trainer: Trainer) -> dict[str, Any]:
   return state
 
 
+def _generation_eval(config: Config, trainer: Trainer, workdir: pathlib.Path):
+  """`(step, state) -> metrics`: the student judged by generation (`eval.every` steps), with
+  the results (samples included) in W/eval/step_<N>.json; None when `eval.every` is 0."""
+  if not config.eval.every:
+    return None
+  if jax.process_count() > 1:
+    raise ValueError("eval.every > 0 runs on one process only; set eval.every=0 and run "
+                     "`csd-jax eval --workdir W` on the checkpoints")
+  from csd_jax.eval import generation
+
+  settings, datasets = generation.from_run_config(config)
+  teacher = trainer.models.teacher
+
+  def run(step: int, state: dict[str, Any]) -> dict[str, float]:
+    start = time.perf_counter()
+    results = generation.evaluate(trainer.student(state), trainer.inputs.tokenizer, datasets,
+                                  teacher=teacher, config=settings)
+    (workdir / "eval").mkdir(exist_ok=True)
+    generation.write_results(results, workdir / "eval" / f"step_{step}.json")
+    metrics = generation.flat_metrics(results)
+    logger.info("step %d, evaluation by generation (%.0f s): %s", step,
+                time.perf_counter() - start, ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
+    return metrics
+
+  return run
+
+
 def train(config: Config, workdir: str | pathlib.Path) -> RunResult:
   """Run the distillation described by `config` in `workdir`, or continue it from the latest
   complete checkpoint there. SIGTERM (or the platform's preemption notice) saves at the next
@@ -238,6 +265,7 @@ def train(config: Config, workdir: str | pathlib.Path) -> RunResult:
   train_step, eval_step, mesh = trainer.train_step, trainer.eval_step, trainer.mesh
   checkpointer = Checkpointer(workdir, keep=config.checkpoint.keep)
   state = _resume(checkpointer, trainer)
+  generation_eval = _generation_eval(config, trainer, workdir)
 
   def save(step: int, wait: bool = False) -> None:
     checkpointer.save(step, state, _loader_states(inputs), to_dict(config), wait=wait)
@@ -293,6 +321,8 @@ def train(config: Config, workdir: str | pathlib.Path) -> RunResult:
         return RunResult(logged, trainer.student(state), preempted=True)
       if config.checkpoint.every and done % config.checkpoint.every == 0 and done < total_steps:
         save(done)
+      if generation_eval and (done % config.eval.every == 0 or done == total_steps):
+        writer.write(done, generation_eval(done, state))
     if progress:
       progress.close()
     if start_step < total_steps:
