@@ -158,6 +158,14 @@ def test_resume_draws_the_same_rows(tmp_path):
       assert r["loss"] == by_step[r["step"]], r["step"]
 
 
+def test_export_reads_an_onpolicy_checkpoint(tmp_path):
+  from csd_jax.train.export import restore_student
+
+  _tiny(tmp_path, "train.steps=2")
+  _, config, step = restore_student(tmp_path)
+  assert step == 2 and config.onpolicy.ratio == 0.5
+
+
 def test_onpolicy_config_errors():
   for overrides, message in [
       (["onpolicy.ratio=1.5"], "within 0..1"),
