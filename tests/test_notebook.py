@@ -1,0 +1,76 @@
+"""notebooks/inspect_losses.ipynb runs headless on two tiny runs (CSD and FKL, instruction files
+and the real GPT-2 tokenizer) and saves every figure."""
+
+import json
+import pathlib
+
+import nbclient
+import nbformat
+import pytest
+
+from csd_jax.config import load_config
+from csd_jax.eval import loss_inspection as inspection
+from csd_jax.train.loop import train
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+TINY = ROOT / "configs" / "tiny.yaml"
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, gpt2_tokenizer):
+  base = tmp_path_factory.mktemp("inspect")
+  gpt2_tokenizer.save_pretrained(base / "tokenizer")
+  records = [{"instruction": f"Name colour {i}.", "context": "", "response": f"Colour {i} is blue."}
+             for i in range(24)]
+  (base / "train.jsonl").write_text("\n".join(json.dumps(r) for r in records[:20]))
+  (base / "test.jsonl").write_text("\n".join(json.dumps(r) for r in records[20:]))
+  workdirs = {}
+  for loss in ("csd", "fkl"):
+    workdirs[loss] = base / loss
+    train(load_config(TINY, [
+        "teacher.config.vocab_size=50257", "student.config.vocab_size=50257",
+        "data.source=files", f"data.train_files=[{base / 'train.jsonl'}]",
+        f"data.eval_files=[{base / 'test.jsonl'}]", f"data.tokenizer={base / 'tokenizer'}",
+        f"data.data_dir={base / 'tfds'}", "data.max_prompt_length=12", f"loss.name={loss}",
+        "train.steps=6", "train.eval_every=3"]), workdirs[loss])
+  return base, workdirs
+
+
+def test_token_report_matches_the_run(runs):
+  _, workdirs = runs
+  run = inspection.open_run(workdirs["csd"])
+  report = inspection.token_report(run, top=5)
+  targets = run.batch["labels"] != -100
+  assert report["per_token"].shape == targets.shape
+  assert (~targets == (report["per_token"] != report["per_token"])).all()  # NaN off targets
+  assert (report["per_token"][targets] >= 0).all()
+  vocab = 50257
+  assert report["student_probs"].size == targets.sum() * vocab
+  # the residual is centred on E_q[d] at every target: its q-weighted mean is 0
+  q = report["student_probs"].reshape(-1, vocab)
+  centred = (q * report["residual"].reshape(-1, vocab)).sum(-1)
+  assert abs(centred).max() < 1e-3   # float32 sums over 50257 entries
+  scores = [r["csd"] for r in report["disagreements"]]
+  assert scores == sorted(scores, reverse=True) and scores[0] == pytest.approx(
+      float(report["per_token"][targets].max()))
+
+
+def test_the_notebook_executes_and_saves_its_figures(runs, tmp_path, monkeypatch):
+  base, workdirs = runs
+  figures = tmp_path / "figures"
+  for key, value in ({
+      "CSD_INSPECT_RUNS": ",".join(f"{k}={v}" for k, v in workdirs.items()),
+      "CSD_INSPECT_SWEEP_DATA": str(base / "test.jsonl"),
+      "CSD_INSPECT_TEMPERATURES": "0.5,1.5", "CSD_INSPECT_SWEEP_EXAMPLES": "3",
+      "CSD_INSPECT_FIGURES": str(figures), "MPLBACKEND": "Agg"}).items():
+    monkeypatch.setenv(key, value)   # the kernel inherits the environment
+  notebook = nbformat.read(ROOT / "notebooks" / "inspect_losses.ipynb", as_version=4)
+  nbclient.NotebookClient(notebook, timeout=600, kernel_name="python3",
+                          resources={"metadata": {"path": str(tmp_path)}}).execute()
+  for name in ("loss_curves.png", "token_heatmap.png", "histograms.png",
+               "fidelity_diversity.png", "disagreements.json"):
+    assert (figures / name).stat().st_size > 1000 or name.endswith(".json"), name
+  assert len(json.loads((figures / "disagreements.json").read_text())) == 10
+  for loss in workdirs:
+    curve = inspection.fidelity_diversity(workdirs[loss])["sweep"]
+    assert [point[0] for point in curve] == [0.5, 1.5]
