@@ -121,7 +121,10 @@ def _eval(args: argparse.Namespace) -> int:
     import transformers
 
     from csd_jax.models import load_pretrained
+    from csd_jax.sharding import make_mesh
     from csd_jax.train.export import restore_student, run_tokenizer
+
+    mesh = make_mesh(-1, 1, 1)   # every device decodes its share of the prompts
 
     datasets = {}
     for item in args.data:
@@ -134,12 +137,12 @@ def _eval(args: argparse.Namespace) -> int:
       tokenizer = run_tokenizer(config)
       out = pathlib.Path(args.out or pathlib.Path(args.workdir) / "eval_results.json")
     else:
-      model = load_pretrained(args.model)
+      model = load_pretrained(args.model, mesh=mesh)
       tokenizer = transformers.AutoTokenizer.from_pretrained(args.model)
       out = pathlib.Path(args.out or "eval_results.json")
     if tokenizer is None:
       raise ValueError("no tokenizer found for this model (data.tokenizer, teacher or student)")
-    teacher = load_pretrained(args.teacher) if args.teacher else None
+    teacher = load_pretrained(args.teacher, mesh=mesh) if args.teacher else None
     seeds = tuple(int(s) for s in args.seeds.split(","))
     cfg = generation.EvalConfig(seeds=seeds, temperature=args.temperature, top_p=args.top_p,
                                 top_k=args.top_k, no_repeat_ngram_size=args.no_repeat_ngram_size,

@@ -157,6 +157,19 @@ def test_generate_sampling_is_seeded_and_stops_at_eos(tiny):
   assert (stopped[0, first + 1:] == 0).all()
 
 
+def test_generation_on_a_mesh_splits_rows_and_samples_the_same(tiny):
+  """On a 4 x 2 mesh the prompts' rows are split over the data axes (3 rows: padded to 4),
+  and the samples equal the single-device ones: the random bits do not depend on sharding."""
+  _, directory, _ = tiny
+  ids = _ids((3, 5), seed=13)
+  kwargs = dict(max_new_tokens=8, temperature=1.0, seed=4)
+  single = np.asarray(generate(load_pretrained(directory), ids, **kwargs))
+  sharded_model = load_pretrained(directory, mesh=make_mesh(data=4, fsdp=1, tensor=2))
+  out = generate(sharded_model, ids, **kwargs)
+  assert out.shape == (3, 8)
+  np.testing.assert_array_equal(np.asarray(out), single)
+
+
 def test_sharded_load_on_an_8_device_mesh_equals_unsharded(tiny):
   _, directory, _ = tiny
   mesh = make_mesh(data=2, fsdp=2, tensor=2)

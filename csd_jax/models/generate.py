@@ -23,7 +23,10 @@ import jax.numpy as jnp
 from flax import nnx
 from jax import lax
 
+from jax.sharding import NamedSharding, PartitionSpec
+
 from csd_jax.models.transformer import CausalLM, positions_from_mask
+from csd_jax.sharding import RULES
 
 Array = jax.Array
 
@@ -177,6 +180,28 @@ def generate(model: CausalLM, prompt_ids: Array, *, max_new_tokens: int,
   if pad_id is None:
     pad_id = eos_ids[0] if eos_ids else 0
   graphdef, state = nnx.split(model)
-  return _generate(graphdef, state, prompt_ids, prompt_mask, jax.random.key(seed),
-                   max_new_tokens=max_new_tokens, sampling=sampling, eos_ids=eos_ids,
-                   pad_id=int(pad_id))
+  rows = prompt_ids.shape[0]
+  prompt_ids, prompt_mask = _shard_rows(state, prompt_ids, prompt_mask)
+  out = _generate(graphdef, state, prompt_ids, prompt_mask, jax.random.key(seed),
+                  max_new_tokens=max_new_tokens, sampling=sampling, eos_ids=eos_ids,
+                  pad_id=int(pad_id))
+  return out[:rows]
+
+
+def _shard_rows(state: nnx.State, prompt_ids: Array, prompt_mask: Array) -> tuple[Array, Array]:
+  """For a model on a mesh: the prompts' rows split over its data-parallel axes (padded with
+  copies of the last row to a multiple of them), so that each device decodes its own rows."""
+  sharding = next((x.sharding for x in jax.tree.leaves(state)
+                   if isinstance(getattr(x, "sharding", None), NamedSharding)), None)
+  if sharding is None:
+    return prompt_ids, prompt_mask
+  mesh = sharding.mesh
+  parallel = 1
+  for axis in RULES["batch"]:
+    parallel *= mesh.shape.get(axis, 1)
+  extra = -prompt_ids.shape[0] % parallel
+  if extra:
+    prompt_ids = jnp.concatenate([prompt_ids, jnp.repeat(prompt_ids[-1:], extra, 0)])
+    prompt_mask = jnp.concatenate([prompt_mask, jnp.repeat(prompt_mask[-1:], extra, 0)])
+  rows = NamedSharding(mesh, PartitionSpec(RULES["batch"], None))
+  return jax.device_put(prompt_ids, rows), jax.device_put(prompt_mask, rows)
