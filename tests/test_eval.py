@@ -71,3 +71,13 @@ def test_cli_eval_writes_json_and_a_table(tiny_model_dir, data_file, tmp_path):
                         str(tiny_model_dir), "--data", "nofile.jsonl"], capture_output=True,
                        text=True, check=False, cwd=ROOT, timeout=300)
   assert bad.returncode == 2 and "expected NAME=FILE" in bad.stderr
+
+
+def test_table_columns_stay_aligned_for_huge_perplexities():
+  from csd_jax.eval.generation import format_table
+
+  table = format_table({"before": {"rougeL": 0.1, "perplexity": 7.215e8},
+                        "after": {"rougeL": 13.8, "perplexity": 62.9, "kl": 2.9}})
+  lines = table.splitlines()
+  assert len({len(line) for line in lines}) == 1, table
+  assert "7.215e+08" in lines[1] and "62.900" in lines[2] and lines[1].endswith("-")

@@ -143,12 +143,18 @@ def evaluate(model: Any, tokenizer: Any, datasets: Mapping[str, Sequence[Mapping
   return results
 
 
+def _cell(value: float | None) -> str:
+  """A 12-wide column: 3 decimals, or scientific notation where that would not fit."""
+  if value is None:
+    return f"{'-':>12}"
+  return f"{value:>12.3f}" if abs(value) < 1e7 else f"{value:>12.3e}"
+
+
 def format_table(results: Mapping[str, Mapping[str, Any]]) -> str:
   columns = ("rougeL", "self_bleu", "perplexity", "kl", "csd")
   lines = [f"{'dataset':<16}" + "".join(f"{c:>12}" for c in columns)]
   for name, row in results.items():
-    lines.append(f"{name:<16}" + "".join(
-        f"{row[c]:>12.3f}" if c in row else f"{'-':>12}" for c in columns))
+    lines.append(f"{name:<16}" + "".join(_cell(row.get(c)) for c in columns))
   return "\n".join(lines)
 
 
