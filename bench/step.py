@@ -131,7 +131,8 @@ def bench_torch(teacher_cfg: dict, student_cfg: dict, batch: int, seq: int, repe
 
   def model(cfg: dict, dtype):
     config = transformers.AutoConfig.for_model(**cfg)
-    return transformers.AutoModelForCausalLM.from_config(config).to(device, dtype)
+    with torch.device(device):  # initialised on the GPU: a 7B model on the host takes minutes
+      return transformers.AutoModelForCausalLM.from_config(config).to(dtype)
 
   teacher = model(teacher_cfg, torch.bfloat16).eval()
   student = model(student_cfg, torch.float32).train()
