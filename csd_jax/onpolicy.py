@@ -139,7 +139,7 @@ class OnPolicy:
                batch_size: int, max_length: int, max_prompt_length: int,
                eos_ids: Sequence[int], pad_id: int, seed: int):
     self.config, self.seed = config, seed
-    self.rows = int(config.ratio * batch_size + 0.5) if config.mix == "imitkd" else batch_size
+    self.drawn_rows = int(config.ratio * batch_size + 0.5) if config.mix == "imitkd" else batch_size
     self.max_length, self.pad_id = max_length, pad_id
     self.replicated = NamedSharding(mesh, P())
     sampling = Sampling(config.sampling.temperature, config.sampling.top_k,
@@ -157,7 +157,7 @@ class OnPolicy:
     def imitkd(params, frozen, replay, batch, key):
       generate_key, draw_key = jax.random.split(key)
       replay = push(replay, answers(params, frozen, batch, generate_key))
-      return replay, mix_rows(batch, draw(replay, draw_key, self.rows))
+      return replay, mix_rows(batch, draw(replay, draw_key, self.drawn_rows))
 
     def gkd(params, frozen, batch, key):
       return mix_rows(batch, answers(params, frozen, batch, key))
