@@ -139,7 +139,8 @@ class OnPolicy:
                batch_size: int, max_length: int, max_prompt_length: int,
                eos_ids: Sequence[int], pad_id: int, seed: int):
     self.config, self.seed = config, seed
-    self.drawn_rows = int(config.ratio * batch_size + 0.5) if config.mix == "imitkd" else batch_size
+    self.drawn_rows = (int(config.ratio * batch_size + 0.5) if config.mix == "imitkd"
+                       else batch_size)
     self.max_length, self.pad_id = max_length, pad_id
     self.replicated = NamedSharding(mesh, P())
     sampling = Sampling(config.sampling.temperature, config.sampling.top_k,

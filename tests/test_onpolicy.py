@@ -76,7 +76,8 @@ def test_data_rows_round_trip(gpt2_tokenizer):
     response = e["labels"][start:]
     answers[i, :len(response)] = response
     assert int(lengths[i]) == start + 1
-    np.testing.assert_array_equal(np.asarray(prompt[i, 24 - start - 1:]), e["input_ids"][:start + 1])
+    np.testing.assert_array_equal(np.asarray(prompt[i, 24 - start - 1:]),
+                                  e["input_ids"][:start + 1])
     assert int(mask[i].sum()) == start + 1
   rows = onpolicy.answer_rows(prompt, lengths, jnp.asarray(answers), eos_ids=(encode.eos_id,),
                               pad_id=encode.pad_id, length=48)
