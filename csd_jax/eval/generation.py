@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import pathlib
+import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -28,6 +30,7 @@ from csd_jax.losses import logit_loss
 from csd_jax.models import generate
 
 DEFAULT_SEEDS = (10, 20, 30, 40, 50)
+logger = logging.getLogger("csd_jax.eval")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -131,7 +134,12 @@ def evaluate(model: Any, tokenizer: Any, datasets: Mapping[str, Sequence[Mapping
   for name, records in datasets.items():
     prompts = [render_prompt(r, config.template, tokenizer) for r in records]
     references = [r["response"] for r in records]
-    samples = {seed: _answers(model, tokenizer, prompts, seed, config) for seed in config.seeds}
+    samples = {}
+    for i, seed in enumerate(config.seeds):
+      start = time.perf_counter()
+      samples[seed] = _answers(model, tokenizer, prompts, seed, config)
+      logger.info("%s: seed %d (%d/%d), %d answers in %.0f s", name, seed, i + 1,
+                  len(config.seeds), len(prompts), time.perf_counter() - start)
     rouge = [rouge_l(samples[s], references) for s in config.seeds]
     diversity = ([self_bleu([samples[s][i] for s in config.seeds]) for i in range(len(prompts))]
                  if len(config.seeds) > 1 else [])
