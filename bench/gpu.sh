@@ -6,6 +6,7 @@
 # reported and skipped, so that one call always prints what the others measured.
 #
 #   bash bench/gpu.sh            # from the repository root
+#   LEVERS=1 bash bench/gpu.sh   # and then bench/levers.py: each speed lever alone (~3 min more)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 # unbuffered: a bench stopped by its time limit still shows the rows it finished
@@ -24,3 +25,7 @@ echo "== bench/models.py: forward throughput =="
 run 60 python bench/models.py --sizes paper --repeats 5
 echo "== bench/step.py: full distillation step, csd-jax vs PyTorch (eager, torch.compile) =="
 run 170 python bench/step.py --sizes paper --repeats 5 --torch-compile
+if [ "${LEVERS:-0}" = 1 ]; then
+  echo "== bench/levers.py: one lever at a time against the trainer's defaults =="
+  run 200 python bench/levers.py --repeats 5
+fi

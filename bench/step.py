@@ -83,10 +83,17 @@ def _median_seconds(step, repeats: int) -> float:
 
 
 def bench_jax(teacher_cfg: dict, student_cfg: dict, batch: int, seq: int, repeats: int,
-              compute: Any) -> dict[str, float]:
+              compute: Any, *, teacher_dtype: Any = None, fused: bool = True,
+              remat: str = "none", attention_impl: str | None = None, donate: bool = True
+              ) -> dict[str, float]:
+  """The csd-jax step's median seconds, model FLOPs and XLA memory. The keyword options are
+  the levers of bench/levers.py (the defaults are the trainer's)."""
   mesh = make_mesh(1, 1, 1, devices=jax.devices()[:1])
-  teacher = init_random(teacher_cfg, seed=1, dtype=compute, param_dtype=compute, mesh=mesh)
-  student = init_random(student_cfg, seed=2, dtype=compute, mesh=mesh)
+  teacher_dtype = compute if teacher_dtype is None else teacher_dtype
+  teacher = init_random(teacher_cfg, seed=1, dtype=teacher_dtype, param_dtype=teacher_dtype,
+                        mesh=mesh, attention_impl=attention_impl)
+  student = init_random(student_cfg, seed=2, dtype=compute, mesh=mesh, remat=remat,
+                        attention_impl=attention_impl)
   tx, schedule = make_optimizer(OptimConfig(lr=1e-4, schedule="constant"), 100)
   graphdef, params, frozen = nnx.split(student, nnx.Param, ...)
   teacher_graphdef, teacher_state = nnx.split(teacher)
@@ -95,7 +102,8 @@ def bench_jax(teacher_cfg: dict, student_cfg: dict, batch: int, seq: int, repeat
            "step": jax.device_put(jnp.int32(0), replicated),
            "key": jax.device_put(jax.random.key(0), replicated)}
   step = jax.jit(make_train_step(graphdef, teacher_graphdef, tx, schedule,
-                                 Objective("csd", {}), grad_accum=1), donate_argnums=(0,))
+                                 Objective("csd", {}, fused=fused), grad_accum=1),
+                 donate_argnums=(0,) if donate else ())
   ids = jax.random.randint(jax.random.key(3), (batch, seq + 1), 0, student.cfg.vocab_size)
   data = {"input_ids": ids[:, :-1], "labels": ids[:, 1:],
           "attention_mask": jnp.ones((batch, seq), jnp.int32),

@@ -56,12 +56,26 @@ def test_bench_step_runs_beside_the_torch_baseline():
   assert float(fields[2].replace(",", "")) > 0 and float(fields[6].replace(",", "")) > 0
 
 
+def test_bench_levers_runs_every_lever():
+  env = {**os.environ, "PYTHONPATH": str(ROOT)}
+  result = subprocess.run(
+      [sys.executable, str(ROOT / "bench" / "levers.py"), "--sizes", "tiny", "--repeats", "1"],
+      capture_output=True, text=True, env=env, check=False, timeout=600)
+  assert result.returncode == 0, result.stderr
+  lines = result.stdout.splitlines()
+  measured = [line for line in lines[2:] if "GPU only" not in line]
+  assert len(measured) == 6 and not any("failed" in line for line in measured), result.stdout
+  assert measured[0].split()[-2:] == ["1.00", "1.00"]          # the baseline against itself
+  unfused = next(line for line in measured if line.startswith("unfused loss"))
+  assert float(unfused.split()[-1]) > 1.0, unfused   # materialised logits cost memory
+
+
 def test_benches_and_the_step_import_without_data_packages():
   """The GPU host has no grain, tensorflow-datasets or rouge-score (DESIGN.md)."""
   code = ("import sys\n"
           "for m in ('grain', 'tensorflow_datasets', 'rouge_score'): sys.modules[m] = None\n"
           "import runpy\n"
-          "for b in ('loss', 'models', 'step'): runpy.run_path('bench/%s.py' % b)\n"
+          "for b in ('loss', 'models', 'step', 'levers'): runpy.run_path('bench/%s.py' % b)\n"
           "import csd_jax.train.step, csd_jax.train.state\n")
   result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, check=False,
