@@ -73,6 +73,11 @@ class Checkpointer:
       return step, _from_savable(restored["state"]), dict(restored["loader"])
     return None
 
+  def steps(self) -> list[int]:
+    """The steps of the complete checkpoints on disk (readable or not)."""
+    self.manager.reload()
+    return sorted(self.manager.all_steps())
+
   def reached_preemption(self, step: int) -> bool:
     """True when the platform announced a preemption (JAX's preemption notice)."""
     return self.manager.reached_preemption(step)

@@ -376,6 +376,9 @@ def _check_eval(config: Config) -> None:
                       "eval.datasets.dolly=dolly_test.jsonl")
   if config.eval.every and config.data.source == "synthetic":
     raise ConfigError("eval.every > 0 needs a tokenizer: use data.source files or dolly")
+  if config.eval.batch_size < 1 or config.eval.max_examples < 0:
+    raise ConfigError(f"eval.batch_size={config.eval.batch_size} must be >= 1 and "
+                      f"eval.max_examples={config.eval.max_examples} >= 0 (0 = all)")
   if not config.eval.seeds or not all(isinstance(s, int) for s in config.eval.seeds):
     raise ConfigError(f"eval.seeds={config.eval.seeds}: expected a list of integers")
   _check_sampling("eval", config.eval.sampling)

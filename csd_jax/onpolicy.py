@@ -137,7 +137,7 @@ class OnPolicy:
 
   def __init__(self, config: OnPolicyConfig, *, student_graphdef: nnx.GraphDef, mesh: Mesh,
                batch_size: int, max_length: int, max_prompt_length: int,
-               eos_ids: Sequence[int], pad_id: int, seed: int):
+               eos_ids: Sequence[int], pad_id: int, seed: int, vocab_size: int | None = None):
     self.config, self.seed = config, seed
     self.drawn_rows = (int(config.ratio * batch_size + 0.5) if config.mix == "imitkd"
                        else batch_size)
@@ -151,7 +151,8 @@ class OnPolicy:
       student = nnx.merge(student_graphdef, params, frozen)
       prompt, mask, lengths = batch_prompts(batch, max_prompt_length, pad_id)
       answer = sample_loop(student, prompt, mask, key, max_new_tokens=max_new,
-                           sampling=sampling, eos_ids=tuple(eos_ids), pad_id=pad_id)
+                           sampling=sampling, eos_ids=tuple(eos_ids), pad_id=pad_id,
+                           vocab_size=vocab_size)
       return answer_rows(prompt, lengths, answer, eos_ids=eos_ids, pad_id=pad_id,
                          length=batch["input_ids"].shape[1])
 
@@ -178,7 +179,8 @@ class OnPolicy:
 
   def gkd_coin(self, step: int) -> bool:
     """Whether step `step` of a gkd run is on-policy (the same on every process)."""
-    return bool(np.random.default_rng([self.seed, ONPOLICY_STREAM, step]).random()
+    seed = self.seed & 0xFFFFFFFF  # numpy seeds are non-negative; JAX's may be negative
+    return bool(np.random.default_rng([seed, ONPOLICY_STREAM, step]).random()
                 < self.config.ratio)
 
   def __call__(self, state: dict[str, Any], batch: Batch, step: int
@@ -195,8 +197,9 @@ class OnPolicy:
 
 
 def build(config: Any, student_graphdef: nnx.GraphDef, mesh: Mesh, tokenizer: Any | None,
-          pad_id: int) -> OnPolicy | None:
-  """The run's on-policy driver, or None when `onpolicy.ratio` is 0."""
+          pad_id: int, vocab_size: int) -> OnPolicy | None:
+  """The run's on-policy driver, or None when `onpolicy.ratio` is 0. The student samples
+  from the `vocab_size` tokens both models have."""
   if not config.onpolicy.ratio:
     return None
   eos = getattr(tokenizer, "eos_token_id", None) if tokenizer is not None else None
@@ -204,4 +207,4 @@ def build(config: Any, student_graphdef: nnx.GraphDef, mesh: Mesh, tokenizer: An
                   batch_size=config.train.batch_size, max_length=config.data.max_length,
                   max_prompt_length=config.data.max_prompt_length,
                   eos_ids=() if eos is None else (int(eos),), pad_id=pad_id,
-                  seed=config.train.seed)
+                  seed=config.train.seed, vocab_size=vocab_size)

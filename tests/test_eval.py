@@ -81,3 +81,20 @@ def test_table_columns_stay_aligned_for_huge_perplexities():
   lines = table.splitlines()
   assert len({len(line) for line in lines}) == 1, table
   assert "7.215e+08" in lines[1] and "62.900" in lines[2] and lines[1].endswith("-")
+
+
+def test_teacher_with_padded_vocabulary_rows(tiny_model_dir, data_file, tmp_path):
+  """Teacher and student heads are compared on the vocabulary both have, as in training."""
+  from csd_jax.eval.generation import teacher_forced_metrics
+  from csd_jax.models import load_pretrained
+
+  model = load_pretrained(tiny_model_dir)
+  config = json.loads((tiny_model_dir / "config.json").read_text())
+  padded = tmp_path / "padded"
+  tokenizer = transformers.AutoTokenizer.from_pretrained(tiny_model_dir)
+  save_pretrained(init_random({**config, "vocab_size": 49152 + 64}, seed=0), padded, tokenizer)
+  cfg = EvalConfig(max_prompt_length=48, max_length=64, batch_size=4)
+  out = teacher_forced_metrics(model, load_pretrained(padded), tokenizer,
+                               load_records(data_file), cfg)
+  # seed 0 gives the same weights for the shared rows: only the padded rows differ
+  assert out["kl"] >= 0.0 and np.isfinite(out["csd"])

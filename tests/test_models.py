@@ -157,6 +157,26 @@ def test_generate_sampling_is_seeded_and_stops_at_eos(tiny):
   assert (stopped[0, first + 1:] == 0).all()
 
 
+def test_ngram_wider_than_the_sequence_bans_nothing(tiny):
+  _, directory, _ = tiny
+  model = load_pretrained(directory)
+  ids = _ids((1, 1), seed=3)
+  np.testing.assert_array_equal(
+      np.asarray(generate(model, ids, max_new_tokens=3, no_repeat_ngram_size=6)),
+      np.asarray(generate(model, ids, max_new_tokens=3)))
+
+
+def test_sample_loop_draws_only_below_vocab_size(tiny):
+  from csd_jax.models.generate import Sampling, sample_loop
+
+  _, directory, _ = tiny
+  model = load_pretrained(directory)
+  ids = jnp.asarray(_ids((4, 3), seed=2), jnp.int32)
+  out = sample_loop(model, ids, jnp.ones_like(ids), jax.random.key(0), max_new_tokens=32,
+                    sampling=Sampling(temperature=2.0), eos_ids=(), pad_id=0, vocab_size=10)
+  assert int(out.max()) < 10 and len(np.unique(np.asarray(out))) > 3
+
+
 def test_generation_on_a_mesh_splits_rows_and_samples_the_same(tiny):
   """On a 4 x 2 mesh the prompts' rows are split over the data axes (3 rows: padded to 4),
   and the samples equal the single-device ones: the random bits do not depend on sharding."""

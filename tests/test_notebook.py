@@ -71,6 +71,39 @@ def test_the_notebook_executes_and_saves_its_figures(runs, tmp_path, monkeypatch
                "fidelity_diversity.png", "disagreements.json"):
     assert (figures / name).stat().st_size > 1000 or name.endswith(".json"), name
   assert len(json.loads((figures / "disagreements.json").read_text())) == 10
+  step_file = workdirs["csd"] / "eval" / "step_6.json"   # evaluation during training
+  step_file.write_text((workdirs["csd"] / "eval" / "temperature_0.5.json").read_text())
   for loss in workdirs:
     curve = inspection.fidelity_diversity(workdirs[loss])["sweep"]
     assert [point[0] for point in curve] == [0.5, 1.5]
+
+
+def test_token_report_on_packed_rows_equals_the_rows_apart():
+  """Segment ids in the mask and restarting positions: each packed segment is scored as it
+  would be alone."""
+  import numpy as np
+
+  from csd_jax.models import init_random
+
+  gpt2 = {"model_type": "gpt2", "n_embd": 32, "n_head": 2, "vocab_size": 64, "n_positions": 16}
+  teacher = init_random({**gpt2, "n_layer": 2}, seed=1)
+  student = init_random({**gpt2, "n_layer": 1}, seed=2)
+  rng = np.random.default_rng(0)
+  a, b = rng.integers(0, 64, 6), rng.integers(0, 64, 5)
+  labels = lambda n: np.arange(n) % 3 != 0  # noqa: E731 (some positions are not targets)
+
+  def batch(rows, segments, positions, targets):
+    ids = np.stack(rows).astype(np.int32)
+    return {"input_ids": ids, "attention_mask": np.stack(segments).astype(np.int32),
+            "positions": np.stack(positions).astype(np.int32),
+            "labels": np.where(np.stack(targets), ids, -100).astype(np.int32)}
+
+  packed = batch([np.concatenate([a, b])], [np.r_[np.ones(6), 2 * np.ones(5)]],
+                 [np.r_[np.arange(6), np.arange(5)]], [np.r_[labels(6), labels(5)]])
+  apart = batch([a, np.r_[b, 0]], [np.ones(6), np.r_[np.ones(5), 0]],
+                [np.arange(6), np.r_[np.arange(5), 0]], [labels(6), np.r_[labels(5), False]])
+  reports = [inspection.token_report(inspection.Run(pathlib.Path("."), None, 0, student,
+                                                    teacher, None, b_)) for b_ in (packed, apart)]
+  got, want = reports[0]["per_token"][0], reports[1]["per_token"]
+  # float32: the same sums over 64 entries, in rows of another length
+  np.testing.assert_allclose(got, np.r_[want[0], want[1, :5]], rtol=1e-5, atol=1e-7)

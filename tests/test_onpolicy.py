@@ -159,6 +159,25 @@ def test_resume_draws_the_same_rows(tmp_path):
       assert r["loss"] == by_step[r["step"]], r["step"]
 
 
+def test_resuming_with_another_buffer_is_refused_and_keeps_the_run(tmp_path):
+  """A changed onpolicy.* no longer fits the checkpoints: a one-line error, not a silent
+  fresh start over them, and the run's config.yaml stays the one its checkpoints need."""
+  _tiny(tmp_path, "train.steps=2")
+  with pytest.raises(ValueError, match="can be restored into this config"):
+    _tiny(tmp_path, "train.steps=4", "onpolicy.buffer_size=24")
+  assert load_config(tmp_path / "config.yaml").onpolicy.buffer_size == 16
+  assert max(r["step"] for r in read_metrics(tmp_path)) == 2
+
+
+def test_gkd_with_a_negative_seed():
+  driver = onpolicy.OnPolicy(load_config(TINY, ["onpolicy.ratio=0.5", "onpolicy.mix=gkd"]
+                                         ).onpolicy, student_graphdef=None,
+                             mesh=jax.make_mesh((1,), ("data",)), batch_size=8, max_length=32,
+                             max_prompt_length=8, eos_ids=(), pad_id=0, seed=-3)
+  coins = [driver.gkd_coin(step) for step in range(64)]
+  assert coins == [driver.gkd_coin(step) for step in range(64)] and 16 < sum(coins) < 48
+
+
 def test_export_reads_an_onpolicy_checkpoint(tmp_path):
   from csd_jax.train.export import restore_student
 

@@ -90,7 +90,7 @@ def _answers(model: Any, tokenizer: Any, prompts: Sequence[str], seed: int,
     out = np.asarray(generate(model, enc["input_ids"], prompt_mask=enc["attention_mask"],
                               max_new_tokens=new, temperature=cfg.temperature, top_k=cfg.top_k,
                               top_p=cfg.top_p, no_repeat_ngram_size=cfg.no_repeat_ngram_size,
-                              seed=seed + start,
+                              seed=seed * 1_000_003 + start,  # no two (seed, batch) alike
                               eos_id=tokenizer.eos_token_id))
     answers += [tokenizer.decode(row, skip_special_tokens=True).strip() for row in out]
   return answers
@@ -115,8 +115,10 @@ def teacher_forced_metrics(model: Any, teacher: Any | None, tokenizer: Any,
     sums["ce"] += float(logit_loss("ce", logits, labels, valid)) * n
     if teacher is not None:
       teacher_logits = teacher(ids, mask)
+      vocab = min(logits.shape[-1], teacher_logits.shape[-1])  # padded rows, as in training
       for name in ("fkl", "csd"):
-        sums[name] += float(logit_loss(name, logits, teacher_logits, valid)) * n
+        sums[name] += float(logit_loss(name, logits[..., :vocab], teacher_logits[..., :vocab],
+                                       valid)) * n
     count += n
   out = {"perplexity": float(np.exp(sums["ce"] / max(count, 1)))}
   if teacher is not None:

@@ -5,7 +5,7 @@
   against its teacher, the residual d = z - t (centred as CSD sees it), the student's and the
   teacher's probabilities, and the positions where the two disagree most;
 - `temperature_sweep` / `fidelity_diversity`: ROUGE-L against Self-BLEU over sampling
-  temperatures, from evaluation results (W/eval/temperature_<T>.json).
+  temperatures, from the sweep's results (W/eval/temperature_<T>.json).
 """
 
 from __future__ import annotations
@@ -80,9 +80,10 @@ def token_report(run: Run, *, w1: str | float = "student", w2: str | float = "st
   the `top` positions of largest CSD with both models' most likely next tokens."""
   batch = run.batch
   ids, mask = jnp.asarray(batch["input_ids"]), jnp.asarray(batch["attention_mask"])
+  positions = jnp.asarray(batch["positions"])  # packed rows restart them per segment
   vocab = min(run.teacher.cfg.vocab_size, run.student.cfg.vocab_size)
-  z = run.student(ids, mask)[..., :vocab].astype(jnp.float32)
-  t = run.teacher(ids, mask)[..., :vocab].astype(jnp.float32)
+  z = run.student(ids, mask, positions)[..., :vocab].astype(jnp.float32)
+  t = run.teacher(ids, mask, positions)[..., :vocab].astype(jnp.float32)
   targets = np.asarray(batch["labels"]) != IGNORE_LABEL
   per_token = np.asarray(per_token_loss("csd", z, t, w1=w1, w2=w2, temperature=temperature))
   per_token = np.where(targets, per_token, np.nan)
@@ -132,9 +133,10 @@ def temperature_sweep(run: Run, datasets: Mapping[str, Sequence[Mapping[str, str
 
 
 def fidelity_diversity(workdir: PathLike) -> dict[str, list[tuple[float, float, float]]]:
-  """(temperature, ROUGE-L, Self-BLEU) per dataset, by temperature, from W/eval/*.json."""
+  """(temperature, ROUGE-L, Self-BLEU) per dataset, by temperature, from the sweep's
+  W/eval/temperature_<T>.json (not the step_<N>.json of evaluation during training)."""
   curves: dict[str, list[tuple[float, float, float]]] = {}
-  for path in sorted(pathlib.Path(workdir, "eval").glob("*.json")):
+  for path in sorted(pathlib.Path(workdir, "eval").glob("temperature_*.json")):
     for name, row in json.loads(path.read_text()).items():
       if "sampling" in row and "self_bleu" in row:
         curves.setdefault(name, []).append(

@@ -83,6 +83,8 @@ def ban_repeated_ngrams(logits: Array, tokens: Array, real: Array, length: Array
   ignored); `real` [B, S] marks its real tokens (left padding is not text).
   """
   size = tokens.shape[1]
+  if n > size:  # no n-gram fits in the sequence: nothing to ban
+    return logits
   starts = jnp.arange(size - n + 1)
   # window[b, j, k] = tokens[b, j + k]; the tail is the last n - 1 tokens of the sequence.
   window = tokens[:, starts[:, None] + jnp.arange(n)[None, :]]
@@ -100,9 +102,10 @@ def ban_repeated_ngrams(logits: Array, tokens: Array, real: Array, length: Array
 
 def sample_loop(model: CausalLM, prompt: Array, prompt_mask: Array, key: Array, *,
                 max_new_tokens: int, sampling: Sampling, eos_ids: tuple[int, ...],
-                pad_id: int) -> Array:
+                pad_id: int, vocab_size: int | None = None) -> Array:
   """New tokens [B, max_new_tokens] after left-padded prompts [B, P] (traceable: call it
-  under jit)."""
+  under jit). `vocab_size` limits the tokens drawn to the first ones (a teacher with fewer
+  embedding rows than the student must be able to read every sampled token)."""
   batch, prompt_len = prompt.shape
   total = prompt_len + max_new_tokens
   kv_valid = jnp.concatenate([prompt_mask, jnp.ones((batch, max_new_tokens), jnp.int32)], 1)
@@ -127,8 +130,8 @@ def sample_loop(model: CausalLM, prompt: Array, prompt_mask: Array, key: Array, 
     if n:
       logits = ban_repeated_ngrams(logits.astype(jnp.float32), tokens, kv_valid,
                                    prompt_len + i, n)
-    token = sample_token(logits, sub, temperature=sampling.temperature, top_k=sampling.top_k,
-                         top_p=sampling.top_p)
+    token = sample_token(logits[:, :vocab_size], sub, temperature=sampling.temperature,
+                         top_k=sampling.top_k, top_p=sampling.top_p)
     token = jnp.where(done, pad_id, token)
     tokens = lax.dynamic_update_slice_in_dim(tokens, token[:, None], prompt_len + i, axis=1)
     if eos is not None:

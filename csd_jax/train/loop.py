@@ -130,7 +130,8 @@ def build_trainer(config: Config, mesh: Mesh | None = None) -> Trainer:
            "step": _replicated(mesh, np.int32(0)),
            "key": jax.random.wrap_key_data(_replicated(
                mesh, jax.random.key_data(jax.random.key(config.train.seed))))}
-  onpolicy = onpolicy_lib.build(config, student_graphdef, mesh, inputs.tokenizer, inputs.pad_id)
+  onpolicy = onpolicy_lib.build(config, student_graphdef, mesh, inputs.tokenizer, inputs.pad_id,
+                                models.vocab_size)
   if onpolicy is not None and (replay := onpolicy.init_state()) is not None:
     state["replay"] = replay  # checkpointed with the rest: a resumed run draws the same rows
   state, teacher_state = _commit(state, mesh), _commit(teacher_state, mesh)
@@ -207,6 +208,13 @@ def _any_process(flag: bool) -> bool:
 def _resume(checkpointer: Checkpointer, trainer: Trainer) -> dict[str, Any]:
   """The state to start from: the latest readable checkpoint's, or the fresh one."""
   restored = checkpointer.restore_latest(trainer.state)
+  if restored is None and checkpointer.steps():
+    # Never start over on top of a run's checkpoints: a changed config (LoRA, on-policy
+    # buffer) no longer matches their structure, or every one of them is damaged.
+    raise ValueError(f"none of the checkpoints {checkpointer.steps()} in {checkpointer.directory}"
+                     " can be restored into this config's state (changed lora.* or onpolicy.*? "
+                     "see the warnings above); resume with the run's own config, or use a new "
+                     "workdir")
   if restored is None:
     return trainer.state
   step, state, loaders = restored
@@ -258,13 +266,14 @@ def train(config: Config, workdir: str | pathlib.Path) -> RunResult:
   is_main = jax.process_index() == 0
   if is_main:
     workdir.mkdir(parents=True, exist_ok=True)
-    (workdir / "config.yaml").write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
   trainer = build_trainer(config)
   models, inputs, total_steps = trainer.models, trainer.inputs, trainer.total_steps
   teacher_state = trainer.teacher_state
   train_step, eval_step, mesh = trainer.train_step, trainer.eval_step, trainer.mesh
   checkpointer = Checkpointer(workdir, keep=config.checkpoint.keep)
   state = _resume(checkpointer, trainer)
+  if is_main:  # after the resume: a refused config must not replace the run's own
+    (workdir / "config.yaml").write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
   generation_eval = _generation_eval(config, trainer, workdir)
 
   def save(step: int, wait: bool = False) -> None:
