@@ -167,11 +167,11 @@ class OnPolicy:
     self._imitkd = jax.jit(imitkd, donate_argnums=(2,))
     self._gkd = jax.jit(gkd)
 
-  def init_state(self) -> dict[str, Any] | None:
+  def init_state(self, config: Any) -> dict[str, Any] | None:
     """The replay buffer to keep in the train state (None for gkd), replicated on the mesh."""
-    if self.config.mix != "imitkd":
+    if initial_replay(config) is None:
       return None
-    return jax.jit(lambda: init_buffer(self.config.buffer_size, self.max_length, self.pad_id),
+    return jax.jit(lambda: initial_replay(config, self.pad_id),
                    out_shardings=self.replicated)()
 
   def _key(self, state: Mapping[str, Any], step: int) -> Array:
@@ -194,6 +194,14 @@ class OnPolicy:
                      if self.gkd_coin(step) else batch)
     replay, batch = self._imitkd(state["params"], state["frozen"], state["replay"], batch, key)
     return {**state, "replay": replay}, batch
+
+
+def initial_replay(config: Any, pad_id: int = 0) -> dict[str, Any] | None:
+  """The empty replay buffer a run's train state holds (and its checkpoints), or None when
+  the run has none (no on-policy data, or gkd)."""
+  if not config.onpolicy.ratio or config.onpolicy.mix != "imitkd":
+    return None
+  return init_buffer(config.onpolicy.buffer_size, config.data.max_length, pad_id)
 
 
 def build(config: Any, student_graphdef: nnx.GraphDef, mesh: Mesh, tokenizer: Any | None,

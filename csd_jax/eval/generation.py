@@ -47,18 +47,21 @@ class EvalConfig:
   max_examples: int | None = None   # the first N records of each dataset (None: all)
 
 
-def from_run_config(config: Any) -> tuple[EvalConfig, dict[str, list[dict[str, str]]]]:
-  """The evaluation a training run's `eval` section asks for: its settings and its datasets
-  (the run's template and lengths)."""
+def run_settings(config: Any) -> EvalConfig:
+  """The evaluation settings of a training run: its `eval` section's seeds and sampling, its
+  data's template and lengths."""
   section, data = config.eval, config.data
-  cfg = EvalConfig(seeds=tuple(section.seeds), temperature=section.sampling.temperature,
-                   top_p=section.sampling.top_p, top_k=section.sampling.top_k,
-                   no_repeat_ngram_size=section.sampling.no_repeat_ngram_size,
-                   max_prompt_length=data.max_prompt_length, max_length=data.max_length,
-                   batch_size=section.batch_size, template=data.template)
-  datasets = {name: load_records(path, section.max_examples or None)
-              for name, path in section.datasets.items()}
-  return cfg, datasets
+  return EvalConfig(seeds=tuple(section.seeds), temperature=section.sampling.temperature,
+                    top_p=section.sampling.top_p, top_k=section.sampling.top_k,
+                    no_repeat_ngram_size=section.sampling.no_repeat_ngram_size,
+                    max_prompt_length=data.max_prompt_length, max_length=data.max_length,
+                    batch_size=section.batch_size, template=data.template)
+
+
+def run_datasets(config: Any) -> dict[str, list[dict[str, str]]]:
+  """The records of a training run's `eval.datasets` (the first `eval.max_examples`)."""
+  return {name: load_records(path, config.eval.max_examples or None)
+          for name, path in config.eval.datasets.items()}
 
 
 def flat_metrics(results: Mapping[str, Mapping[str, Any]]) -> dict[str, float]:

@@ -113,17 +113,15 @@ def temperature_sweep(run: Run, datasets: Mapping[str, Sequence[Mapping[str, str
                       temperatures: Sequence[float], *, seeds: Sequence[int] = (10, 20),
                       batch_size: int = 16) -> list[pathlib.Path]:
   """Evaluate the run's student at each temperature; results in W/eval/temperature_<T>.json."""
-  from csd_jax.eval.generation import EvalConfig, evaluate, write_results
+  from csd_jax.eval.generation import evaluate, run_settings, write_results
 
   if run.tokenizer is None:
     raise ValueError(f"{run.workdir}: the run has no tokenizer (synthetic data): evaluation by "
                      "generation needs one")
   paths = []
   for temperature in temperatures:
-    cfg = EvalConfig(seeds=tuple(seeds), temperature=float(temperature),
-                     max_prompt_length=run.config.data.max_prompt_length,
-                     max_length=run.config.data.max_length, batch_size=batch_size,
-                     template=run.config.data.template)
+    cfg = dataclasses.replace(run_settings(run.config), seeds=tuple(seeds),
+                              temperature=float(temperature), batch_size=batch_size)
     results = evaluate(run.student, run.tokenizer, datasets, config=cfg)
     path = run.workdir / "eval" / f"temperature_{temperature:g}.json"
     path.parent.mkdir(exist_ok=True)

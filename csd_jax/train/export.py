@@ -18,7 +18,7 @@ from flax import nnx
 from csd_jax.checkpoint import Checkpointer
 from csd_jax.config import load_config
 from csd_jax.models import save_pretrained
-from csd_jax.onpolicy import init_buffer
+from csd_jax.onpolicy import initial_replay
 from csd_jax.sharding import make_mesh
 from csd_jax.train.state import build_models_student_only, make_optimizer, trainable_filter
 
@@ -53,8 +53,8 @@ def restore_student(workdir: str | pathlib.Path) -> tuple[Any, Any, int]:
   tx, _ = make_optimizer(config.optim, max(config.train.steps, 1))
   template = {"params": params, "frozen": frozen, "opt_state": jax.jit(tx.init)(params),
               "step": jnp.int32(0), "key": jax.random.key(0)}
-  if config.onpolicy.ratio and config.onpolicy.mix == "imitkd":  # the replay buffer's shapes
-    template["replay"] = init_buffer(config.onpolicy.buffer_size, config.data.max_length, 0)
+  if (replay := initial_replay(config)) is not None:  # its shapes, to read the checkpoint
+    template["replay"] = replay
   restored = Checkpointer(workdir, keep=config.checkpoint.keep).restore_latest(template)
   if restored is None:
     raise FileNotFoundError(f"no readable checkpoint in {workdir / 'checkpoints'}")

@@ -132,7 +132,7 @@ def build_trainer(config: Config, mesh: Mesh | None = None) -> Trainer:
                mesh, jax.random.key_data(jax.random.key(config.train.seed))))}
   onpolicy = onpolicy_lib.build(config, student_graphdef, mesh, inputs.tokenizer, inputs.pad_id,
                                 models.vocab_size)
-  if onpolicy is not None and (replay := onpolicy.init_state()) is not None:
+  if onpolicy is not None and (replay := onpolicy.init_state(config)) is not None:
     state["replay"] = replay  # checkpointed with the rest: a resumed run draws the same rows
   state, teacher_state = _commit(state, mesh), _commit(teacher_state, mesh)
   logger.info("student %s parameters trained of %s; teacher %s (frozen)",
@@ -241,7 +241,7 @@ def _generation_eval(config: Config, trainer: Trainer, workdir: pathlib.Path):
                      "`csd-jax eval --workdir W` on the checkpoints")
   from csd_jax.eval import generation
 
-  settings, datasets = generation.from_run_config(config)
+  settings, datasets = generation.run_settings(config), generation.run_datasets(config)
   teacher = trainer.models.teacher
 
   def run(step: int, state: dict[str, Any]) -> dict[str, float]:
