@@ -19,8 +19,10 @@ from typing import Any
 
 import yaml
 
+from csd_jax.errors import UserError
 
-class ConfigError(ValueError):
+
+class ConfigError(UserError):
   """A bad config file or override; the message is one line that names the key and the fix."""
 
 
