@@ -5,12 +5,12 @@ import json
 import math
 import pathlib
 import struct
+import time
 import types
 
 import numpy as np
 import pytest
 
-from csd_jax import metrics
 from csd_jax.metrics import (MetricsWriter, ProgressBar, crc32c, masked_crc32c, mfu,
                              peak_flops_per_device, read_metrics, read_tensorboard_scalars,
                              transformer_flops_per_token)
@@ -189,7 +189,7 @@ class _Clock:
 
 def test_progress_bar_non_tty(monkeypatch):
   clock = _Clock(100.0)
-  monkeypatch.setattr(metrics.time, "monotonic", clock)
+  monkeypatch.setattr(time, "monotonic", clock)
   out = io.StringIO()
   bar = ProgressBar(10, stream=out, min_interval_s=0.0)
   # The first update (after compilation) is the baseline: step 2 takes 30 s, step 3 2 s.
@@ -208,7 +208,7 @@ def test_progress_bar_non_tty(monkeypatch):
 
 def test_progress_bar_throttles_and_tty_redraws(monkeypatch):
   clock = _Clock(0.0)
-  monkeypatch.setattr(metrics.time, "monotonic", clock)
+  monkeypatch.setattr(time, "monotonic", clock)
   out = io.StringIO()
   bar = ProgressBar(100, stream=out, min_interval_s=10.0)
   for step in (1, 2, 3):
