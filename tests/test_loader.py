@@ -1,6 +1,7 @@
 """The Grain loader and the TFDS builders: sharding, exact resume, buckets, packing, errors."""
 
 import json
+import logging
 import os
 import pathlib
 import socket
@@ -10,8 +11,9 @@ import sys
 import numpy as np
 import pytest
 
+from csd_jax.data import loader as loader_module
 from csd_jax.data import tfds_builder
-from csd_jax.data.instruct import InstructionTokenizer
+from csd_jax.data.instruct import InstructionTokenizer, TokenizeStats
 from csd_jax.data.loader import BatchLoader, LoaderConfig, padding_fraction
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -47,6 +49,23 @@ def test_restored_state_gives_the_identical_next_batches(pack, skip):
   expected = [next(loader) for _ in range(5)]
   restored = _loader(pack=pack)
   restored.set_state(state)
+  for want in expected:
+    got = next(restored)
+    for key in want:
+      np.testing.assert_array_equal(got[key], want[key])
+
+
+def test_a_state_with_the_old_epoch_and_position_entry_still_restores():
+  """Older checkpoints hold an "epoch_and_position" entry beside "grain": it is ignored."""
+  loader = _loader()
+  for _ in range(3):
+    next(loader)
+  state = loader.get_state()
+  assert set(state) == {"grain"}
+  old = json.loads(json.dumps({**state, "epoch_and_position": [0, 12]}))
+  expected = [next(loader) for _ in range(2)]
+  restored = _loader()
+  restored.set_state(old)
   for want in expected:
     got = next(restored)
     for key in want:
@@ -208,3 +227,50 @@ def test_dolly_split_from_a_local_copy(tmp_path):
   assert not names["train"] & names["test"] and not names["valid"] & names["test"]
   again = tfds_builder.dolly(tmp_path / "cache2", source=str(source))
   assert {again["test"][i]["instruction"] for i in range(500)} == names["test"]
+
+
+def _data_logs(caplog):
+  return [r.getMessage() for r in caplog.records
+          if r.name == "csd_jax.data" and r.levelno == logging.INFO]
+
+
+def test_tokenisation_drops_and_truncations_are_logged_once_at_start(tmp_path, gpt2_tokenizer,
+                                                                       caplog):
+  rows = [{"instruction": "Say hi.", "response": "hi"},
+          {"instruction": "word " * 40, "response": "ok"},  # prompt cut from the left
+          {"instruction": "Count.", "response": "one " * 60},  # response cut from the right
+          {"instruction": "Nothing.", "response": ""}]  # no target left: dropped
+  splits = tfds_builder.instruction_files({"train": [_write(tmp_path / "d.jsonl", rows)]},
+                                          tmp_path / "cache")
+  encode = InstructionTokenizer(gpt2_tokenizer, template="none", max_length=32,
+                                max_prompt_length=24, add_eos=False)
+  caplog.set_level(logging.INFO, logger="csd_jax.data")
+  loader = BatchLoader(splits["train"], encode, pad_id=encode.pad_id, process_index=0,
+                       process_count=1, config=LoaderConfig(global_batch_size=2, max_length=32))
+  assert _data_logs(caplog) == [
+      "instruction_files[train]: 4 records: 3 kept, 1 prompts cut from the left, 1 responses"
+      " cut from the right, 1 dropped with no response token"]
+  assert encode.stats == TokenizeStats()  # the scan counted on a copy: training counts alone
+  next(loader)
+  assert encode.stats.samples >= 2
+  assert len(_data_logs(caplog)) == 1  # once, at construction
+
+
+def test_tokenisation_stats_of_a_large_set_come_from_a_sample(monkeypatch, gpt2_tokenizer,
+                                                              caplog):
+  monkeypatch.setattr(loader_module, "TOKENIZE_SCAN_LIMIT", 3)
+  rows = [{"instruction": f"Say {i}.", "context": "", "response": str(i)} for i in range(10)]
+  encode = InstructionTokenizer(gpt2_tokenizer, max_length=64, max_prompt_length=48)
+  caplog.set_level(logging.INFO, logger="csd_jax.data")
+  config = LoaderConfig(global_batch_size=2, max_length=64)
+  BatchLoader(rows, encode, pad_id=encode.pad_id, process_index=1, process_count=2,
+              config=config)
+  assert _data_logs(caplog) == []  # one report per run, from process 0
+  BatchLoader(rows, encode, pad_id=encode.pad_id, process_index=0, process_count=1,
+              config=config)
+  assert _data_logs(caplog) == [
+      "data: 10 records; tokenising an evenly spaced sample of 3 records: 3 kept, 0 prompts cut"
+      " from the left, 0 responses cut from the right, 0 dropped with no response token"]
+  caplog.clear()
+  _loader(n=9)  # an encoder without counts: the record count alone
+  assert _data_logs(caplog) == ["data: 9 records"]
