@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import pathlib
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -30,6 +31,29 @@ DOLLY_HUB_ID = "databricks/databricks-dolly-15k"
 DOLLY_EVAL_SIZE = 500
 DOLLY_SPLIT_SEED = 1234
 
+logger = logging.getLogger("csd_jax.data")
+
+
+class _NoCustomConfigWarning(logging.Filter):
+  """Drops TFDS's "Using custom data configuration" warning: every builder here names its
+  config after its sources' fingerprint, by design, so the warning says nothing."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    return not record.getMessage().startswith("Using custom data configuration")
+
+
+logging.getLogger("absl").addFilter(_NoCustomConfigWarning())  # TFDS logs through absl
+
+
+class _QuietBuilder(tfds.core.GeneratorBasedBuilder):
+  """TFDS print()s "Downloading and preparing dataset ..." and "... downloaded and prepared"
+  around every build (no setting turns them off): here the second is one log line instead."""
+
+  def _log_download_bytes(self) -> None:
+    pass
+
+  def _log_download_done(self) -> None:
+    logger.info("%s: prepared under %s (later runs reuse it)", self.name, self.data_dir)
 
 def read_json_records(path: str | os.PathLike) -> Iterator[tuple[str, Mapping[str, Any]]]:
   """(key, record) for every record of a JSONL, JSON (a list, or {"data": [...]}) or Parquet file.
@@ -88,7 +112,7 @@ def _fingerprint(sources: Mapping[str, Sequence[str]]) -> str:
   return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
 
 
-class _FilesBuilder(tfds.core.GeneratorBasedBuilder):
+class _FilesBuilder(_QuietBuilder):
   """Shared by the file builders: one split per key of `sources`; each subclass names its
   fields and how a JSON record becomes an example (`_to_example`)."""
 
@@ -140,7 +164,7 @@ class TextFiles(_FilesBuilder):
   _to_example = staticmethod(text_from_json)
 
 
-class Dolly(tfds.core.GeneratorBasedBuilder):
+class Dolly(_QuietBuilder):
   """databricks-dolly-15k with MiniLLM's train / valid / test split (500 valid, 500 test)."""
 
   VERSION = tfds.core.Version("1.0.0")

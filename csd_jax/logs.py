@@ -1,0 +1,34 @@
+"""The commands' logging: the run's own INFO lines, and no third-party banners.
+
+`setup_logging()` is called once at the start of each command, before transformers is imported:
+transformers reads its settings from the environment at import time. TFDS's "Downloading and
+preparing dataset ..." lines are print()s, not log records: `csd_jax.data.tfds_builder` quiets
+them where the datasets are built, so that they stay quiet however a builder is called.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+# Set only where the user has not: their own setting wins (e.g. TRANSFORMERS_VERBOSITY=info to
+# debug a tokenizer). Without torch, `import transformers` prints "PyTorch was not found. Models
+# won't be available ..." (an advisory warning); this project never uses its PyTorch models, so
+# its other warnings are about code paths we do not take either.
+_ENV_DEFAULTS = {"TRANSFORMERS_NO_ADVISORY_WARNINGS": "1", "TRANSFORMERS_VERBOSITY": "error"}
+
+# Their INFO lines drown the run's own; their warnings still show.
+_WARNINGS_ONLY = ("absl", "jax", "orbax")
+
+
+def setup_logging() -> None:
+  """INFO lines as `LEVEL name: message` on stderr; third-party banners and chatter silenced."""
+  for name, value in _ENV_DEFAULTS.items():
+    os.environ.setdefault(name, value)
+  logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+  for name in _WARNINGS_ONLY:
+    logging.getLogger(name).setLevel(logging.WARNING)
+  if "transformers" in sys.modules:  # imported already: it read the environment before us
+    level = logging.getLevelName(os.environ["TRANSFORMERS_VERBOSITY"].upper())
+    logging.getLogger("transformers").setLevel(level if isinstance(level, int) else logging.ERROR)
