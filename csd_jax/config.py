@@ -82,6 +82,9 @@ class MeshConfig:
   data: int = -1
   fsdp: int = 1
   tensor: int = 1
+  # Logical axis -> list of mesh axes (data, fsdp, tensor), overriding sharding.RULES for
+  # teacher and student alike, e.g. {vocab: [], mlp: [fsdp, tensor]}.
+  rules: dict = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -178,7 +181,7 @@ CHOICES = {
     "onpolicy.mix": ("imitkd", "gkd"),
 }
 # Dict-valued fields: their keys are free (checked by their users), not config keys.
-FREE_DICTS = ("loss.params", "teacher.config", "student.config", "eval.datasets")
+FREE_DICTS = ("loss.params", "teacher.config", "student.config", "eval.datasets", "mesh.rules")
 
 
 def _closest(key: str, valid: Sequence[str]) -> str:
@@ -335,6 +338,18 @@ def _check(config: Config) -> None:
     raise ConfigError("data.source=files needs data.train_files")
   _check_onpolicy(config)
   _check_eval(config)
+  _check_mesh(config)
+
+
+def _check_mesh(config: Config) -> None:
+  """mesh.rules names known logical and mesh axes (sharding.resolve_rules checks them)."""
+  # Imported here: sharding imports jax, which config must not pull in at import time.
+  from csd_jax.sharding import resolve_rules
+
+  try:
+    resolve_rules(config.mesh.rules)
+  except UserError as error:
+    raise ConfigError(f"mesh.rules: {error}") from error
 
 
 def _check_sampling(section: str, sampling: SamplingConfig) -> None:

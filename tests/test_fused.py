@@ -23,18 +23,23 @@ def _problem(seed, n=23, hs=8, ht=12, vocab=37):
   return arr(n, hs), arr(hs, vocab) * 0.7, arr(n, ht), arr(ht, vocab) * 0.7, mask, labels
 
 
-def _both(name, params, problem, chunk_size, mesh=None, softcap=None):
+def _cap(x, softcap):
+  return x if softcap is None else softcap * jnp.tanh(x / softcap)
+
+
+def _both(name, params, problem, chunk_size, mesh=None, softcap=None, teacher_softcap=None):
   h_s, w_s, h_t, w_t, mask, labels = problem
   fused_kw = {"labels": labels} if name == "ce" else {}
 
   def fused(h, w):
     return fused_logit_loss(name, h, w, h_t, w_t, mask, chunk_size=chunk_size, mesh=mesh,
-                            logit_softcap=softcap, **fused_kw, **params)
+                            logit_softcap=softcap, teacher_logit_softcap=teacher_softcap,
+                            **fused_kw, **params)
 
   def unfused(h, w):
-    cap = (lambda x: x) if softcap is None else (lambda x: softcap * jnp.tanh(x / softcap))
-    target = labels if name == "ce" else cap(h_t @ w_t)
-    return logit_loss(name, cap(h @ w), target, mask, **params)
+    # Each model's logits capped explicitly with its own cap (None: uncapped).
+    target = labels if name == "ce" else _cap(h_t @ w_t, teacher_softcap)
+    return logit_loss(name, _cap(h @ w, softcap), target, mask, **params)
 
   grad = lambda f: jax.jit(jax.value_and_grad(f, argnums=(0, 1)))(h_s, w_s)  # noqa: E731
   return grad(fused), grad(unfused)
@@ -60,7 +65,21 @@ def test_fused_with_softcap_and_leading_batch_dims(name):
   h_s, w_s, h_t, w_t, mask, labels = _problem(1, n=24)
   problem = (h_s.reshape(4, 6, -1), w_s * 5, h_t.reshape(4, 6, -1), w_t * 5,
              mask.reshape(4, 6), labels.reshape(4, 6))
-  _assert_same(*_both(name, {}, problem, 7, softcap=3.0))
+  _assert_same(*_both(name, {}, problem, 7, softcap=3.0, teacher_softcap=3.0))
+
+
+@pytest.mark.parametrize("name", ["csd", "fkl", "tvd"])
+@pytest.mark.parametrize("softcap,teacher_softcap", [(3.0, None), (None, 3.0), (2.0, 5.0)])
+def test_fused_each_model_has_its_own_softcap(name, softcap, teacher_softcap):
+  # Logits of scale ~10 against caps of 2-5: a cap applied to the wrong model shows.
+  h_s, w_s, h_t, w_t, mask, labels = _problem(6, n=24)
+  problem = (h_s, w_s * 5, h_t, w_t * 5, mask, labels)
+  got, want = _both(name, {}, problem, 7, softcap=softcap, teacher_softcap=teacher_softcap)
+  _assert_same(got, want)
+  # And not the result of capping both (or neither) alike: the check has teeth.
+  shared = softcap if softcap is not None else teacher_softcap
+  _, alike = _both(name, {}, problem, 7, softcap=shared, teacher_softcap=shared)
+  assert abs(float(got[0]) - float(alike[0])) > 1e-3 * abs(float(alike[0]))
 
 
 @pytest.fixture(scope="module")

@@ -5,16 +5,20 @@
   the same loss and gradients without materialising the logits (token chunks, shardable).
 - `per_token_loss(name, student_logits, teacher_logits, **params)`: unreduced values.
 - `token_weights(mask, normalize=...)`: the reduction, for callers that split batches.
+- `chunked_token_sums(student_hidden, student_head, teacher_hidden, teacher_head, labels)`:
+  forward-only held-out sums (token count, CE, top-1 agreement, losses) in O(chunk x V).
 
 This package imports nothing else of csd_jax.
 """
 
 from csd_jax.losses.fused import DEFAULT_CHUNK_SIZE, fused_logit_loss
+from csd_jax.losses.heldout import chunked_token_sums
 from csd_jax.losses.reduce import NORMALIZATIONS, token_weights
 from csd_jax.losses.registry import (IGNORE_LABEL, LOSS_NAMES, LOSSES, logit_loss, per_token_loss,
                                      resolve)
 
 __all__ = [
     "DEFAULT_CHUNK_SIZE", "IGNORE_LABEL", "LOSSES", "LOSS_NAMES", "NORMALIZATIONS",
-    "fused_logit_loss", "logit_loss", "per_token_loss", "resolve", "token_weights",
+    "chunked_token_sums", "fused_logit_loss", "logit_loss", "per_token_loss", "resolve",
+    "token_weights",
 ]

@@ -186,8 +186,10 @@ def fused_logit_loss(
     mask: `[...]` bool or float; None = every position.
     labels: `[...]` int, for `ce` (-100 = ignored).
     chunk_size: tokens per chunk (the peak extra memory is ~ chunk x V float32 a few times).
-    logit_softcap: Gemma-2 style `cap * tanh(logits / cap)` on the student's logits.
-    teacher_logit_softcap: the same for the teacher (default: `logit_softcap`).
+    logit_softcap: Gemma-2 style `cap * tanh(logits / cap)` on the student's logits; None: no
+      cap.
+    teacher_logit_softcap: the same for the teacher's logits, each model with its own cap;
+      None: no cap (not the student's: a Gemma-2 student may distil from an uncapped teacher).
     normalize, num_valid_tokens, num_sequences: the reduction, as in `logit_loss`.
     mesh: a `Mesh` / `AbstractMesh` to split over; default: the ambient mesh (`jax.set_mesh`),
       and none outside one.
@@ -221,8 +223,7 @@ def fused_logit_loss(
                           num_valid_tokens=num_valid_tokens, num_sequences=num_sequences)
   if mesh is None:
     mesh = jax.sharding.get_abstract_mesh()
-  softcaps = (logit_softcap,
-              logit_softcap if teacher_logit_softcap is None else teacher_logit_softcap)
+  softcaps = (logit_softcap, teacher_logit_softcap)
   fused = _make_fused(spec, full, chunk_size=chunk_size, softcaps=softcaps, mesh=mesh,
                       token_axes=tuple(token_axes), vocab_axis=vocab_axis)
   hs = jnp.reshape(student_hidden, (-1, student_hidden.shape[-1]))
