@@ -28,13 +28,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jax.sharding import NamedSharding, PartitionSpec as P
 
 from csd_jax.config import OptimConfig
 from csd_jax.metrics import peak_flops_per_device
 from csd_jax.models import init_random
 from csd_jax.sharding import make_mesh
-from csd_jax.train.state import make_optimizer, model_flops_per_token
+from csd_jax.state import init_train_state, make_optimizer
+from csd_jax.train.flops import model_flops_per_token
 from csd_jax.train.step import Objective, make_train_step
 
 GPT2 = dict(model_type="gpt2", n_positions=1024, vocab_size=50257, bos_token_id=0,
@@ -95,12 +95,8 @@ def bench_jax(teacher_cfg: dict, student_cfg: dict, batch: int, seq: int, repeat
   student = init_random(student_cfg, seed=2, dtype=compute, mesh=mesh, remat=remat,
                         attention_impl=attention_impl)
   tx, schedule = make_optimizer(OptimConfig(lr=1e-4, schedule="constant"), 100)
-  graphdef, params, frozen = nnx.split(student, nnx.Param, ...)
+  graphdef, state = init_train_state(student, tx, mesh)
   teacher_graphdef, teacher_state = nnx.split(teacher)
-  replicated = NamedSharding(mesh, P())
-  state = {"params": params, "frozen": frozen, "opt_state": jax.jit(tx.init)(params),
-           "step": jax.device_put(jnp.int32(0), replicated),
-           "key": jax.device_put(jax.random.key(0), replicated)}
   step = jax.jit(make_train_step(graphdef, teacher_graphdef, tx, schedule,
                                  Objective("csd", {}, fused=fused), grad_accum=1),
                  donate_argnums=(0,) if donate else ())

@@ -1,8 +1,9 @@
 """Orbax checkpoints of a run: the student's trained state, the data position, the config.
 
-`W/checkpoints/<step>/` holds `state` (trained parameters (LoRA only under LoRA), the student's
-other variables, the optimizer state, the step, the RNG key), `loader` (the data iterators'
-positions, JSON) and `config` (the resolved config, JSON). Never the teacher: it is rebuilt
+`W/checkpoints/<step>/` holds `state` (the fields of `csd_jax.state.TrainState`: the student's
+trained and untrained variables, the optimizer state, the step, the RNG key, the replay
+buffer), `loader` (the data iterators' positions, JSON) and `config` (the resolved config,
+JSON). Never the teacher: it is rebuilt
 from its source. Saves are asynchronous; Orbax writes each step into a temporary directory and
 renames it when complete, so a process killed mid-save leaves nothing that looks finished.
 Restoring goes straight into the arrays' current shardings, whatever the mesh was at save
@@ -11,6 +12,7 @@ time; a checkpoint that cannot be read is skipped for the one before it, with a 
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import pathlib
 from collections.abc import Mapping
@@ -19,16 +21,21 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 
+from csd_jax.state import TrainState
+
 logger = logging.getLogger("csd_jax.checkpoint")
 
 
-def _to_savable(state: Mapping[str, Any]) -> dict[str, Any]:
-  """Typed PRNG keys become their raw key data (Orbax stores plain arrays)."""
-  return {**state, "key": jax.random.key_data(state["key"])}
+def _to_tree(state: TrainState) -> dict[str, Any]:
+  """The state as the checkpoint stores it: a dict of its fields (an absent replay buffer is
+  left out), the PRNG key as its raw data (Orbax stores plain arrays)."""
+  tree = {f.name: getattr(state, f.name) for f in dataclasses.fields(state)}
+  tree["key"] = jax.random.key_data(state.key)
+  return {name: value for name, value in tree.items() if value is not None}
 
 
-def _from_savable(state: Mapping[str, Any]) -> dict[str, Any]:
-  return {**state, "key": jax.random.wrap_key_data(state["key"])}
+def _from_tree(tree: Mapping[str, Any], template: TrainState) -> TrainState:
+  return template.replace(**{**tree, "key": jax.random.wrap_key_data(tree["key"])})
 
 
 def _abstract(tree: Any) -> Any:
@@ -45,22 +52,22 @@ class Checkpointer:
                                            cleanup_tmp_directories=True)
     self.manager = ocp.CheckpointManager(self.directory, options=options)
 
-  def save(self, step: int, state: Mapping[str, Any], loader_state: Mapping[str, Any],
+  def save(self, step: int, state: TrainState, loader_state: Mapping[str, Any],
            config: Mapping[str, Any], *, wait: bool = False) -> None:
     """Start saving `step` (in the background unless `wait`)."""
     self.manager.save(step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(_to_savable(state)),
+        state=ocp.args.StandardSave(_to_tree(state)),
         loader=ocp.args.JsonSave(dict(loader_state)), config=ocp.args.JsonSave(dict(config))),
         force=True)
     if wait:
       self.manager.wait_until_finished()
 
-  def restore_latest(self, template: Mapping[str, Any]
-                     ) -> tuple[int, dict[str, Any], dict[str, Any]] | None:
+  def restore_latest(self, template: TrainState
+                     ) -> tuple[int, TrainState, dict[str, Any]] | None:
     """(step, state, loader state) of the newest readable checkpoint, restored into the
     shardings of `template` (the freshly built state), or None when there is none."""
     self.manager.reload()
-    target = _abstract(_to_savable(template))
+    target = _abstract(_to_tree(template))
     for step in sorted(self.manager.all_steps(), reverse=True):
       try:
         restored = self.manager.restore(step, args=ocp.args.Composite(
@@ -70,7 +77,7 @@ class Checkpointer:
                        "before it", step, self.directory, type(error).__name__,
                        str(error).splitlines()[0][:200] if str(error) else "")
         continue
-      return step, _from_savable(restored["state"]), dict(restored["loader"])
+      return step, _from_tree(restored["state"], template), dict(restored["loader"])
     return None
 
   def steps(self) -> list[int]:
@@ -81,9 +88,6 @@ class Checkpointer:
   def reached_preemption(self, step: int) -> bool:
     """True when the platform announced a preemption (JAX's preemption notice)."""
     return self.manager.reached_preemption(step)
-
-  def wait(self) -> None:
-    self.manager.wait_until_finished()
 
   def close(self) -> None:
     self.manager.wait_until_finished()

@@ -1,19 +1,24 @@
-"""The `csd-jax` command line: parses arguments and dispatches to the sub-commands."""
+"""The `csd-jax` command line: parses arguments and dispatches to the sub-commands.
+
+A `UserError` (bad input a user can fix: a config key, a path, a mesh) is printed in one line
+and the command exits with status 2; any other exception is a bug and keeps its traceback.
+"""
 
 from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
+from csd_jax.errors import UserError
 from csd_jax.losses import LOSS_NAMES
 
 
 def _parser() -> argparse.ArgumentParser:
-  parser = argparse.ArgumentParser(prog="csd-jax", description=__doc__)
+  parser = argparse.ArgumentParser(prog="csd-jax", description=__doc__.splitlines()[0])
   commands = parser.add_subparsers(dest="command", required=True)
   demo = commands.add_parser(
-      "demo", help="distil SmolLM2-135M-Instruct into a 4-layer student, offline (~7 min on "
+      "demo", help="distil SmolLM2-135M-Instruct into a 4-layer student, offline (~10 min on "
                    "a 2-core CPU)")
   demo.add_argument("--workdir", default="workdirs/demo")
   demo.add_argument("--loss", choices=[n for n in LOSS_NAMES if n != "ce"], default="csd")
@@ -33,7 +38,8 @@ def _parser() -> argparse.ArgumentParser:
   evaluate = commands.add_parser(
       "eval", help="ROUGE-L, Self-BLEU, perplexity (and teacher KL / CSD) by generation")
   source = evaluate.add_mutually_exclusive_group(required=True)
-  source.add_argument("--workdir", help="a run: its latest checkpoint's student")
+  source.add_argument("--workdir", help="a run: its latest checkpoint's student, judged on the "
+                                        "run's own template and lengths")
   source.add_argument("--model", help="a Hugging Face model directory")
   evaluate.add_argument("--teacher", help="a model directory, for KL and CSD")
   evaluate.add_argument("--data", action="append", required=True, metavar="NAME=FILE",
@@ -44,10 +50,13 @@ def _parser() -> argparse.ArgumentParser:
   evaluate.add_argument("--top-k", type=int, default=0)
   evaluate.add_argument("--no-repeat-ngram-size", type=int, default=0,
                         help="forbid repeating any n-gram (the paper's option: 6; 0 = off)")
-  evaluate.add_argument("--max-prompt-length", type=int, default=256)
-  evaluate.add_argument("--max-length", type=int, default=512)
+  evaluate.add_argument("--max-prompt-length", type=int, default=None,
+                        help="default: the run's data.max_prompt_length, else 256")
+  evaluate.add_argument("--max-length", type=int, default=None,
+                        help="default: the run's data.max_length, else 512")
   evaluate.add_argument("--max-examples", type=int, default=None)
-  evaluate.add_argument("--template", choices=["minillm", "chat", "none"], default="minillm")
+  evaluate.add_argument("--template", choices=["minillm", "chat", "none"], default=None,
+                        help="default: the run's data.template, else minillm")
   evaluate.add_argument("--out", help="results JSON (default: WORKDIR/eval_results.json)")
   convert = commands.add_parser(
       "convert-gguf", help="write a Hugging Face directory from a LLaMA-architecture GGUF file")
@@ -59,123 +68,80 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
   args = _parser().parse_args(argv)
-  if args.command == "demo":
-    return _demo(args)
-  if args.command == "train":
-    return _train(args)
-  if args.command == "export":
-    from csd_jax.config import ConfigError
-    from csd_jax.train.export import export
-
-    try:
-      out, step = export(args.workdir, args.out)
-    except (ConfigError, ValueError, FileNotFoundError) as error:
-      print(f"csd-jax export: {error}", file=sys.stderr)
-      return 2
-    print(f"wrote the student of step {step} to {out}")
-    return 0
-  if args.command == "eval":
-    return _eval(args)
-  if args.command == "convert-gguf":
-    from csd_jax.models.gguf import convert_gguf
-
-    try:
-      out = convert_gguf(args.gguf_file, args.out_dir, dtype=args.dtype)
-    except (FileNotFoundError, ValueError) as error:
-      print(f"csd-jax convert-gguf: {error}", file=sys.stderr)
-      return 2
-    print(f"wrote {out}")
-    return 0
-  raise AssertionError(args.command)  # argparse only lets known commands through
+  command: Callable[[argparse.Namespace], int] = {
+      "demo": _demo, "train": _train, "export": _export, "eval": _eval,
+      "convert-gguf": _convert_gguf}[args.command]
+  try:
+    return command(args)
+  except UserError as error:  # anything else is a bug: its traceback is shown
+    print(f"csd-jax {args.command}: {error}", file=sys.stderr)
+    return 2
 
 
-def _setup_logging() -> None:
-  import logging
-
-  logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-  for noisy in ("absl", "jax", "orbax"):  # their INFO lines drown the run's own
-    logging.getLogger(noisy).setLevel(logging.WARNING)
-
+# The commands import their modules when they run: `csd-jax --help` should not start JAX.
 
 def _demo(args: argparse.Namespace) -> int:
-  from csd_jax import demo  # imported here: `csd-jax --help` should not start JAX
-  from csd_jax.config import ConfigError
+  from csd_jax import demo
+  from csd_jax.logs import setup_logging
 
-  _setup_logging()
-  try:
-    results = demo.run(args.workdir, loss=args.loss, steps=args.steps, overrides=args.overrides)
-  except (ConfigError, ValueError, FileNotFoundError) as error:
-    print(f"csd-jax demo: {error}", file=sys.stderr)
-    return 2
+  setup_logging()
+  results = demo.run(args.workdir, loss=args.loss, steps=args.steps, overrides=args.overrides)
   return 0 if results["after"]["csd"] < results["before"]["csd"] else 1
 
 
+def _train(args: argparse.Namespace) -> int:
+  from csd_jax.config import load_config
+  from csd_jax.logs import setup_logging
+
+  setup_logging()
+  config = load_config(args.config, args.overrides)
+  from csd_jax import distributed
+  from csd_jax.train.loop import train
+
+  distributed.initialize()
+  train(config, args.workdir)
+  return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+  from csd_jax.logs import setup_logging
+  from csd_jax.train.export import export
+
+  setup_logging()
+  out, step = export(args.workdir, args.out)
+  print(f"wrote the student of step {step} to {out}")
+  return 0
+
+
 def _eval(args: argparse.Namespace) -> int:
-  import pathlib
+  from csd_jax.eval.command import EvalRequest, run_eval
+  from csd_jax.eval.generation import format_table
+  from csd_jax.logs import setup_logging
+  from csd_jax.sampling import Sampling
 
-  _setup_logging()
-  from csd_jax.config import ConfigError
-  from csd_jax.eval import generation
-
+  setup_logging()
   try:
-    import transformers
-
-    from csd_jax.models import load_pretrained
-    from csd_jax.sharding import make_mesh
-    from csd_jax.train.export import restore_student, run_tokenizer
-
-    mesh = make_mesh(-1, 1, 1)   # every device decodes its share of the prompts
-
-    datasets = {}
-    for item in args.data:
-      name, sep, path = item.partition("=")
-      if not sep:
-        raise ValueError(f"--data {item!r}: expected NAME=FILE, e.g. dolly=dolly_test.jsonl")
-      datasets[name] = generation.load_records(path, args.max_examples)
-    if args.workdir:
-      model, config, _ = restore_student(args.workdir)
-      tokenizer = run_tokenizer(config)
-      out = pathlib.Path(args.out or pathlib.Path(args.workdir) / "eval_results.json")
-    else:
-      model = load_pretrained(args.model, mesh=mesh)
-      tokenizer = transformers.AutoTokenizer.from_pretrained(args.model)
-      out = pathlib.Path(args.out or "eval_results.json")
-    if tokenizer is None:
-      raise ValueError("no tokenizer found for this model (data.tokenizer, teacher or student)")
-    teacher = load_pretrained(args.teacher, mesh=mesh) if args.teacher else None
     seeds = tuple(int(s) for s in args.seeds.split(","))
-    cfg = generation.EvalConfig(seeds=seeds, temperature=args.temperature, top_p=args.top_p,
-                                top_k=args.top_k, no_repeat_ngram_size=args.no_repeat_ngram_size,
-                                max_prompt_length=args.max_prompt_length,
-                                max_length=args.max_length, template=args.template)
-    results = generation.evaluate(model, tokenizer, datasets, teacher=teacher, config=cfg)
-  except (ConfigError, ValueError, FileNotFoundError) as error:
-    print(f"csd-jax eval: {error}", file=sys.stderr)
-    return 2
-  generation.write_results(results, out)
-  print(generation.format_table(results))
+  except ValueError:
+    raise UserError(f"--seeds {args.seeds!r}: expected integers separated by commas, e.g. "
+                    "10,20,30") from None
+  request = EvalRequest(
+      data=args.data, workdir=args.workdir, model=args.model, teacher=args.teacher, seeds=seeds,
+      sampling=Sampling(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                        no_repeat_ngram_size=args.no_repeat_ngram_size),
+      template=args.template, max_prompt_length=args.max_prompt_length,
+      max_length=args.max_length, max_examples=args.max_examples, out=args.out)
+  results, out = run_eval(request)
+  print(format_table(results))
   print(f"results in {out}")
   return 0
 
 
-def _train(args: argparse.Namespace) -> int:
-  from csd_jax.config import ConfigError, load_config
+def _convert_gguf(args: argparse.Namespace) -> int:
+  from csd_jax.models.gguf import convert_gguf
 
-  _setup_logging()
-  try:
-    config = load_config(args.config, args.overrides)
-  except ConfigError as error:
-    print(f"csd-jax train: {error}", file=sys.stderr)
-    return 2
-  from csd_jax import distributed
-  from csd_jax.train.loop import train
-
-  try:
-    distributed.initialize()
-    train(config, args.workdir)
-  except (ValueError, FileNotFoundError) as error:
-    print(f"csd-jax train: {error}", file=sys.stderr)
-    return 2
+  out = convert_gguf(args.gguf_file, args.out_dir, dtype=args.dtype)
+  print(f"wrote {out}")
   return 0
 
 

@@ -20,6 +20,7 @@ from typing import Any
 import yaml
 
 from csd_jax.errors import UserError
+from csd_jax.sampling import Sampling
 
 
 class ConfigError(UserError):
@@ -73,8 +74,8 @@ class TrainConfig:
   grad_accum: int = 1             # micro-batches per step (batch_size divides into them)
   seed: int = 0
   log_every: int = 10
-  eval_every: int = 0             # 0: only at the end
-  eval_batches: int = 4
+  heldout_every: int = 0          # held-out loss every N steps (0: only at the end)
+  heldout_batches: int = 4        # batches of the held-out set per evaluation
 
 
 @dataclasses.dataclass(frozen=True)
@@ -112,16 +113,6 @@ class LoraConfig:
 
 
 @dataclasses.dataclass(frozen=True)
-class SamplingConfig:
-  """How the student samples (on-policy data, evaluation): the paper's settings by default."""
-
-  temperature: float = 1.0
-  top_k: int = 0                  # 0: off
-  top_p: float = 1.0              # 1: off
-  no_repeat_ngram_size: int = 0   # 0: off (the paper's evaluation option is 6)
-
-
-@dataclasses.dataclass(frozen=True)
 class OnPolicyConfig:
   """Student-generated training rows (csd_jax/onpolicy.py).
 
@@ -134,7 +125,7 @@ class OnPolicyConfig:
   mix: str = "imitkd"             # imitkd | gkd
   buffer_size: int = 1000         # imitkd: the replay buffer's rows (>= train.batch_size)
   max_new_tokens: int = 0         # 0: data.max_length - data.max_prompt_length
-  sampling: SamplingConfig = dataclasses.field(default_factory=SamplingConfig)
+  sampling: Sampling = dataclasses.field(default_factory=Sampling)  # csd_jax/sampling.py
 
 
 @dataclasses.dataclass(frozen=True)
@@ -146,7 +137,7 @@ class GenEvalConfig:
   max_examples: int = 64          # the first N records of each dataset (0: all)
   seeds: list = dataclasses.field(default_factory=lambda: [10])
   batch_size: int = 16
-  sampling: SamplingConfig = dataclasses.field(default_factory=SamplingConfig)
+  sampling: Sampling = dataclasses.field(default_factory=Sampling)  # csd_jax/sampling.py
 
 
 @dataclasses.dataclass(frozen=True)
@@ -182,6 +173,12 @@ CHOICES = {
 }
 # Dict-valued fields: their keys are free (checked by their users), not config keys.
 FREE_DICTS = ("loss.params", "teacher.config", "student.config", "eval.datasets", "mesh.rules")
+
+
+# Keys that were renamed: an old config gets the new name, not a guess.
+RENAMED = {"train.eval_every": "train.heldout_every (the held-out loss; eval.every is evaluation "
+                               "by generation)",
+           "train.eval_batches": "train.heldout_batches"}
 
 
 def _closest(key: str, valid: Sequence[str]) -> str:
@@ -231,6 +228,9 @@ def _build(cls: type, data: Mapping[str, Any], prefix: str = "") -> Any:
   hints = typing.get_type_hints(cls)
   fields = {f.name: f for f in dataclasses.fields(cls)}
   unknown = [k for k in data if k not in fields]
+  if unknown and prefix + unknown[0] in RENAMED:
+    raise ConfigError(f"config key {prefix + unknown[0]!r} was renamed "
+                      f"{RENAMED[prefix + unknown[0]]}")
   if unknown:
     valid = [prefix + name for name in fields]
     raise ConfigError(f"unknown config key {prefix + unknown[0]!r}; "
@@ -245,7 +245,10 @@ def _build(cls: type, data: Mapping[str, Any], prefix: str = "") -> Any:
       values[name] = _coerce(key, value, hint)
       if key in CHOICES and values[name] not in CHOICES[key]:
         raise ConfigError(f"{key}={values[name]!r}: valid: {', '.join(CHOICES[key])}")
-  return cls(**values)
+  try:
+    return cls(**values)
+  except ValueError as error:   # a section that checks itself (Sampling): name the section
+    raise ConfigError(f"{prefix.rstrip('.') or 'config'}: {error}") from error
 
 
 def to_dict(config: Any) -> dict[str, Any]:
@@ -272,6 +275,8 @@ def apply_override(data: dict[str, Any], override: str) -> None:
   key = key.strip()
   value = yaml.safe_load(raw) if raw.strip() else ""
   free = next((f for f in FREE_DICTS if key.startswith(f + ".")), None)
+  if key in RENAMED:
+    raise ConfigError(f"config key {key!r} was renamed {RENAMED[key]}")
   if free is None and key not in _all_keys():
     raise ConfigError(f"unknown config key {key!r}; {_closest(key, _all_keys())}")
   node = data
@@ -352,23 +357,12 @@ def _check_mesh(config: Config) -> None:
     raise ConfigError(f"mesh.rules: {error}") from error
 
 
-def _check_sampling(section: str, sampling: SamplingConfig) -> None:
-  from csd_jax.models.generate import Sampling
-
-  try:
-    Sampling(sampling.temperature, sampling.top_k, sampling.top_p,
-             sampling.no_repeat_ngram_size)
-  except ValueError as error:
-    raise ConfigError(f"{section}.sampling: {error}") from error
-
-
 def _check_onpolicy(config: Config) -> None:
   onpolicy = config.onpolicy
   if not 0.0 <= onpolicy.ratio <= 1.0:
     raise ConfigError(f"onpolicy.ratio={onpolicy.ratio}: must be within 0..1")
   if not onpolicy.ratio:
     return
-  _check_sampling("onpolicy", onpolicy.sampling)
   if config.data.pack:
     raise ConfigError("onpolicy.ratio > 0 needs data.pack=false: a student answer fills a row "
                       "of its own")
@@ -398,4 +392,37 @@ def _check_eval(config: Config) -> None:
                       f"eval.max_examples={config.eval.max_examples} >= 0 (0 = all)")
   if not config.eval.seeds or not all(isinstance(s, int) for s in config.eval.seeds):
     raise ConfigError(f"eval.seeds={config.eval.seeds}: expected a list of integers")
-  _check_sampling("eval", config.eval.sampling)
+
+
+def resolve_paths(config: Config, base: str | pathlib.Path) -> Config:
+  """`config` with its relative local paths made absolute against `base`, so that the resolved
+  config of a run (W/config.yaml) opens from any working directory.
+
+  A relative model path or tokenizer is resolved only where it exists under `base` (otherwise
+  it is a hub id); data files and `data.data_dir` always (they are local); URLs (`gs://...`)
+  and absolute paths are left as they are.
+  """
+  base = pathlib.Path(base).absolute()
+
+  def local(path: str | None, *, must_exist: bool) -> str | None:
+    if not path or "://" in path or path.startswith("~") or pathlib.Path(path).is_absolute():
+      return path
+    candidate = base / path
+    return str(candidate) if candidate.exists() or not must_exist else path
+
+  def files(paths: Sequence[str]) -> list[str]:
+    return [local(p, must_exist=False) for p in paths]
+
+  data = config.data
+  return dataclasses.replace(
+      config,
+      teacher=dataclasses.replace(config.teacher,
+                                  path=local(config.teacher.path, must_exist=True)),
+      student=dataclasses.replace(config.student,
+                                  path=local(config.student.path, must_exist=True)),
+      data=dataclasses.replace(data, tokenizer=local(data.tokenizer, must_exist=True),
+                               train_files=files(data.train_files),
+                               eval_files=files(data.eval_files), lm_files=files(data.lm_files),
+                               data_dir=local(data.data_dir, must_exist=False)),
+      eval=dataclasses.replace(config.eval, datasets={
+          name: local(path, must_exist=False) for name, path in config.eval.datasets.items()}))

@@ -105,6 +105,7 @@ def run(workdir: str | pathlib.Path = "workdirs/demo", *, loss: str = "csd", ste
   """The whole demo; returns {"before": ..., "after": ...} of ROUGE-L, CSD and KL."""
   import transformers
 
+  from csd_jax.run import open_run
   from csd_jax.train.loop import train
 
   workdir = pathlib.Path(workdir)
@@ -138,8 +139,9 @@ def run(workdir: str | pathlib.Path = "workdirs/demo", *, loss: str = "csd", ste
       "loss.params={}", f"data.train_files=[{train_file}]", f"data.eval_files=[{eval_file}]",
       f"data.data_dir={workdir / 'tfds'}", *([f"train.steps={steps}"] if steps else []),
       *overrides])
-  run_result = train(config, workdir / f"run_{loss}")
-  results["after"] = measure(run_result.student)
+  run_dir = workdir / f"run_{loss}"
+  train(config, run_dir)
+  results["after"] = measure(open_run(run_dir).student)  # as export and eval will see it
   print(f"\n{'student':<10}{'ROUGE-L':>10}{'CSD':>10}{'KL(p||q)':>10}   (held-out, "
         f"{num_eval} prompts; ROUGE-L against the teacher's answers)")
   for name, row in results.items():

@@ -25,11 +25,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from csd_jax.config import OnPolicyConfig
 from csd_jax.losses import IGNORE_LABEL
-from csd_jax.models.generate import Sampling, sample_loop
+from csd_jax.state import TrainState
+from csd_jax.models.generate import sample_loop
 
 Array = jax.Array
 Batch = dict[str, Array]
@@ -129,26 +129,24 @@ def mix_rows(batch: Mapping[str, Array], drawn: Mapping[str, Array]) -> Batch:
 class OnPolicy:
   """`(state, batch) -> (state, batch)` before each train step: the student's answers mixed in.
 
-  imitkd: answers to every row's prompt are pushed into `state["replay"]`, and
+  imitkd: answers to every row's prompt are pushed into `state.replay`, and
   round(ratio x batch) rows are drawn from it. gkd: with probability `ratio` (a per-step coin
   seeded by the run's seed) every row is replaced by the student's fresh answer; otherwise the
   batch is left as it is and nothing is generated.
   """
 
-  def __init__(self, config: OnPolicyConfig, *, student_graphdef: nnx.GraphDef, mesh: Mesh,
+  def __init__(self, config: OnPolicyConfig, *, student_graphdef: nnx.GraphDef,
                batch_size: int, max_length: int, max_prompt_length: int,
                eos_ids: Sequence[int], pad_id: int, seed: int, vocab_size: int | None = None):
     self.config, self.seed = config, seed
     self.drawn_rows = (int(config.ratio * batch_size + 0.5) if config.mix == "imitkd"
                        else batch_size)
     self.max_length, self.pad_id = max_length, pad_id
-    self.replicated = NamedSharding(mesh, P())
-    sampling = Sampling(config.sampling.temperature, config.sampling.top_k,
-                        config.sampling.top_p, config.sampling.no_repeat_ngram_size)
+    sampling = config.sampling   # a Sampling (csd_jax/sampling.py), checked by the config
     max_new = config.max_new_tokens or max_length - max_prompt_length
 
-    def answers(params, frozen, batch, key) -> Batch:
-      student = nnx.merge(student_graphdef, params, frozen)
+    def answers(params, untrained, batch, key) -> Batch:
+      student = nnx.merge(student_graphdef, params, untrained)
       prompt, mask, lengths = batch_prompts(batch, max_prompt_length, pad_id)
       answer = sample_loop(student, prompt, mask, key, max_new_tokens=max_new,
                            sampling=sampling, eos_ids=tuple(eos_ids), pad_id=pad_id,
@@ -156,26 +154,19 @@ class OnPolicy:
       return answer_rows(prompt, lengths, answer, eos_ids=eos_ids, pad_id=pad_id,
                          length=batch["input_ids"].shape[1])
 
-    def imitkd(params, frozen, replay, batch, key):
+    def imitkd(params, untrained, replay, batch, key):
       generate_key, draw_key = jax.random.split(key)
-      replay = push(replay, answers(params, frozen, batch, generate_key))
+      replay = push(replay, answers(params, untrained, batch, generate_key))
       return replay, mix_rows(batch, draw(replay, draw_key, self.drawn_rows))
 
-    def gkd(params, frozen, batch, key):
-      return mix_rows(batch, answers(params, frozen, batch, key))
+    def gkd(params, untrained, batch, key):
+      return mix_rows(batch, answers(params, untrained, batch, key))
 
     self._imitkd = jax.jit(imitkd, donate_argnums=(2,))
     self._gkd = jax.jit(gkd)
 
-  def init_state(self, config: Any) -> dict[str, Any] | None:
-    """The replay buffer to keep in the train state (None for gkd), replicated on the mesh."""
-    if initial_replay(config) is None:
-      return None
-    return jax.jit(lambda: initial_replay(config, self.pad_id),
-                   out_shardings=self.replicated)()
-
-  def _key(self, state: Mapping[str, Any], step: int) -> Array:
-    return jax.random.fold_in(jax.random.fold_in(state["key"], ONPOLICY_STREAM), step)
+  def _key(self, state: TrainState, step: int) -> Array:
+    return jax.random.fold_in(jax.random.fold_in(state.key, ONPOLICY_STREAM), step)
 
   def gkd_coin(self, step: int) -> bool:
     """Whether step `step` of a gkd run is on-policy (the same on every process)."""
@@ -183,17 +174,16 @@ class OnPolicy:
     return bool(np.random.default_rng([seed, ONPOLICY_STREAM, step]).random()
                 < self.config.ratio)
 
-  def __call__(self, state: dict[str, Any], batch: Batch, step: int
-               ) -> tuple[dict[str, Any], Batch]:
+  def __call__(self, state: TrainState, batch: Batch, step: int) -> tuple[TrainState, Batch]:
     if batch["input_ids"].shape[1] != self.max_length:
       raise ValueError(f"on-policy rows need batches of data.max_length={self.max_length} "
                        f"tokens, got {batch['input_ids'].shape[1]}")
     key = self._key(state, step)
     if self.config.mix == "gkd":
-      return state, (self._gkd(state["params"], state["frozen"], batch, key)
+      return state, (self._gkd(state.params, state.untrained, batch, key)
                      if self.gkd_coin(step) else batch)
-    replay, batch = self._imitkd(state["params"], state["frozen"], state["replay"], batch, key)
-    return {**state, "replay": replay}, batch
+    replay, batch = self._imitkd(state.params, state.untrained, state.replay, batch, key)
+    return state.replace(replay=replay), batch
 
 
 def initial_replay(config: Any, pad_id: int = 0) -> dict[str, Any] | None:
@@ -204,14 +194,14 @@ def initial_replay(config: Any, pad_id: int = 0) -> dict[str, Any] | None:
   return init_buffer(config.onpolicy.buffer_size, config.data.max_length, pad_id)
 
 
-def build(config: Any, student_graphdef: nnx.GraphDef, mesh: Mesh, tokenizer: Any | None,
+def build(config: Any, student_graphdef: nnx.GraphDef, tokenizer: Any | None,
           pad_id: int, vocab_size: int) -> OnPolicy | None:
   """The run's on-policy driver, or None when `onpolicy.ratio` is 0. The student samples
   from the `vocab_size` tokens both models have."""
   if not config.onpolicy.ratio:
     return None
   eos = getattr(tokenizer, "eos_token_id", None) if tokenizer is not None else None
-  return OnPolicy(config.onpolicy, student_graphdef=student_graphdef, mesh=mesh,
+  return OnPolicy(config.onpolicy, student_graphdef=student_graphdef,
                   batch_size=config.train.batch_size, max_length=config.data.max_length,
                   max_prompt_length=config.data.max_prompt_length,
                   eos_ids=() if eos is None else (int(eos),), pad_id=pad_id,

@@ -63,7 +63,7 @@ def _final_params(workdir, mesh=None):
   config = load_config(TINY, ARGS)
   trainer = build_trainer(config, mesh or make_mesh(-1, 1, 1))
   step, state, _ = Checkpointer(workdir).restore_latest(trainer.state)
-  return step, {p: np.asarray(v.get_value()) for p, v in nnx.to_flat_state(state["params"])}
+  return step, {p: np.asarray(v.get_value()) for p, v in nnx.to_flat_state(state.params)}
 
 
 def _losses(workdir):

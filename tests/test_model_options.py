@@ -77,7 +77,7 @@ def test_packed_rows_equal_the_samples_alone():
 
 
 def test_flops_per_token_counts_the_head_once_tied_or_not():
-  from csd_jax.train.state import model_flops_per_token
+  from csd_jax.train.flops import model_flops_per_token
 
   tied = init_random(CONFIGS["llama_mqa_tied"](), seed=0)
   untied = init_random({**CONFIGS["llama_mqa_tied"]().to_dict(), "tie_word_embeddings": False},

@@ -32,7 +32,7 @@ def runs(tmp_path_factory, gpt2_tokenizer):
         "data.source=files", f"data.train_files=[{base / 'train.jsonl'}]",
         f"data.eval_files=[{base / 'test.jsonl'}]", f"data.tokenizer={base / 'tokenizer'}",
         f"data.data_dir={base / 'tfds'}", "data.max_prompt_length=12", f"loss.name={loss}",
-        "train.steps=6", "train.eval_every=3"]), workdirs[loss])
+        "train.steps=6", "train.heldout_every=3"]), workdirs[loss])
   return base, workdirs
 
 

@@ -139,7 +139,7 @@ def _tiny(workdir, *overrides):
 
 @pytest.mark.parametrize("mix", ["imitkd", "gkd"])
 def test_a_short_onpolicy_run_lowers_the_loss(tmp_path, mix):
-  rows = _tiny(tmp_path, f"onpolicy.mix={mix}", "train.eval_every=0")
+  rows = _tiny(tmp_path, f"onpolicy.mix={mix}", "train.heldout_every=0")
   losses = [r["loss"] for r in rows if "loss" in r]
   assert losses[-1] < 0.7 * losses[0], losses
   # synthetic rows have 32 targets; an answer row 24 (1 prompt token + 24 sampled)
@@ -172,18 +172,18 @@ def test_resuming_with_another_buffer_is_refused_and_keeps_the_run(tmp_path):
 def test_gkd_with_a_negative_seed():
   driver = onpolicy.OnPolicy(load_config(TINY, ["onpolicy.ratio=0.5", "onpolicy.mix=gkd"]
                                          ).onpolicy, student_graphdef=None,
-                             mesh=jax.make_mesh((1,), ("data",)), batch_size=8, max_length=32,
+                             batch_size=8, max_length=32,
                              max_prompt_length=8, eos_ids=(), pad_id=0, seed=-3)
   coins = [driver.gkd_coin(step) for step in range(64)]
   assert coins == [driver.gkd_coin(step) for step in range(64)] and 16 < sum(coins) < 48
 
 
 def test_export_reads_an_onpolicy_checkpoint(tmp_path):
-  from csd_jax.train.export import restore_student
+  from csd_jax.run import open_run
 
   _tiny(tmp_path, "train.steps=2")
-  _, config, step = restore_student(tmp_path)
-  assert step == 2 and config.onpolicy.ratio == 0.5
+  run = open_run(tmp_path)
+  assert run.step == 2 and run.config.onpolicy.ratio == 0.5
 
 
 def test_onpolicy_config_errors():

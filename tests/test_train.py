@@ -51,7 +51,7 @@ def test_step_on_8_devices_equals_the_1_device_step(one_device):
   _, state_8, losses_8 = _run(["student.dtype=float32"], make_mesh(2, 2, 2))
   # float32 rounding: sharded matmuls and reductions add in another order.
   np.testing.assert_allclose(losses_8, losses_1, rtol=1e-5)
-  _assert_params_close(state_8["params"], state_1["params"])
+  _assert_params_close(state_8.params, state_1.params)
 
 
 def test_accumulation_4x2_equals_1x8(one_device):
@@ -59,7 +59,7 @@ def test_accumulation_4x2_equals_1x8(one_device):
   _, state_acc, losses_acc = _run(["student.dtype=float32", "train.grad_accum=4"],
                                   make_mesh(1, 1, 1, devices=jax.devices()[:1]))
   np.testing.assert_allclose(losses_acc, losses_1, rtol=1e-5)
-  _assert_params_close(state_acc["params"], state_1["params"])
+  _assert_params_close(state_acc.params, state_1.params)
 
 
 def test_teacher_is_frozen_and_has_no_optimizer_state(one_device):
@@ -69,8 +69,8 @@ def test_teacher_is_frozen_and_has_no_optimizer_state(one_device):
   assert before.keys() == after.keys()
   for path in before:
     np.testing.assert_array_equal(after[path], before[path])
-  n_opt = sum(np.size(x) for x in jax.tree.leaves(state["opt_state"]))
-  n_student = sum(v.size for v in _flat(state["params"]).values())
+  n_opt = sum(np.size(x) for x in jax.tree.leaves(state.opt_state))
+  n_student = sum(v.size for v in _flat(state.params).values())
   assert 2 * n_student <= n_opt <= 2 * n_student + 16  # Adam's mu, nu (+ counters): student only
 
 
@@ -78,16 +78,16 @@ def test_lora_trains_only_adapters():
   overrides = ["student.dtype=float32", "train.steps=2"]
   config = load_config(TINY, overrides + ["lora.rank=4", "lora.targets=[q, v, up]"])
   trainer = build_trainer(config, make_mesh(1, 1, 1, devices=jax.devices()[:1]))
-  assert all(isinstance(v, LoraParam) for _, v in nnx.to_flat_state(trainer.state["params"]))
-  frozen_before = _flat(trainer.state["frozen"])
-  params_before = _flat(trainer.state["params"])
+  assert all(isinstance(v, LoraParam) for _, v in nnx.to_flat_state(trainer.state.params))
+  untrained_before = _flat(trainer.state.untrained)
+  params_before = _flat(trainer.state.params)
   state = trainer.state
   with jax.set_mesh(trainer.mesh):
     for _ in range(2):
       state, _ = trainer.train_step(state, trainer.teacher_state, next(trainer.inputs.train), None)
-  for path, value in _flat(state["frozen"]).items():
-    np.testing.assert_array_equal(value, frozen_before[path])
-  assert any(not np.array_equal(v, params_before[p]) for p, v in _flat(state["params"]).items())
+  for path, value in _flat(state.untrained).items():
+    np.testing.assert_array_equal(value, untrained_before[path])
+  assert any(not np.array_equal(v, params_before[p]) for p, v in _flat(state.params).items())
 
 
 def test_tiny_config_lowers_the_loss_and_writes_metrics(tmp_path):

@@ -39,7 +39,7 @@ def loss_curves(workdirs: Mapping[str, PathLike], key: str = "loss"
 
 @dataclasses.dataclass
 class Run:
-  """A finished run, opened: its config, its latest student, its teacher, a held-out batch."""
+  """A run, opened: its config, its latest student, its teacher, a held-out batch."""
 
   workdir: pathlib.Path
   config: Any
@@ -47,26 +47,24 @@ class Run:
   student: Any
   teacher: Any
   tokenizer: Any | None
+  vocab_size: int
   batch: dict[str, np.ndarray]
 
 
 def open_run(workdir: PathLike) -> Run:
   """The run's latest checkpoint's student, its teacher (rebuilt from the config, as training
   built it) and the first batch of its held-out data (else of its training data)."""
+  from csd_jax import run as run_lib
+  from csd_jax.data.inputs import build_inputs  # grain / TFDS: only when a notebook asks
   from csd_jax.sharding import make_mesh
-  from csd_jax.train.export import restore_student
-  from csd_jax.train.inputs import build_inputs
-  from csd_jax.train.state import build_model
 
-  workdir = pathlib.Path(workdir)
-  student, config, step = restore_student(workdir)
-  mesh = make_mesh(-1, 1, 1)
-  teacher = build_model(config.teacher, mesh, frozen=True)
-  vocab = min(teacher.cfg.vocab_size, student.cfg.vocab_size)
-  inputs = build_inputs(config, mesh, vocab)
+  opened = run_lib.open_run(workdir, teacher=True)
+  one_device = make_mesh(1, 1, 1, devices=jax.local_devices()[:1])  # a batch of any size
+  inputs = build_inputs(opened.config, one_device, opened.vocab_size, opened.tokenizer)
   loader = inputs.eval if inputs.eval is not None else inputs.train
   batch = {k: np.asarray(v) for k, v in next(loader).items()}
-  return Run(workdir, config, step, student, teacher, inputs.tokenizer, batch)
+  return Run(opened.workdir, opened.config, opened.step, opened.student, opened.teacher,
+             opened.tokenizer, opened.vocab_size, batch)
 
 
 def _token_text(tokenizer: Any | None, token: int) -> str:
@@ -81,7 +79,7 @@ def token_report(run: Run, *, w1: str | float = "student", w2: str | float = "st
   batch = run.batch
   ids, mask = jnp.asarray(batch["input_ids"]), jnp.asarray(batch["attention_mask"])
   positions = jnp.asarray(batch["positions"])  # packed rows restart them per segment
-  vocab = min(run.teacher.cfg.vocab_size, run.student.cfg.vocab_size)
+  vocab = run.vocab_size
   z = run.student(ids, mask, positions)[..., :vocab].astype(jnp.float32)
   t = run.teacher(ids, mask, positions)[..., :vocab].astype(jnp.float32)
   targets = np.asarray(batch["labels"]) != IGNORE_LABEL

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import pathlib
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
@@ -61,16 +62,17 @@ def _abstract(cfg: ModelConfig) -> tuple[nnx.GraphDef, nnx.State]:
 
 
 def init_random(hf_config: Any, seed: int = 0, *, dtype: Any = jnp.float32,
-                param_dtype: Any = None, mesh: Mesh | None = None, **overrides: Any) -> CausalLM:
+                param_dtype: Any = None, mesh: Mesh | None = None,
+                rules: Mapping[str, Sequence[str]] | None = None, **overrides: Any) -> CausalLM:
   """A randomly initialised model for a transformers config (dict or `PretrainedConfig`),
-  born sharded over `mesh` when one is given."""
+  born sharded over `mesh` when one is given (by `rules`, default `csd_jax.sharding.RULES`)."""
   cfg = config_from_hf(hf_config, dtype=dtype, param_dtype=param_dtype, **overrides)
   graphdef, abstract = _abstract(cfg)
 
   def create() -> nnx.State:
     return nnx.state(CausalLM(cfg, nnx.Rngs(seed)))
 
-  shardings = state_shardings(abstract, mesh) if mesh is not None else None
+  shardings = state_shardings(abstract, mesh, rules) if mesh is not None else None
   state = jax.jit(create, out_shardings=shardings)()
   return nnx.merge(graphdef, state)
 
@@ -83,12 +85,14 @@ def _place(array: np.ndarray, sharding: Any) -> jax.Array:
 
 def load_pretrained(path_or_hub_id: str | os.PathLike, *, dtype: Any = jnp.float32,
                     param_dtype: Any = None, mesh: Mesh | None = None,
+                    rules: Mapping[str, Sequence[str]] | None = None,
                     **overrides: Any) -> CausalLM:
   """A model from a Hugging Face directory (config.json + safetensors) or hub id.
 
   Args:
     dtype: compute dtype. param_dtype: storage dtype (default float32).
-    mesh: place each parameter straight into its sharded array (rules in `csd_jax.sharding`).
+    mesh: place each parameter straight into its sharded array.
+    rules: logical axis -> mesh axes (default `csd_jax.sharding.RULES`).
     **overrides: `ModelConfig` fields (`remat`, `attention_impl`, ...).
 
   Raises:
@@ -99,7 +103,7 @@ def load_pretrained(path_or_hub_id: str | os.PathLike, *, dtype: Any = jnp.float
   cfg = config_from_hf(hf_config, dtype=dtype, param_dtype=param_dtype, **overrides)
   graphdef, abstract = _abstract(cfg)
   variables = dict(nnx.to_flat_state(abstract))
-  shardings = (dict(nnx.to_flat_state(state_shardings(abstract, mesh)))
+  shardings = (dict(nnx.to_flat_state(state_shardings(abstract, mesh, rules)))
                if mesh is not None else {})
   checkpoint = SafetensorsCheckpoint(directory)
   available = {canonical_name(cfg, n): n for n in checkpoint.names()}

@@ -17,7 +17,9 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from csd_jax.losses import IGNORE_LABEL, fused_logit_loss, logit_loss
+from csd_jax.losses import IGNORE_LABEL, chunked_token_sums, fused_logit_loss, logit_loss
+from csd_jax.sharding import loss_axes
+from csd_jax.state import TrainState
 
 Array = jax.Array
 Batch = Mapping[str, Array]
@@ -36,6 +38,7 @@ class Objective:
   chunk_size: int = 1024
   normalize: str = "token"
   vocab_size: int | None = None  # both heads are cut to this (None: the student's)
+  rules: Mapping[str, Any] | None = None  # mesh.rules: where the fused loss splits its work
 
 
 def _count_kwargs(labels: Array, normalize: str) -> dict[str, Array]:
@@ -64,6 +67,8 @@ def distill_loss(student: Any, teacher: Any, batch: Batch, objective: Objective,
   valid = batch["labels"] != IGNORE_LABEL
   hidden = _forward(student, batch, dropout_key)
   head = _head(student, objective.vocab_size)
+  token_axes, vocab_axis = loss_axes(objective.rules)
+  fused_axes = {"token_axes": token_axes, "vocab_axis": vocab_axis}
   common = {"normalize": objective.normalize, **counts}
   parts: dict[str, Array] = {}
   if objective.kd_coef:
@@ -73,7 +78,8 @@ def distill_loss(student: Any, teacher: Any, batch: Batch, objective: Objective,
       parts["kd"] = fused_logit_loss(
           objective.name, hidden, head, teacher_hidden, teacher_head, valid,
           chunk_size=objective.chunk_size, logit_softcap=student.cfg.final_logit_softcap,
-          teacher_logit_softcap=teacher.cfg.final_logit_softcap, **common, **objective.params)
+          teacher_logit_softcap=teacher.cfg.final_logit_softcap, **fused_axes, **common,
+          **objective.params)
     else:
       v = objective.vocab_size
       parts["kd"] = logit_loss(objective.name, student.logits(hidden)[..., :v],
@@ -82,7 +88,8 @@ def distill_loss(student: Any, teacher: Any, batch: Batch, objective: Objective,
   if objective.ce_coef:
     parts["ce"] = fused_logit_loss("ce", hidden, head, None, None, valid, labels=batch["labels"],
                                    chunk_size=objective.chunk_size,
-                                   logit_softcap=student.cfg.final_logit_softcap, **common)
+                                   logit_softcap=student.cfg.final_logit_softcap, **fused_axes,
+                                   **common)
   total = objective.kd_coef * parts.get("kd", 0.0) + objective.ce_coef * parts.get("ce", 0.0)
   return total, parts
 
@@ -91,10 +98,12 @@ def lm_loss(student: Any, batch: Batch, objective: Objective, counts: Mapping[st
             ) -> Array:
   """Next-token cross-entropy of the student on pre-training text."""
   hidden = _forward(student, batch)
+  token_axes, vocab_axis = loss_axes(objective.rules)
   return fused_logit_loss("ce", hidden, _head(student, objective.vocab_size), None, None,
                           batch["labels"] != IGNORE_LABEL, labels=batch["labels"],
                           chunk_size=objective.chunk_size, normalize=objective.normalize,
-                          logit_softcap=student.cfg.final_logit_softcap, **counts)
+                          logit_softcap=student.cfg.final_logit_softcap, token_axes=token_axes,
+                          vocab_axis=vocab_axis, **counts)
 
 
 def split_micro_batches(batch: Batch, grad_accum: int) -> Batch:
@@ -112,12 +121,12 @@ def make_train_step(student_graphdef: nnx.GraphDef, teacher_graphdef: nnx.GraphD
                     objective: Objective, grad_accum: int) -> Callable:
   """`step(state, teacher_state, batch, lm_batch) -> (state, metrics)` (to be jitted).
 
-  `state` = {"params": trained variables, "frozen": the student's other variables,
-  "opt_state", "step", "key"}; `lm_batch` is None without an LM term.
+  `state` is the `TrainState`; `teacher_state` the teacher's variables; `lm_batch` is None
+  without an LM term.
   """
 
-  def micro_loss(params, frozen, teacher_state, batch, lm_batch, counts, lm_counts, key):
-    student = nnx.merge(student_graphdef, params, frozen)
+  def micro_loss(params, untrained, teacher_state, batch, lm_batch, counts, lm_counts, key):
+    student = nnx.merge(student_graphdef, params, untrained)
     teacher = nnx.merge(teacher_graphdef, teacher_state)
     total, parts = distill_loss(student, teacher, batch, objective, counts, key)
     if lm_batch is not None and objective.lm_coef:
@@ -125,51 +134,56 @@ def make_train_step(student_graphdef: nnx.GraphDef, teacher_graphdef: nnx.GraphD
       total = total + objective.lm_coef * parts["lm"]
     return total, parts
 
-  def step(state, teacher_state, batch, lm_batch=None):
+  def step(state: TrainState, teacher_state: nnx.State, batch: Batch,
+           lm_batch: Batch | None = None) -> tuple[TrainState, dict[str, Array]]:
     counts = _count_kwargs(batch["labels"], objective.normalize)
     lm_counts = None if lm_batch is None else _count_kwargs(lm_batch["labels"],
                                                             objective.normalize)
     micro = split_micro_batches(batch, grad_accum)
     lm_micro = None if lm_batch is None else split_micro_batches(lm_batch, grad_accum)
-    step_key = jax.random.fold_in(state["key"], state["step"])
+    step_key = jax.random.fold_in(state.key, state.step)
     grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
 
     def accumulate(grads, inputs):
       index, mb, lm_mb = inputs
-      (total, parts), g = grad_fn(state["params"], state["frozen"], teacher_state, mb, lm_mb,
+      (total, parts), g = grad_fn(state.params, state.untrained, teacher_state, mb, lm_mb,
                                   counts, lm_counts, jax.random.fold_in(step_key, index))
       return jax.tree.map(jnp.add, grads, g), (total, parts)
 
-    zeros = jax.tree.map(jnp.zeros_like, state["params"])
+    zeros = jax.tree.map(jnp.zeros_like, state.params)
     grads, (totals, parts) = jax.lax.scan(
         accumulate, zeros, (jnp.arange(grad_accum), micro, lm_micro))
-    updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
-    params = optax.apply_updates(state["params"], updates)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
     metrics = {"loss": jnp.sum(totals), "grad_norm": optax.tree.norm(grads),
-               "lr": schedule(state["step"]), "valid_tokens": jnp.sum(batch["labels"] != -100),
+               "lr": schedule(state.step), "valid_tokens": jnp.sum(batch["labels"] != -100),
                **{k: jnp.sum(v) for k, v in parts.items()}}
-    new_state = {**state, "params": params, "opt_state": opt_state, "step": state["step"] + 1}
+    new_state = state.replace(params=optax.apply_updates(state.params, updates),
+                              opt_state=opt_state, step=state.step + 1)
     return new_state, metrics
 
   return step
 
 
+# The divergences every held-out evaluation reports, whatever the run's objective, so that runs
+# with different losses compare on common measures.
+HELD_OUT_DIVERGENCES = {"kl": ("fkl", {}), "csd": ("csd", {})}
+
+
 def make_eval_step(student_graphdef: nnx.GraphDef, teacher_graphdef: nnx.GraphDef,
                    objective: Objective) -> Callable:
-  """`eval(params, frozen, teacher_state, batch) -> sums` for held-out metrics: the distillation
-  loss summed over valid tokens, the valid count, and the teacher-student top-1 agreement."""
+  """`eval(state, teacher_state, batch) -> sums` of held-out metrics over the valid tokens: the
+  objective's distillation loss (`kd`), the forward KL and CSD at T = 1 (`kl`, `csd`), the
+  student's cross-entropy (`ce`), the teacher-student top-1 agreement (`agree`) and the
+  count. Through the chunked head path: O(chunk x V) memory, never [N, V] logits."""
 
-  def evaluate(params, frozen, teacher_state, batch):
-    student = nnx.merge(student_graphdef, params, frozen)
+  def evaluate(state: TrainState, teacher_state: nnx.State, batch: Batch) -> dict[str, Array]:
+    student = state.student(student_graphdef)
     teacher = nnx.merge(teacher_graphdef, teacher_state)
-    valid = batch["labels"] != IGNORE_LABEL
-    count = jnp.sum(valid)
-    plain = dataclasses.replace(objective, kd_coef=1.0, ce_coef=0.0, normalize="token")
-    _, parts = distill_loss(student, teacher, batch, plain, {"num_valid_tokens": 1.0})
-    v = objective.vocab_size
-    hidden_s, hidden_t = _forward(student, batch), _forward(teacher, batch)
-    agree = jnp.argmax(student.logits(hidden_s)[..., :v], -1) == jnp.argmax(
-        teacher.logits(hidden_t)[..., :v], -1)
-    return {"kd_sum": parts["kd"], "count": count, "agree": jnp.sum(agree & valid)}
+    return chunked_token_sums(
+        _forward(student, batch), _head(student, objective.vocab_size),
+        _forward(teacher, batch), _head(teacher, objective.vocab_size), batch["labels"],
+        chunk_size=objective.chunk_size, logit_softcap=student.cfg.final_logit_softcap,
+        teacher_logit_softcap=teacher.cfg.final_logit_softcap,
+        losses={"kd": (objective.name, objective.params), **HELD_OUT_DIVERGENCES})
 
   return evaluate

@@ -1,8 +1,8 @@
-"""The trainer's inputs: train / eval / LM-text loaders from the config, and the tokenizer.
+"""A run's inputs: train / eval / LM-text loaders from the config, and the tokenizer.
 
 `synthetic` data is random token sequences of `data.max_length` (every position a target),
 for smoke tests and benchmarks; `files` and `dolly` are instruction data through the TFDS
-builders and the Grain loader, tokenised with the teacher's tokenizer (or `data.tokenizer`).
+builders and the Grain loader, tokenised with the run's tokenizer.
 """
 
 from __future__ import annotations
@@ -12,10 +12,11 @@ import pathlib
 from typing import Any
 
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh
 
 from csd_jax.config import Config
-from csd_jax.sharding import RULES
+from csd_jax.errors import UserError
+from csd_jax.sharding import batch_sharding, resolve_rules
 
 SYNTHETIC_EVAL_OFFSET = 1 << 20  # eval records' seeds never collide with training records'
 
@@ -41,28 +42,16 @@ class SyntheticTokens:
     return {"input_ids": ids[:-1], "labels": ids[1:]}
 
 
-def batch_sharding(mesh: Mesh) -> NamedSharding:
-  """Rows over the data axes (the `batch` rule), sequence positions replicated."""
-  return NamedSharding(mesh, P(RULES["batch"], None))
-
-
-def load_tokenizer(config: Config) -> Any | None:
-  path = config.data.tokenizer or config.teacher.path
-  if path is None:
-    return None
-  import transformers
-
-  return transformers.AutoTokenizer.from_pretrained(path)
-
-
-def build_inputs(config: Config, mesh: Mesh, vocab_size: int) -> Inputs:
-  """Loaders for training, held-out evaluation and (with `loss.lm_coef`) pre-training text."""
+def build_inputs(config: Config, mesh: Mesh, vocab_size: int, tokenizer: Any | None) -> Inputs:
+  """Loaders for training, held-out evaluation and (with `loss.lm_coef`) pre-training text,
+  tokenised with `tokenizer` (the run's: `csd_jax.run.resolve_tokenizer`; unused by synthetic
+  data)."""
   from csd_jax.data import tfds_builder
   from csd_jax.data.instruct import InstructionTokenizer, TextTokenizer
   from csd_jax.data.loader import BatchLoader, LoaderConfig
 
   data = config.data
-  sharding = batch_sharding(mesh)
+  sharding = batch_sharding(mesh, resolve_rules(config.mesh.rules))
 
   def loader(source, encode, pad_id, seed_offset=0, shuffle=True):
     # On-policy rows are data.max_length long: the batches they join are too.
@@ -76,14 +65,13 @@ def build_inputs(config: Config, mesh: Mesh, vocab_size: int) -> Inputs:
     encode = SyntheticTokens(vocab_size, data.max_length, config.train.seed)
     train_records = [{"text": str(i)} for i in range(data.synthetic_samples)]
     eval_records = [{"text": str(SYNTHETIC_EVAL_OFFSET + i)}
-                    for i in range(config.train.batch_size * config.train.eval_batches)]
+                    for i in range(config.train.batch_size * config.train.heldout_batches)]
     return Inputs(loader(train_records, encode, 0), loader(eval_records, encode, 0, 1, False),
                   None, None)
 
-  tokenizer = load_tokenizer(config)
   if tokenizer is None:
-    raise ValueError(f"data.source={data.source} needs a tokenizer: set data.tokenizer or use "
-                     "a teacher.path with tokenizer files")
+    raise UserError(f"data.source={data.source} needs a tokenizer: set data.tokenizer or use "
+                    "a teacher.path or student.path with tokenizer files")
   data_dir = pathlib.Path(data.data_dir).expanduser()
   if data.source == "dolly":
     splits = tfds_builder.dolly(data_dir, source=data.dolly_source)

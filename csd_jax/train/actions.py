@@ -1,0 +1,253 @@
+"""The training loop's periodic actions, one per concern, and the resume that precedes them.
+
+Each action is called after every step with the number of steps done and the state, decides
+with `itstime` whether it is its turn, and returns the metrics it produced (an empty dict when
+it did nothing); the loop writes a step's metrics in one row.
+
+- `Log`: the step's metrics, throughput and MFU every `train.log_every` steps, progress bar;
+- `HeldOut`: the held-out loss, KL, CSD and agreement every `train.heldout_every` steps;
+- `GenerationEval`: evaluation by generation every `eval.every` steps (W/eval/step_<N>.json);
+- `Save`: a checkpoint every `checkpoint.every` steps, and the final one;
+- `Preemption`: SIGTERM or the platform's notice: the loop saves and stops.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import pathlib
+import signal
+import threading
+import time
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import numpy as np
+
+from csd_jax.checkpoint import Checkpointer
+from csd_jax.config import to_dict
+from csd_jax.errors import UserError
+from csd_jax.metrics import ProgressBar, mfu, peak_flops_per_device
+from csd_jax.state import TrainState
+from csd_jax.train.flops import model_flops_per_token
+
+logger = logging.getLogger("csd_jax.train")
+
+
+def itstime(step: int, every: int, total: int, *, last: bool = True) -> bool:
+  """Whether an action with period `every` (0: never, but at the end with `last`) runs after
+  `step` of `total` steps: at every multiple of `every`, and at the last step when `last`."""
+  return (every > 0 and step % every == 0) or (last and step == total)
+
+
+def host_value(x: jax.Array) -> np.ndarray:
+  """The value of a replicated array (on several hosts, any local replica is the value)."""
+  return np.asarray(x if x.is_fully_addressable else x.addressable_data(0))
+
+
+def _fetch(metrics: Mapping[str, jax.Array]) -> dict[str, float]:
+  return {k: float(host_value(v)) for k, v in metrics.items()}
+
+
+class Log:
+  """The train step's metrics, tokens/s and MFU every `train.log_every` steps and at the end
+  (fetched from the device only then), and the progress bar."""
+
+  def __init__(self, trainer: Any, *, enabled: bool):
+    self.every, self.total = trainer.config.train.log_every, trainer.total_steps
+    seq_len = trainer.config.data.max_length
+    self.flops_per_token = (
+        model_flops_per_token(trainer.models.student, seq_len, backward=True)
+        + model_flops_per_token(trainer.models.teacher, seq_len, backward=False))
+    peak = peak_flops_per_device(jax.devices()[0])
+    self.peak = peak * jax.device_count() if peak else None
+    self.progress = ProgressBar(self.total) if enabled else None
+    self.metrics: Mapping[str, jax.Array] = {}
+    self.last: dict[str, float] = {}
+    self.tokens, self.since = 0, time.perf_counter()
+
+  def observe(self, metrics: Mapping[str, jax.Array], batch: Mapping[str, Any]) -> None:
+    """A step's (device) metrics and its batch's tokens."""
+    self.metrics = metrics
+    self.tokens += int(np.prod(batch["input_ids"].shape))
+
+  def __call__(self, done: int, state: TrainState) -> dict[str, float]:
+    del state
+    if not itstime(done, self.every, self.total):
+      return {}
+    row = _fetch(self.metrics)
+    elapsed = time.perf_counter() - self.since
+    row["tokens_per_s"] = self.tokens / elapsed
+    utilisation = mfu(self.flops_per_token * self.tokens, elapsed, self.peak)
+    if utilisation is not None:
+      row["mfu"] = utilisation
+    if self.progress:
+      self.progress.update(done, loss=row["loss"], tokens_per_s=row["tokens_per_s"],
+                           mfu=row.get("mfu"))
+    self.tokens, self.since, self.last = 0, time.perf_counter(), row
+    return row
+
+  def close(self) -> None:
+    if self.progress:
+      self.progress.close()
+
+
+class HeldOut:
+  """Held-out metrics every `train.heldout_every` steps and at the end, over the same
+  `train.heldout_batches` batches each time (the loader is rewound): the objective's loss
+  (`eval_loss`), KL(p||q) and CSD at T = 1 whatever the objective (`eval_kl`, `eval_csd`: runs
+  with different losses compare on them) and the teacher-student top-1 agreement."""
+
+  def __init__(self, trainer: Any):
+    self.trainer = trainer
+    self.every = trainer.config.train.heldout_every
+    self.batches = trainer.config.train.heldout_batches
+    self.last: dict[str, float] = {}
+
+  def __call__(self, done: int, state: TrainState, *, force: bool = False) -> dict[str, float]:
+    loader = self.trainer.inputs.eval
+    if loader is None or not (force or itstime(done, self.every, self.trainer.total_steps)):
+      return {}
+    loader.rewind()
+    sums: dict[str, float] = {}
+    for _ in range(self.batches):
+      out = _fetch(self.trainer.eval_step(state, self.trainer.teacher_state, next(loader)))
+      sums = {k: sums.get(k, 0.0) + v for k, v in out.items()}
+    count = max(sums["count"], 1.0)
+    self.last = {"eval_loss": sums["kd"] / count, "eval_kl": sums["kl"] / count,
+                 "eval_csd": sums["csd"] / count, "eval_agreement": sums["agree"] / count}
+    return self.last
+
+
+class GenerationEval:
+  """The student judged by generation every `eval.every` steps and at the end (0: never),
+  with the results (samples included) in W/eval/step_<N>.json. One process only."""
+
+  def __init__(self, trainer: Any, workdir: pathlib.Path):
+    self.trainer, self.workdir = trainer, workdir
+    config = trainer.config
+    self.every = config.eval.every
+    if not self.every:
+      return
+    if jax.process_count() > 1:
+      raise UserError("eval.every > 0 runs on one process only; set eval.every=0 and run "
+                      "`csd-jax eval --workdir W` on the checkpoints")
+    from csd_jax.eval import generation
+
+    self.generation = generation
+    self.settings = generation.run_settings(config)
+    self.datasets = generation.run_datasets(config)
+
+  def __call__(self, done: int, state: TrainState) -> dict[str, float]:
+    if not self.every or not itstime(done, self.every, self.trainer.total_steps):
+      return {}
+    start = time.perf_counter()
+    results = self.generation.evaluate(
+        self.trainer.student(state), self.trainer.inputs.tokenizer, self.datasets,
+        teacher=self.trainer.models.teacher, config=self.settings)
+    (self.workdir / "eval").mkdir(exist_ok=True)
+    self.generation.write_results(results, self.workdir / "eval" / f"step_{done}.json")
+    metrics = self.generation.flat_metrics(results)
+    logger.info("step %d, evaluation by generation (%.0f s): %s", done,
+                time.perf_counter() - start, ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
+    return metrics
+
+
+# ---- checkpoints: save, preemption, resume ---------------------------------------------------
+
+def _from_every_process(obj: Any) -> list[Any]:
+  """`obj` (JSON-able) of every process, in process order (a host-level all-gather)."""
+  if jax.process_count() == 1:
+    return [obj]
+  from jax.experimental import multihost_utils
+
+  data = np.frombuffer(json.dumps(obj).encode(), np.uint8)
+  sizes = multihost_utils.process_allgather(np.int32(data.size))
+  padded = np.zeros(int(np.max(sizes)), np.uint8)
+  padded[:data.size] = data
+  gathered = multihost_utils.process_allgather(padded)
+  return [json.loads(bytes(gathered[i][:int(sizes[i])]).decode()) for i in range(len(sizes))]
+
+
+class Save:
+  """Checkpoints with every process's data position and the resolved config."""
+
+  def __init__(self, trainer: Any, checkpointer: Checkpointer):
+    self.trainer, self.checkpointer = trainer, checkpointer
+    self.every = trainer.config.checkpoint.every
+
+  def __call__(self, step: int, state: TrainState, *, wait: bool = False) -> None:
+    inputs = self.trainer.inputs
+    mine = {"train": inputs.train.get_state(),
+            **({"lm": inputs.lm.get_state()} if inputs.lm is not None else {})}
+    self.checkpointer.save(step, state, {"per_process": _from_every_process(mine)},
+                           to_dict(self.trainer.config), wait=wait)
+
+  def periodic(self, done: int, state: TrainState) -> None:
+    """Every `checkpoint.every` steps before the last (the loop saves the last one itself)."""
+    if done < self.trainer.total_steps and itstime(done, self.every, 0, last=False):
+      self(done, state)
+
+
+class Preemption:
+  """SIGTERM sets a flag; `requested(step)` is True on every process once any process got it
+  (agreed at log steps: a collective, so not every step) or JAX announced a preemption."""
+
+  def __init__(self, checkpointer: Checkpointer, log_every: int):
+    self.checkpointer, self.log_every = checkpointer, log_every
+    self.signalled = False
+    self._previous = None
+
+  def __enter__(self) -> Preemption:
+    if threading.current_thread() is threading.main_thread():
+      self._previous = signal.signal(signal.SIGTERM, self._handle)
+    return self
+
+  def _handle(self, signum, frame) -> None:
+    del signum, frame
+    self.signalled = True
+
+  def __exit__(self, *exc: object) -> None:
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+
+  def requested(self, step: int) -> bool:
+    stop = self.signalled
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils
+
+      stop = (bool(np.any(multihost_utils.process_allgather(np.int32(stop))))
+              if step % self.log_every == 0 else False)
+    if stop or self.checkpointer.reached_preemption(step):
+      logger.warning("preempted: saving the checkpoint of step %d in %s; re-run the same "
+                     "command to continue", step, self.checkpointer.directory)
+      return True
+    return False
+
+
+def resume(checkpointer: Checkpointer, trainer: Any) -> TrainState:
+  """The state to start from: the latest readable checkpoint's (the loaders moved to its data
+  position), or the trainer's fresh one."""
+  restored = checkpointer.restore_latest(trainer.state)
+  if restored is None and checkpointer.steps():
+    # Never start over on top of a run's checkpoints: a changed config (LoRA, on-policy
+    # buffer) no longer matches their structure, or every one of them is damaged.
+    raise UserError(f"none of the checkpoints {checkpointer.steps()} in "
+                    f"{checkpointer.directory} can be restored into this config's state "
+                    "(changed lora.* or onpolicy.*? see the warnings above); resume with the "
+                    "run's own config, or use a new workdir")
+  if restored is None:
+    return trainer.state
+  step, state, loaders = restored
+  per_process = loaders["per_process"]
+  if len(per_process) != jax.process_count():
+    logger.warning("the checkpoint was written by %d processes, this run has %d: each process "
+                   "continues from process 0's data position", len(per_process),
+                   jax.process_count())
+  mine = per_process[jax.process_index() if len(per_process) == jax.process_count() else 0]
+  trainer.inputs.train.set_state(mine["train"])
+  if trainer.inputs.lm is not None and "lm" in mine:
+    trainer.inputs.lm.set_state(mine["lm"])
+  logger.info("resuming from the checkpoint of step %d in %s", step, checkpointer.directory)
+  return state
