@@ -98,3 +98,107 @@ def test_teacher_with_padded_vocabulary_rows(tiny_model_dir, data_file, tmp_path
                                load_records(data_file), cfg)
   # seed 0 gives the same weights for the shared rows: only the padded rows differ
   assert out["kl"] >= 0.0 and np.isfinite(out["csd"])
+
+
+def _mixed_records(count: int) -> list[dict[str, str]]:
+  """Instructions of 0, 1, 2, ... padding words: prompts of many lengths."""
+  return [{"instruction": "Name " + "very " * i + f"colour {i}.",
+           "context": "", "response": f"Colour {i} is blue."} for i in range(count)]
+
+
+def test_generation_compiles_once_per_prompt_width_and_keeps_the_tokenizer(tiny_model_dir):
+  """64 prompts of mixed lengths in batches of 10 (the last one partial): `generate`'s jitted
+  loop compiles once per padding width, not once per batch, and so does the teacher-forced
+  pass; the tokenizer given comes back as it was."""
+  from csd_jax.data.batching import bucket_length
+  from csd_jax.data.instruct import render_prompt
+  from csd_jax.eval.generation import WIDTH_MULTIPLE, _prompt_ids, _token_sums
+  from csd_jax.models import load_pretrained
+  from csd_jax.models.generate import _generate
+
+  model = load_pretrained(tiny_model_dir)
+  tokenizer = transformers.AutoTokenizer.from_pretrained(tiny_model_dir)
+  tokenizer.padding_side = tokenizer.truncation_side = "right"
+  settings = ("padding_side", "truncation_side", "pad_token", "pad_token_id")
+  before = {name: getattr(tokenizer, name) for name in settings}
+  records = _mixed_records(64)
+  cfg = EvalConfig(seeds=(10,), max_prompt_length=160, max_length=192, batch_size=10)
+  lengths = [len(ids) for ids in _prompt_ids(tokenizer, [render_prompt(r, cfg.template)
+                                                         for r in records], 160)]
+  longest = [max(lengths[s:s + 10]) for s in range(0, 64, 10)]
+  widths = {bucket_length(n, multiple=WIDTH_MULTIPLE, cap=160) for n in longest}
+  # the test bites: batches differ in their longest prompt more often than in their width
+  assert len(widths) >= 2 and len(set(longest)) > len(widths), (longest, widths)
+  _generate.clear_cache()
+  _token_sums.clear_cache()
+  result = evaluate(model, tokenizer, {"mixed": records}, teacher=model, config=cfg)["mixed"]
+  assert len(result["samples"]["10"]) == 64
+  assert 1 <= _generate._cache_size() <= len(widths)
+  assert 1 <= _token_sums._cache_size() <= -(-cfg.max_length // WIDTH_MULTIPLE)  # 64..192
+  assert {name: getattr(tokenizer, name) for name in settings} == before
+
+
+def test_answers_do_not_depend_on_the_batch(tiny_model_dir):
+  """Greedy answers are the same alone or in a batch completed with filler rows."""
+  from csd_jax.models import load_pretrained
+  from csd_jax.sampling import GREEDY
+
+  model = load_pretrained(tiny_model_dir)
+  tokenizer = transformers.AutoTokenizer.from_pretrained(tiny_model_dir)
+  records = {"short": _mixed_records(6)}   # prompts all in one width
+  common = dict(seeds=(10,), sampling=GREEDY, max_prompt_length=64, max_length=96)
+  batched = evaluate(model, tokenizer, records, config=EvalConfig(batch_size=4, **common))
+  alone = evaluate(model, tokenizer, records, config=EvalConfig(batch_size=1, **common))
+  assert batched["short"]["samples"] == alone["short"]["samples"]
+  assert batched["short"]["sampling"]["temperature"] == 0.0
+
+
+def test_chunked_metrics_equal_dense_logits(tiny_model_dir, data_file, tmp_path):
+  """Perplexity, KL, CSD and agreement from the chunked heads equal those of full logits, with
+  a different, soft-capped teacher; a student with more vocabulary rows than its teacher keeps
+  its own perplexity."""
+  import jax.numpy as jnp
+
+  from csd_jax.data.batching import pad_batch
+  from csd_jax.data.instruct import InstructionTokenizer
+  from csd_jax.eval.generation import teacher_forced_metrics
+  from csd_jax.losses import logit_loss
+  from csd_jax.models import load_pretrained
+
+  student = load_pretrained(tiny_model_dir)
+  config = json.loads((tiny_model_dir / "config.json").read_text())
+  teacher = init_random(config, seed=1, final_logit_softcap=2.0)
+  tokenizer = transformers.AutoTokenizer.from_pretrained(tiny_model_dir)
+  records = load_records(data_file)
+  cfg = EvalConfig(max_prompt_length=48, max_length=64, batch_size=2)
+  got = teacher_forced_metrics(student, teacher, tokenizer, records, cfg)
+
+  encode = InstructionTokenizer(tokenizer, max_length=64, max_prompt_length=48)
+  batch = pad_batch([encode(r) for r in records], pad_id=encode.pad_id, max_length=64,
+                    bucket_multiple=64)
+  ids, mask = jnp.asarray(batch["input_ids"]), jnp.asarray(batch["attention_mask"])
+  labels = jnp.asarray(batch["labels"])
+  valid = labels != -100
+  logits, teacher_logits = student(ids, mask), teacher(ids, mask)
+  want = {"perplexity": float(jnp.exp(logit_loss("ce", logits, labels, valid))),
+          "kl": float(logit_loss("fkl", logits, teacher_logits, valid)),
+          "csd": float(logit_loss("csd", logits, teacher_logits, valid)),
+          "agreement": float(jnp.sum((logits.argmax(-1) == teacher_logits.argmax(-1)) & valid)
+                             / jnp.sum(valid))}
+  assert got == pytest.approx(want, rel=1e-4)
+  assert abs(got["kl"]) > 1e-3   # a different teacher: the comparison is not void
+
+  wide = tmp_path / "wide"
+  save_pretrained(init_random({**config, "vocab_size": 49152 + 64}, seed=0), wide, tokenizer)
+  wide_student = load_pretrained(wide)
+  alone = teacher_forced_metrics(wide_student, None, tokenizer, records, cfg)
+  with_teacher = teacher_forced_metrics(wide_student, student, tokenizer, records, cfg)
+  assert with_teacher["perplexity"] == pytest.approx(alone["perplexity"], rel=1e-5)
+
+
+def test_eval_imports_neither_grain_nor_tensorflow_datasets():
+  code = ("import sys, csd_jax.eval.generation; "
+          "print([m for m in ('grain', 'tensorflow_datasets') if m in sys.modules])")
+  out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                       cwd=ROOT, timeout=300).stdout
+  assert out.strip() == "[]"

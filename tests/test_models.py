@@ -167,7 +167,8 @@ def test_ngram_wider_than_the_sequence_bans_nothing(tiny):
 
 
 def test_sample_loop_draws_only_below_vocab_size(tiny):
-  from csd_jax.models.generate import Sampling, sample_loop
+  from csd_jax.models.generate import sample_loop
+  from csd_jax.sampling import Sampling
 
   _, directory, _ = tiny
   model = load_pretrained(directory)

@@ -28,6 +28,7 @@ import grain
 import jax
 import numpy as np
 
+from csd_jax.data.batching import pad_batch
 from csd_jax.data.instruct import TokenizeStats
 
 logger = logging.getLogger("csd_jax.data")
@@ -75,25 +76,6 @@ class _Encode(grain.experimental.FlatMapTransform):
     if out is None:
       return []
     return out if isinstance(out, list) else [out]
-
-
-def pad_batch(examples: Sequence[Example], *, pad_id: int, max_length: int,
-              bucket_multiple: int) -> Batch:
-  """Right-pad examples to the bucket length: the longest, rounded up to `bucket_multiple`."""
-  longest = max(len(e["input_ids"]) for e in examples)
-  length = min(max_length, -(-longest // bucket_multiple) * bucket_multiple)
-  rows = len(examples)
-  batch = {"input_ids": np.full((rows, length), pad_id, np.int32),
-           "labels": np.full((rows, length), IGNORE_INDEX, np.int32),
-           "attention_mask": np.zeros((rows, length), np.int32),
-           "positions": np.zeros((rows, length), np.int32)}
-  for i, example in enumerate(examples):
-    n = len(example["input_ids"])
-    batch["input_ids"][i, :n] = example["input_ids"]
-    batch["labels"][i, :n] = example["labels"]
-    batch["attention_mask"][i, :n] = 1
-    batch["positions"][i, :n] = np.arange(n)
-  return batch
 
 
 def stack_packed(rows: Sequence[Example], *, pad_id: int) -> Batch:

@@ -15,7 +15,6 @@ Grain loader reads. Records come back with their text fields as UTF-8 bytes.
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import os
 import pathlib
@@ -26,6 +25,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from csd_jax.data.instruct import records_from_json, text_from_json
+from csd_jax.data.records import read_json_records
 
 DOLLY_HUB_ID = "databricks/databricks-dolly-15k"
 DOLLY_EVAL_SIZE = 500
@@ -54,41 +54,6 @@ class _QuietBuilder(tfds.core.GeneratorBasedBuilder):
 
   def _log_download_done(self) -> None:
     logger.info("%s: prepared under %s (later runs reuse it)", self.name, self.data_dir)
-
-def read_json_records(path: str | os.PathLike) -> Iterator[tuple[str, Mapping[str, Any]]]:
-  """(key, record) for every record of a JSONL, JSON (a list, or {"data": [...]}) or Parquet file.
-
-  Raises:
-    FileNotFoundError: the file does not exist. ValueError: it cannot be parsed.
-  """
-  path = pathlib.Path(path)
-  if not path.is_file():
-    raise FileNotFoundError(f"data file {path} does not exist")
-  suffix = path.suffix.lower()
-  if suffix == ".parquet":
-    try:
-      import pyarrow.parquet as pq
-    except ImportError as error:
-      raise ValueError(f"{path}: reading Parquet needs pyarrow (pip install pyarrow)") from error
-    for i, row in enumerate(pq.read_table(path).to_pylist()):
-      yield f"{path.name}:{i}", row
-    return
-  if suffix == ".json":
-    data = json.loads(path.read_text(encoding="utf-8"))
-    rows = data.get("data") if isinstance(data, dict) else data
-    if not isinstance(rows, list):
-      raise ValueError(f"{path}: expected a JSON list of records (or {{'data': [...]}})")
-    for i, row in enumerate(rows):
-      yield f"{path.name}:{i}", row
-    return
-  with open(path, encoding="utf-8") as f:
-    for line_number, line in enumerate(f, 1):
-      if line.strip():
-        try:
-          yield f"{path.name}:{line_number}", json.loads(line)
-        except json.JSONDecodeError as error:
-          raise ValueError(f"{path}:{line_number}: not valid JSON ({error.msg})") from error
-
 
 def _convert(records: Iterator[tuple[str, Mapping[str, Any]]],
              to_example: Callable[[Mapping[str, Any]], dict[str, str]],

@@ -5,13 +5,21 @@ Vicuna, S-NI, UnNI, ...) and every seed (10, 20, 30, 40, 50 by default), the mod
 answer to each prompt (temperature 1, top-p 1, top-k 0 by default; prompt <= 256 and total <=
 512 tokens) with the KV cache. Reported per dataset: ROUGE-L against the reference responses
 (averaged over seeds), Self-BLEU across the seeds' answers to the same prompt (diversity), the
-perplexity of the reference responses, and, with a teacher, the teacher-student KL(p||q) and
-CSD at T = 1 on the reference responses.
+perplexity of the reference responses, and, with a teacher, the teacher-student KL(p||q), CSD
+at T = 1 and the top-1 agreement on the reference responses.
+
+Shapes are fixed so that compiles do not grow with the data: every batch has `batch_size`
+rows, and prompts (left-padded) and teacher-forced rows (right-padded) are padded to multiples
+of `WIDTH_MULTIPLE`; a prompt bucket of width w gets `max_length - w` new tokens. The
+teacher-forced metrics come from hidden states and LM heads a chunk of tokens at a time
+(`losses.chunked_token_sums`), never `[N, V]` logits. The tokenizer given is only read.
+This package imports neither grain nor tensorflow-datasets (csd_jax.data.records / batching).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import pathlib
@@ -19,41 +27,59 @@ import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-import jax.numpy as jnp
+import jax
 import numpy as np
+from flax import nnx
 
-from csd_jax.data.instruct import InstructionTokenizer, records_from_json, render_prompt
-from csd_jax.data.loader import pad_batch
-from csd_jax.data.tfds_builder import read_json_records
+from csd_jax.data.batching import bucket_length, pad_batch
+from csd_jax.data.instruct import (IGNORE_INDEX, InstructionTokenizer, records_from_json,
+                                   render_prompt)
+from csd_jax.data.records import read_json_records
+from csd_jax.errors import UserError
 from csd_jax.eval.text_metrics import rouge_l, self_bleu
-from csd_jax.losses import logit_loss
+from csd_jax.losses import chunked_token_sums
 from csd_jax.models import generate
+from csd_jax.sampling import Sampling
 
 DEFAULT_SEEDS = (10, 20, 30, 40, 50)
+# Prompts and teacher-forced rows are padded to multiples of this (capped at the maximum
+# length): a handful of shapes, so each jitted function compiles once per width, not per batch.
+WIDTH_MULTIPLE = 64
+# The teacher-forced comparisons, as `chunked_token_sums` names them: KL(p||q) and CSD at T = 1.
+_TEACHER_LOSSES = {"fkl": ("fkl", {}), "csd": ("csd", {})}
 logger = logging.getLogger("csd_jax.eval")
 
 
 @dataclasses.dataclass(frozen=True)
 class EvalConfig:
+  """How `evaluate` samples and scores. Every batch has `batch_size` rows (the last one is
+  filled with copies whose answers are dropped), so that shapes, not batches, set compiles."""
+
   seeds: Sequence[int] = DEFAULT_SEEDS
-  temperature: float = 1.0
-  top_p: float = 1.0
-  top_k: int = 0
-  no_repeat_ngram_size: int = 0     # the paper's evaluation uses 6 as an option
+  sampling: Sampling = Sampling()   # the paper's: temperature 1, top-k / top-p / no-repeat off
   max_prompt_length: int = 256
   max_length: int = 512
   batch_size: int = 16
   template: str = "minillm"
   max_examples: int | None = None   # the first N records of each dataset (None: all)
 
+  def __post_init__(self) -> None:
+    if not isinstance(self.sampling, Sampling):
+      raise UserError(f"sampling={self.sampling!r}: expected a csd_jax.sampling.Sampling, e.g. "
+                      "Sampling(temperature=1.0, top_p=0.9)")
+    if self.batch_size < 1:
+      raise UserError(f"batch_size={self.batch_size}: must be >= 1")
+    if not 0 < self.max_prompt_length < self.max_length:
+      raise UserError(f"max_prompt_length={self.max_prompt_length}, max_length="
+                      f"{self.max_length}: need 0 < max_prompt_length < max_length, so that an "
+                      "answer has room")
+
 
 def run_settings(config: Any) -> EvalConfig:
   """The evaluation settings of a training run: its `eval` section's seeds and sampling, its
   data's template and lengths."""
   section, data = config.eval, config.data
-  return EvalConfig(seeds=tuple(section.seeds), temperature=section.sampling.temperature,
-                    top_p=section.sampling.top_p, top_k=section.sampling.top_k,
-                    no_repeat_ngram_size=section.sampling.no_repeat_ngram_size,
+  return EvalConfig(seeds=tuple(section.seeds), sampling=section.sampling,
                     max_prompt_length=data.max_prompt_length, max_length=data.max_length,
                     batch_size=section.batch_size, template=data.template)
 
@@ -66,83 +92,153 @@ def run_datasets(config: Any) -> dict[str, list[dict[str, str]]]:
 
 def flat_metrics(results: Mapping[str, Mapping[str, Any]]) -> dict[str, float]:
   """`{dataset}/{metric}` scalars of `evaluate`'s results, for the metrics log."""
-  names = ("rougeL", "self_bleu", "perplexity", "kl", "csd")
+  names = ("rougeL", "self_bleu", "perplexity", "kl", "csd", "agreement")
   return {f"{dataset}/{k}": float(row[k]) for dataset, row in results.items()
           for k in names if k in row}
 
 
 def load_records(path: str | pathlib.Path, limit: int | None = None) -> list[dict[str, str]]:
+  """The instruction records of a JSONL / JSON / Parquet file (the first `limit`)."""
   records = [records_from_json(r) for _, r in read_json_records(path)]
   if not records:
     raise ValueError(f"{path}: no records")
   return records[:limit] if limit else records
 
 
-def _answers(model: Any, tokenizer: Any, prompts: Sequence[str], seed: int,
+def _token_id(tokenizer: Any, name: str) -> int | None:
+  value = getattr(tokenizer, f"{name}_token_id", None)
+  return None if value is None else int(value)
+
+
+def _prompt_ids(tokenizer: Any, prompts: Sequence[str], max_prompt_length: int
+                ) -> list[list[int]]:
+  """Token ids of each prompt, cut from the left (a long prompt keeps its end, as in training).
+
+  Truncation and padding are done here, not by the tokenizer, so that the caller's tokenizer
+  is never reconfigured (padding side, truncation side, pad token).
+  """
+  encoded = tokenizer(list(prompts), add_special_tokens=False)["input_ids"]
+  return [list(ids)[-max_prompt_length:] for ids in encoded]
+
+
+def _left_padded(rows: Sequence[Sequence[int]], width: int, pad_id: int
+                 ) -> tuple[np.ndarray, np.ndarray]:
+  ids = np.full((len(rows), width), pad_id, np.int32)
+  mask = np.zeros((len(rows), width), np.int32)
+  for i, row in enumerate(rows):
+    if row:
+      ids[i, width - len(row):], mask[i, width - len(row):] = row, 1
+  return ids, mask
+
+
+def _answers(model: Any, tokenizer: Any, prompt_ids: Sequence[Sequence[int]], seed: int,
              cfg: EvalConfig) -> list[str]:
-  tokenizer.padding_side = "left"
-  tokenizer.truncation_side = "left"  # a long prompt keeps its end, as in training
-  if tokenizer.pad_token_id is None:   # GPT-2 has none; the mask hides padding anyway
-    tokenizer.pad_token = tokenizer.eos_token
+  """One sampled answer per prompt. Batches are `batch_size` rows (the last one completed with
+  copies of its last prompt, answers dropped) and `WIDTH_MULTIPLE`-wide buckets, with the
+  length budget of the bucket (`max_length - width` new tokens): `generate` compiles once per
+  width used, whatever the number of batches."""
+  eos = _token_id(tokenizer, "eos")
+  pad = _token_id(tokenizer, "pad")
+  pad = pad if pad is not None else eos or 0   # any id: the mask hides left padding
   answers = []
-  for start in range(0, len(prompts), cfg.batch_size):
-    enc = tokenizer(list(prompts[start:start + cfg.batch_size]), return_tensors="np",
-                    padding=True, truncation=True, max_length=cfg.max_prompt_length,
-                    add_special_tokens=False)
-    new = cfg.max_length - enc["input_ids"].shape[1]
-    out = np.asarray(generate(model, enc["input_ids"], prompt_mask=enc["attention_mask"],
-                              max_new_tokens=new, temperature=cfg.temperature, top_k=cfg.top_k,
-                              top_p=cfg.top_p, no_repeat_ngram_size=cfg.no_repeat_ngram_size,
+  for start in range(0, len(prompt_ids), cfg.batch_size):
+    chunk = list(prompt_ids[start:start + cfg.batch_size])
+    rows = chunk + [chunk[-1]] * (cfg.batch_size - len(chunk))
+    width = bucket_length(max(map(len, rows)), multiple=WIDTH_MULTIPLE,
+                          cap=cfg.max_prompt_length)
+    ids, mask = _left_padded(rows, width, pad)
+    out = np.asarray(generate(model, ids, prompt_mask=mask, max_new_tokens=cfg.max_length - width,
+                              sampling=cfg.sampling,
                               seed=seed * 1_000_003 + start,  # no two (seed, batch) alike
-                              eos_id=tokenizer.eos_token_id))
-    answers += [tokenizer.decode(row, skip_special_tokens=True).strip() for row in out]
+                              eos_id=eos))
+    answers += [tokenizer.decode(row, skip_special_tokens=True).strip()
+                for row in out[:len(chunk)]]
   return answers
 
 
+@functools.partial(jax.jit, static_argnames=("graphdef", "teacher_graphdef", "vocab",
+                                             "separate_ce"))
+def _token_sums(graphdef: nnx.GraphDef, state: nnx.State, teacher_graphdef: nnx.GraphDef | None,
+                teacher_state: nnx.State | None, batch: Mapping[str, jax.Array], *,
+                vocab: int | None, separate_ce: bool) -> dict[str, jax.Array]:
+  """Sums over a batch's response tokens (`chunked_token_sums`): the student's NLL and, with a
+  teacher, the agreement and `_TEACHER_LOSSES`, on the shared `vocab`; never `[N, V]` logits."""
+  model = nnx.merge(graphdef, state)
+  hidden, _ = model.hidden_states(batch["input_ids"], batch["attention_mask"],
+                                  batch["positions"])
+  head, cap = model.head_weight(), model.cfg.final_logit_softcap
+  if teacher_graphdef is None:
+    return chunked_token_sums(hidden, head, None, None, batch["labels"], logit_softcap=cap)
+  teacher = nnx.merge(teacher_graphdef, teacher_state)
+  teacher_hidden, _ = teacher.hidden_states(batch["input_ids"], batch["attention_mask"],
+                                            batch["positions"])
+  sums = chunked_token_sums(hidden, head[:, :vocab], teacher_hidden,
+                            teacher.head_weight()[:, :vocab], batch["labels"],
+                            logit_softcap=cap,
+                            teacher_logit_softcap=teacher.cfg.final_logit_softcap,
+                            losses=_TEACHER_LOSSES)
+  if separate_ce:   # the student's perplexity is over its own whole vocabulary, teacher or not
+    sums["ce"] = chunked_token_sums(hidden, head, None, None, batch["labels"],
+                                    logit_softcap=cap)["ce"]
+  return sums
+
+
 def teacher_forced_metrics(model: Any, teacher: Any | None, tokenizer: Any,
-                    records: Sequence[Mapping[str, str]], cfg: EvalConfig) -> dict[str, float]:
-  """Perplexity of the reference responses; with a teacher, KL(p||q) and CSD on them."""
+                           records: Sequence[Mapping[str, str]], cfg: EvalConfig
+                           ) -> dict[str, float]:
+  """Perplexity of the reference responses; with a teacher, KL(p||q), CSD and the top-1
+  agreement on them (the teacher and student compared on the vocabulary both have).
+
+  One jitted function, compiled once per row width (multiples of `WIDTH_MULTIPLE`); the logits
+  are formed a chunk of tokens at a time.
+  """
   encode = InstructionTokenizer(tokenizer, template=cfg.template, max_length=cfg.max_length,
                                 max_prompt_length=cfg.max_prompt_length)
   examples = [e for e in map(encode, records) if e is not None]
-  sums = {"ce": 0.0, "fkl": 0.0, "csd": 0.0}
-  count = 0
-  for start in range(0, len(examples), cfg.batch_size):
-    batch = pad_batch(examples[start:start + cfg.batch_size], pad_id=encode.pad_id,
-                      max_length=cfg.max_length, bucket_multiple=64)
-    ids, mask = jnp.asarray(batch["input_ids"]), jnp.asarray(batch["attention_mask"])
-    labels = jnp.asarray(batch["labels"])
-    valid = labels != -100
-    n = int(valid.sum())
-    logits = model(ids, mask)
-    sums["ce"] += float(logit_loss("ce", logits, labels, valid)) * n
-    if teacher is not None:
-      teacher_logits = teacher(ids, mask)
-      vocab = min(logits.shape[-1], teacher_logits.shape[-1])  # padded rows, as in training
-      for name in ("fkl", "csd"):
-        sums[name] += float(logit_loss(name, logits[..., :vocab], teacher_logits[..., :vocab],
-                                       valid)) * n
-    count += n
-  out = {"perplexity": float(np.exp(sums["ce"] / max(count, 1)))}
+  graphdef, state = nnx.split(model)
+  teacher_graphdef, teacher_state, vocab = None, None, None
   if teacher is not None:
-    out.update(kl=sums["fkl"] / max(count, 1), csd=sums["csd"] / max(count, 1))
+    teacher_graphdef, teacher_state = nnx.split(teacher)
+    vocab = min(model.cfg.vocab_size, teacher.cfg.vocab_size)  # padded rows, as in training
+  pending = []
+  for start in range(0, len(examples), cfg.batch_size):
+    chunk = examples[start:start + cfg.batch_size]
+    # Filler rows (a real row with no label) keep the batch's shape fixed and count nowhere.
+    filler = {"input_ids": chunk[-1]["input_ids"],
+              "labels": np.full_like(chunk[-1]["labels"], IGNORE_INDEX)}
+    batch = pad_batch(chunk + [filler] * (cfg.batch_size - len(chunk)), pad_id=encode.pad_id,
+                      max_length=cfg.max_length, bucket_multiple=WIDTH_MULTIPLE)
+    pending.append(_token_sums(graphdef, state, teacher_graphdef, teacher_state, batch,
+                               vocab=vocab, separate_ce=(teacher is not None
+                                                         and vocab < model.cfg.vocab_size)))
+  sums: dict[str, float] = {}
+  for batch_sums in jax.device_get(pending):   # fetched once: the batches run back to back
+    for key, value in batch_sums.items():
+      sums[key] = sums.get(key, 0.0) + float(value)   # added in float64
+  count = max(sums.get("count", 0.0), 1.0)
+  out = {"perplexity": float(np.exp(sums.get("ce", 0.0) / count))}
+  if teacher is not None:
+    out.update(kl=sums.get("fkl", 0.0) / count, csd=sums.get("csd", 0.0) / count,
+               agreement=sums.get("agree", 0.0) / count)
   return out
 
 
 def evaluate(model: Any, tokenizer: Any, datasets: Mapping[str, Sequence[Mapping[str, str]]],
              *, teacher: Any | None = None, config: EvalConfig = EvalConfig()
              ) -> dict[str, dict[str, Any]]:
-  """Metrics per dataset (and the generated samples per seed, and the sampling settings)."""
-  sampling = {"temperature": config.temperature, "top_p": config.top_p, "top_k": config.top_k,
-              "no_repeat_ngram_size": config.no_repeat_ngram_size}
+  """Metrics per dataset (and the generated samples per seed, and the sampling settings).
+
+  The tokenizer is only read, never reconfigured."""
+  sampling = dataclasses.asdict(config.sampling)
   results = {}
   for name, records in datasets.items():
     prompts = [render_prompt(r, config.template, tokenizer) for r in records]
+    prompt_ids = _prompt_ids(tokenizer, prompts, config.max_prompt_length)
     references = [r["response"] for r in records]
     samples = {}
     for i, seed in enumerate(config.seeds):
       start = time.perf_counter()
-      samples[seed] = _answers(model, tokenizer, prompts, seed, config)
+      samples[seed] = _answers(model, tokenizer, prompt_ids, seed, config)
       logger.info("%s: seed %d (%d/%d), %d answers in %.0f s", name, seed, i + 1,
                   len(config.seeds), len(prompts), time.perf_counter() - start)
     rouge = [rouge_l(samples[s], references) for s in config.seeds]
@@ -164,7 +260,7 @@ def _cell(value: float | None) -> str:
 
 
 def format_table(results: Mapping[str, Mapping[str, Any]]) -> str:
-  columns = ("rougeL", "self_bleu", "perplexity", "kl", "csd")
+  columns = ("rougeL", "self_bleu", "perplexity", "kl", "csd", "agreement")
   lines = [f"{'dataset':<16}" + "".join(f"{c:>12}" for c in columns)]
   for name, row in results.items():
     lines.append(f"{name:<16}" + "".join(_cell(row.get(c)) for c in columns))

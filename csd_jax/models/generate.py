@@ -2,11 +2,12 @@
 
 Prompts are left-padded to a common length (`prompt_mask` marks the real tokens), so every
 sequence's next token goes into the same cache slot; positions count real tokens only, so a
-padded prompt continues exactly as it would alone. Temperature 0 is greedy; otherwise top-k
-(0 = off) and top-p (1 = off) filter the tempered logits, and `no_repeat_ngram_size` n (0 = off)
-forbids any token that would repeat an n-gram of the real tokens so far (prompt included, left
-padding not). A sequence stops at its first eos token and is padded with `pad_id` after it; the
-loop ends when every sequence has stopped.
+padded prompt continues exactly as it would alone. How tokens are drawn is a `Sampling`
+(csd_jax/sampling.py): temperature 0 is greedy; otherwise top-k (0 = off) and top-p (1 = off)
+filter the tempered logits, and `no_repeat_ngram_size` n (0 = off) forbids any token that would
+repeat an n-gram of the real tokens so far (prompt included, left padding not). A sequence
+stops at its first eos token and is padded with `pad_id` after it; the loop ends when every
+sequence has stopped.
 
 `sample_loop` is the un-jitted core, for callers that generate inside their own jitted function
 (on-policy distillation); `generate` is the jitted entry point.
@@ -26,15 +27,16 @@ from jax import lax
 from jax.sharding import NamedSharding, PartitionSpec
 
 from csd_jax.models.transformer import CausalLM, positions_from_mask
+from csd_jax.sampling import GREEDY, Sampling
 from csd_jax.sharding import RULES
 
 Array = jax.Array
 
 
-def filter_logits(logits: Array, *, temperature: float, top_k: int = 0,
-                  top_p: float = 1.0) -> Array:
+def filter_logits(logits: Array, sampling: Sampling) -> Array:
   """Tempered logits with everything outside the top-k / nucleus set to -inf."""
-  logits = logits.astype(jnp.float32) / temperature
+  logits = logits.astype(jnp.float32) / sampling.temperature
+  top_k, top_p = sampling.top_k, sampling.top_p
   if top_k > 0:
     kth = lax.top_k(logits, top_k)[0][..., -1:]
     logits = jnp.where(logits < kth, -jnp.inf, logits)
@@ -48,31 +50,11 @@ def filter_logits(logits: Array, *, temperature: float, top_k: int = 0,
   return logits
 
 
-def sample_token(logits: Array, key: Array, *, temperature: float, top_k: int = 0,
-                 top_p: float = 1.0) -> Array:
+def sample_token(logits: Array, key: Array, sampling: Sampling) -> Array:
   """One token per row of `logits` [B, V]: greedy at temperature 0."""
-  if temperature == 0.0:
+  if sampling.greedy:
     return jnp.argmax(logits, axis=-1).astype(jnp.int32)
-  filtered = filter_logits(logits, temperature=temperature, top_k=top_k, top_p=top_p)
-  return jax.random.categorical(key, filtered, axis=-1).astype(jnp.int32)
-
-
-@dataclasses.dataclass(frozen=True)
-class Sampling:
-  """How tokens are drawn: temperature 0 is greedy; top_k 0, top_p 1, no_repeat_ngram_size 0
-  are off."""
-
-  temperature: float = 0.0
-  top_k: int = 0
-  top_p: float = 1.0
-  no_repeat_ngram_size: int = 0
-
-  def __post_init__(self):
-    if (self.temperature < 0 or not 0.0 < self.top_p <= 1.0 or self.top_k < 0
-        or self.no_repeat_ngram_size < 0):
-      raise ValueError(f"temperature={self.temperature}, top_k={self.top_k}, top_p={self.top_p}"
-                       f", no_repeat_ngram_size={self.no_repeat_ngram_size}: need temperature "
-                       ">= 0, top_k >= 0, 0 < top_p <= 1 and no_repeat_ngram_size >= 0")
+  return jax.random.categorical(key, filter_logits(logits, sampling), axis=-1).astype(jnp.int32)
 
 
 def ban_repeated_ngrams(logits: Array, tokens: Array, real: Array, length: Array | int,
@@ -130,8 +112,7 @@ def sample_loop(model: CausalLM, prompt: Array, prompt_mask: Array, key: Array, 
     if n:
       logits = ban_repeated_ngrams(logits.astype(jnp.float32), tokens, kv_valid,
                                    prompt_len + i, n)
-    token = sample_token(logits[:, :vocab_size], sub, temperature=sampling.temperature,
-                         top_k=sampling.top_k, top_p=sampling.top_p)
+    token = sample_token(logits[:, :vocab_size], sub, sampling)
     token = jnp.where(done, pad_id, token)
     tokens = lax.dynamic_update_slice_in_dim(tokens, token[:, None], prompt_len + i, axis=1)
     if eos is not None:
@@ -154,16 +135,17 @@ def _generate(graphdef: nnx.GraphDef, state: nnx.State, prompt: Array, prompt_ma
 
 
 def generate(model: CausalLM, prompt_ids: Array, *, max_new_tokens: int,
-             temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
-             no_repeat_ngram_size: int = 0, seed: int = 0,
+             sampling: Sampling = GREEDY, seed: int = 0,
              eos_id: int | Sequence[int] | None = None, prompt_mask: Array | None = None,
-             pad_id: int | None = None) -> Array:
+             pad_id: int | None = None, **sampling_fields: float) -> Array:
   """Continue left-padded prompts [B, P]: returns the new tokens [B, max_new_tokens].
 
+  The jitted loop compiles once per (batch, prompt width, max_new_tokens, sampling): callers
+  that loop over batches keep those fixed (see csd_jax/eval/generation.py).
+
   Args:
-    temperature: 0 for greedy decoding; otherwise the sampling temperature.
-    top_k: keep the k most likely tokens (0 = all). top_p: nucleus mass (1 = all).
-    no_repeat_ngram_size: n > 0 forbids repeating any n-gram (as transformers' option).
+    sampling: how tokens are drawn (default greedy); `Sampling`'s fields given as keywords
+      (`temperature=1.0, top_p=0.9`) replace those of `sampling`.
     seed: the sampling seed (the same seed gives the same samples).
     eos_id: token id(s) that end a sequence. pad_id: what follows the end (default: the
       first eos id, or 0).
@@ -171,7 +153,13 @@ def generate(model: CausalLM, prompt_ids: Array, *, max_new_tokens: int,
   """
   if max_new_tokens < 1:
     raise ValueError(f"max_new_tokens={max_new_tokens}: must be at least 1")
-  sampling = Sampling(float(temperature), int(top_k), float(top_p), int(no_repeat_ngram_size))
+  if sampling_fields:
+    names = {f.name for f in dataclasses.fields(Sampling)}
+    unknown = sorted(set(sampling_fields) - names)
+    if unknown:
+      raise TypeError(f"generate() got unexpected keyword arguments {unknown}; sampling "
+                      f"fields: {', '.join(sorted(names))}")
+    sampling = dataclasses.replace(sampling, **sampling_fields)
   prompt_ids = jnp.asarray(prompt_ids, jnp.int32)
   if prompt_mask is None:
     prompt_mask = jnp.ones(prompt_ids.shape, jnp.int32)
