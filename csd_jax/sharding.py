@@ -81,23 +81,23 @@ def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1,
   """A `('data', 'fsdp', 'tensor')` mesh; one size may be -1 (fill with the remaining devices).
 
   Raises:
-    ValueError: the sizes do not multiply to the device count (or do not divide it, with -1).
+    UserError: the sizes do not multiply to the device count (or do not divide it, with -1).
   """
   devices = list(jax.devices() if devices is None else devices)
   sizes = [data, fsdp, tensor]
   if sizes.count(-1) > 1 or any(s == 0 or s < -1 for s in sizes):
-    raise ValueError(f"mesh sizes data={data}, fsdp={fsdp}, tensor={tensor}: use positive sizes "
-                     "and at most one -1 (fill)")
+    raise UserError(f"mesh sizes data={data}, fsdp={fsdp}, tensor={tensor}: use positive sizes "
+                    "and at most one -1 (fill)")
   known = math.prod(s for s in sizes if s != -1)
   if -1 in sizes:
     if len(devices) % known:
-      raise ValueError(f"mesh data={data}, fsdp={fsdp}, tensor={tensor} does not divide the "
-                       f"{len(devices)} devices; choose sizes whose product divides it")
+      raise UserError(f"mesh data={data}, fsdp={fsdp}, tensor={tensor} does not divide the "
+                      f"{len(devices)} devices; choose sizes whose product divides it")
     sizes[sizes.index(-1)] = len(devices) // known
   if math.prod(sizes) != len(devices):
-    raise ValueError(f"mesh data={sizes[0]}, fsdp={sizes[1]}, tensor={sizes[2]} needs "
-                     f"{math.prod(sizes)} devices, found {len(devices)}; make the product "
-                     "equal the device count or set one size to -1")
+    raise UserError(f"mesh data={sizes[0]}, fsdp={sizes[1]}, tensor={sizes[2]} needs "
+                    f"{math.prod(sizes)} devices, found {len(devices)}; make the product "
+                    "equal the device count or set one size to -1")
   return jax.make_mesh(tuple(sizes), MESH_AXES, axis_types=(AxisType.Auto,) * 3,
                        devices=devices)
 

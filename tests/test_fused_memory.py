@@ -44,3 +44,35 @@ def test_fused_temp_memory_is_a_fraction_of_unfused(temps):
 
 def test_fused_temp_memory_scales_with_the_chunk():
   assert _temp_bytes(4096, True, chunk_size=256) < 0.5 * _temp_bytes(4096, True, chunk_size=1024)
+
+
+def test_eval_step_temp_memory_does_not_grow_with_tokens():
+  """The trainer's held-out eval step (objective, KL, CSD, agreement) goes through the chunked
+  head path: compiled at two batch sizes, its temporaries stay far below [N, V] logits."""
+  import optax
+  from flax import nnx
+
+  from csd_jax.models import init_random
+  from csd_jax.sharding import make_mesh
+  from csd_jax.state import init_train_state
+  from csd_jax.train.step import Objective, make_eval_step
+
+  vocab, seq, chunk = 32768, 128, 256
+  model = dict(model_type="gpt2", n_embd=64, n_layer=1, n_head=2, n_positions=seq,
+               vocab_size=vocab)
+  mesh = make_mesh(1, 1, 1, devices=jax.devices()[:1])
+  student = init_random(model, seed=0, mesh=mesh)
+  teacher_graphdef, teacher_state = nnx.split(init_random(model, seed=1, mesh=mesh))
+  graphdef, state = init_train_state(student, optax.sgd(0.1), mesh)
+  step = jax.jit(make_eval_step(graphdef, teacher_graphdef,
+                                Objective("csd", {}, chunk_size=chunk, vocab_size=vocab)))
+
+  def temp(rows: int) -> int:
+    ids = jax.ShapeDtypeStruct((rows, seq), jnp.int32)
+    batch = {"input_ids": ids, "labels": ids, "attention_mask": ids, "positions": ids}
+    return step.lower(state, teacher_state, batch).compile().memory_analysis().temp_size_in_bytes
+
+  small, large = temp(8), temp(64)             # 1024 and 8192 tokens
+  logits_growth = (64 - 8) * seq * vocab * 4   # what [N, V] float32 logits would add: 940 MB
+  # Activations of the 1-layer models grow with N (a few KB per token); logits would not fit.
+  assert large - small < 0.05 * logits_growth, (small, large)

@@ -2,6 +2,7 @@
 and the real GPT-2 tokenizer) and saves every figure."""
 
 import json
+import os
 import pathlib
 
 import nbclient
@@ -25,14 +26,19 @@ def runs(tmp_path_factory, gpt2_tokenizer):
   (base / "train.jsonl").write_text("\n".join(json.dumps(r) for r in records[:20]))
   (base / "test.jsonl").write_text("\n".join(json.dumps(r) for r in records[20:]))
   workdirs = {}
-  for loss in ("csd", "fkl"):
-    workdirs[loss] = base / loss
-    train(load_config(TINY, [
-        "teacher.config.vocab_size=50257", "student.config.vocab_size=50257",
-        "data.source=files", f"data.train_files=[{base / 'train.jsonl'}]",
-        f"data.eval_files=[{base / 'test.jsonl'}]", f"data.tokenizer={base / 'tokenizer'}",
-        f"data.data_dir={base / 'tfds'}", "data.max_prompt_length=12", f"loss.name={loss}",
-        "train.steps=6", "train.heldout_every=3"]), workdirs[loss])
+  # Trained with paths relative to `base`, opened (by the notebook) from another directory.
+  cwd = os.getcwd()
+  os.chdir(base)
+  try:
+    for loss in ("csd", "fkl"):
+      workdirs[loss] = base / loss
+      train(load_config(TINY, [
+          "teacher.config.vocab_size=50257", "student.config.vocab_size=50257",
+          "data.source=files", "data.train_files=[train.jsonl]", "data.eval_files=[test.jsonl]",
+          "data.tokenizer=tokenizer", "data.data_dir=tfds", "data.max_prompt_length=12",
+          f"loss.name={loss}", "train.steps=6", "train.heldout_every=3"]), loss)
+  finally:
+    os.chdir(cwd)
   return base, workdirs
 
 
@@ -76,6 +82,9 @@ def test_the_notebook_executes_and_saves_its_figures(runs, tmp_path, monkeypatch
   for loss in workdirs:
     curve = inspection.fidelity_diversity(workdirs[loss])["sweep"]
     assert [point[0] for point in curve] == [0.5, 1.5]
+    # the held-out curves compare every run on the same measures, at every period
+    for key in ("eval_kl", "eval_csd"):
+      assert inspection.loss_curves({loss: workdirs[loss]}, key)[loss][0] == [3, 6]
 
 
 def test_token_report_on_packed_rows_equals_the_rows_apart():
@@ -103,7 +112,8 @@ def test_token_report_on_packed_rows_equals_the_rows_apart():
   apart = batch([a, np.r_[b, 0]], [np.ones(6), np.r_[np.ones(5), 0]],
                 [np.arange(6), np.r_[np.arange(5), 0]], [labels(6), np.r_[labels(5), False]])
   reports = [inspection.token_report(inspection.Run(pathlib.Path("."), None, 0, student,
-                                                    teacher, None, b_)) for b_ in (packed, apart)]
+                                                    teacher, None, 64, b_))
+             for b_ in (packed, apart)]
   got, want = reports[0]["per_token"][0], reports[1]["per_token"]
   # float32: the same sums over 64 entries, in rows of another length
   np.testing.assert_allclose(got, np.r_[want[0], want[1, :5]], rtol=1e-5, atol=1e-7)

@@ -130,3 +130,14 @@ def test_sft_and_lm_terms_with_different_vocab_sizes(tmp_path, converted, caplog
   expected = rows[-1]["kd"] + 0.5 * rows[-1]["ce"] + 0.25 * rows[-1]["lm"]
   np.testing.assert_allclose(rows[-1]["loss"], expected, rtol=1e-5)
   assert result.student.cfg.vocab_size == 49152
+
+
+def test_heldout_evaluation_at_every_multiple_of_its_period_whatever_log_every(tmp_path):
+  train(load_config(TINY, ["train.steps=10", "train.log_every=4", "train.heldout_every=3"]),
+        tmp_path)
+  rows = read_metrics(tmp_path)
+  assert [r["step"] for r in rows if "eval_loss" in r] == [3, 6, 9, 10]
+  assert [r["step"] for r in rows if "loss" in r] == [4, 8, 10]
+  for row in (r for r in rows if "eval_loss" in r):
+    # the common measures of every run, whatever its objective (here CSD: eval_loss is CSD)
+    assert row["eval_kl"] > 0 and row["eval_csd"] == pytest.approx(row["eval_loss"], rel=1e-6)

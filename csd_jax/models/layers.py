@@ -16,6 +16,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax import lax
 
+from csd_jax.errors import UserError
 from csd_jax.models.config import ModelConfig
 from csd_jax.models.lora import LoraParam
 
@@ -132,7 +133,8 @@ def rope_inverse_frequencies(cfg: ModelConfig) -> Array:
     smoothed = (1 - smooth) * scaled / factor + smooth * scaled
     medium = (wavelen >= old_context / high) & (wavelen <= old_context / low)
     return jnp.where(medium, smoothed, scaled)
-  raise ValueError(f"unsupported rope_scaling type {kind!r}; supported: linear, llama3")
+  raise UserError(f"unsupported rope_scaling type {kind!r} in the model config; supported: "
+                  "linear, llama3 (or none)")
 
 
 def apply_rope(x: Array, positions: Array, inv_freq: Array) -> Array:
@@ -206,8 +208,8 @@ class MLP(nnx.Module):
 
   def __call__(self, x: Array, dropout_key: Array | None = None) -> Array:
     if self.cfg.activation not in ACTIVATIONS:
-      raise ValueError(f"unsupported activation {self.cfg.activation!r}; supported: "
-                       f"{', '.join(ACTIVATIONS)}")
+      raise UserError(f"unsupported activation {self.cfg.activation!r} in the model config; "
+                      f"supported: {', '.join(ACTIVATIONS)}")
     act = ACTIVATIONS[self.cfg.activation]
     up = self.up(x, sub_key(dropout_key, 1))
     hidden = act(self.gate(x, sub_key(dropout_key, 0))) * up if self.gate is not None else act(up)
@@ -226,7 +228,8 @@ class Block(nnx.Module):
   def __call__(self, x: Array, positions: Array, kv_valid: Array, cache: KVCache | None = None,
                cache_index: Array | int = 0, query_segments: Array | None = None,
                dropout_key: Array | None = None) -> tuple[Array, KVCache | None]:
-    attn_out, cache = self.attn(self.attn_norm(x), positions, kv_valid, cache, cache_index,
-                                query_segments, sub_key(dropout_key, 0))
+    attn_out, cache = self.attn(self.attn_norm(x), positions, kv_valid, cache=cache,
+                                cache_index=cache_index, query_segments=query_segments,
+                                dropout_key=sub_key(dropout_key, 0))
     x = x + attn_out
     return x + self.mlp(self.mlp_norm(x), sub_key(dropout_key, 1)), cache

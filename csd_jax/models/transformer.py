@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from csd_jax.errors import UserError
 from csd_jax.models.config import REMAT_POLICIES, ModelConfig
 from csd_jax.models.layers import Block, KVCache, Norm, param, sub_key
 
@@ -38,7 +39,7 @@ class CausalLM(nnx.Module):
 
   def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
     if cfg.remat not in REMAT_POLICIES:
-      raise ValueError(f"remat={cfg.remat!r}; valid: {', '.join(REMAT_POLICIES)}")
+      raise UserError(f"remat={cfg.remat!r}; valid: {', '.join(REMAT_POLICIES)}")
     self.cfg = cfg
     self.embed = param(rngs, (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"), cfg)
     self.pos_embed = (param(rngs, (cfg.max_position_embeddings, cfg.hidden_size),
@@ -91,11 +92,12 @@ class CausalLM(nnx.Module):
       layer_cache = None if cache is None else cache[i]
       key = sub_key(dropout_key, i)
       if cfg.remat != "none" and cache is None:
-        x, _ = nnx.remat(lambda blk, h: blk(h, positions, kv_valid, None, 0, query_segments, key),
+        x, _ = nnx.remat(lambda blk, h: blk(h, positions, kv_valid, query_segments=query_segments,
+                                            dropout_key=key),
                          policy=_REMAT[cfg.remat])(block, x)
       else:
-        x, layer_cache = block(x, positions, kv_valid, layer_cache, cache_index, query_segments,
-                               key)
+        x, layer_cache = block(x, positions, kv_valid, cache=layer_cache, cache_index=cache_index,
+                               query_segments=query_segments, dropout_key=key)
       if new_cache is not None:
         new_cache.append(layer_cache)
     return self.final_norm(x), new_cache
