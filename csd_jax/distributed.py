@@ -15,6 +15,8 @@ import os
 
 import jax
 
+from csd_jax.errors import UserError
+
 logger = logging.getLogger("csd_jax.distributed")
 
 
@@ -37,8 +39,8 @@ def initialize() -> None:
       num_processes = int(os.environ["CSD_JAX_NUM_PROCESSES"])
       process_id = int(os.environ["CSD_JAX_PROCESS_ID"])
     except (KeyError, ValueError) as error:
-      raise ValueError("CSD_JAX_COORDINATOR is set: also set CSD_JAX_NUM_PROCESSES and "
-                       "CSD_JAX_PROCESS_ID (integers)") from error
+      raise UserError("CSD_JAX_COORDINATOR is set: also set CSD_JAX_NUM_PROCESSES and "
+                      "CSD_JAX_PROCESS_ID (integers)") from error
     jax.distributed.initialize(coordinator, num_processes=num_processes, process_id=process_id)
   elif _multi_host_cluster():
     jax.distributed.initialize()

@@ -22,6 +22,7 @@ import textwrap
 import numpy as np
 import pytest
 
+from csd_jax.errors import UserError
 from csd_jax.models.gguf import convert_gguf, unpermute_rotary_rows
 from csd_jax.assets import MARKER, converted_smollm2
 
@@ -188,7 +189,7 @@ def test_conversion_needs_no_torch(converted: pathlib.Path, gguf_file: pathlib.P
 
 
 def test_missing_file(tmp_path: pathlib.Path):
-  with pytest.raises(FileNotFoundError, match="GGUF file not found: .*nope.gguf"):
+  with pytest.raises(UserError, match="GGUF file not found: .*nope.gguf"):
     convert_gguf(tmp_path / "nope.gguf", tmp_path / "out")
   assert not (tmp_path / "out").exists()
 
@@ -196,9 +197,9 @@ def test_missing_file(tmp_path: pathlib.Path):
 def test_not_a_gguf_file(tmp_path: pathlib.Path):
   bogus = tmp_path / "model.gguf"
   bogus.write_text("{\"this is\": \"json\"}")
-  with pytest.raises(ValueError, match="not a GGUF file"):
+  with pytest.raises(UserError, match="not a GGUF file"):
     convert_gguf(bogus, tmp_path / "out")
-  with pytest.raises(ValueError, match="not a GGUF file"):
+  with pytest.raises(UserError, match="not a GGUF file"):
     convert_gguf(tmp_path, tmp_path / "out")   # a directory
   assert not (tmp_path / "out").exists()
 
@@ -213,11 +214,46 @@ def test_other_architecture_named(tmp_path: pathlib.Path):
   writer.write_kv_data_to_file()
   writer.write_tensors_to_file()
   writer.close()
-  with pytest.raises(ValueError, match="architecture is 'gemma2'; only 'llama' is supported"):
+  with pytest.raises(UserError, match="architecture is 'gemma2'; only 'llama' is supported"):
     convert_gguf(path, tmp_path / "out")
   assert not (tmp_path / "out").exists()
 
 
 def test_bad_dtype(tmp_path: pathlib.Path):
-  with pytest.raises(ValueError, match="dtype must be one of"):
+  with pytest.raises(UserError, match="dtype must be one of"):
     convert_gguf(tmp_path / "x.gguf", tmp_path / "out", dtype="int8")
+
+
+def test_corrupt_gguf_and_missing_tokenizer_named(tmp_path: pathlib.Path):
+  import gguf
+  truncated = tmp_path / "cut.gguf"
+  truncated.write_bytes(b"GGUF\x03\x00")
+  with pytest.raises(UserError, match="cannot read GGUF file .*cut.gguf .*download it again"):
+    convert_gguf(truncated, tmp_path / "out")
+  path = tmp_path / "no-tokenizer.gguf"
+  writer = gguf.GGUFWriter(path, "llama")
+  for add, value in ((writer.add_block_count, 1), (writer.add_embedding_length, 4),
+                     (writer.add_head_count, 2), (writer.add_feed_forward_length, 8),
+                     (writer.add_context_length, 16)):
+    add(value)
+  writer.add_tensor("token_embd.weight", np.zeros((8, 4), np.float32))
+  writer.write_header_to_file()
+  writer.write_kv_data_to_file()
+  writer.write_tensors_to_file()
+  writer.close()
+  with pytest.raises(UserError, match="no tokenizer .*embeds its tokenizer"):
+    convert_gguf(path, tmp_path / "out")
+  assert not (tmp_path / "out").exists()
+
+
+def test_cli_missing_file_is_one_line(tmp_path: pathlib.Path):
+  """A user error exits 2 with one line on stderr, no traceback."""
+  result = subprocess.run(
+      [sys.executable, "-m", "csd_jax.cli", "convert-gguf", str(tmp_path / "missing.gguf"),
+       str(tmp_path / "out")], capture_output=True, text=True, timeout=300)
+  assert result.returncode == 2, result.stderr
+  lines = result.stderr.strip().splitlines()
+  assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
+  assert lines[0].startswith("csd-jax convert-gguf: GGUF file not found: ")
+  assert "missing.gguf" in lines[0]
+  assert not (tmp_path / "out").exists()

@@ -7,6 +7,7 @@ import pytest
 
 from csd_jax.data.instruct import (InstructionTokenizer, TextTokenizer, TokenizeStats,
                                    records_from_json, render_prompt, text_from_json)
+from csd_jax.errors import UserError
 
 NO_INPUT = ("Below is an instruction that describes a task. Write a response that appropriately"
             " completes the request.\n\n### Instruction:\n{instruction}\n\n### Response:\n")
@@ -49,13 +50,13 @@ def test_render_minillm_with_and_without_context():
 
 
 def test_render_errors(gpt2):
-  with pytest.raises(ValueError, match="chat template"):
+  with pytest.raises(UserError, match="chat template"):
     render_prompt(RECORD, "chat", gpt2)
-  with pytest.raises(ValueError, match="chat template"):
+  with pytest.raises(UserError, match="chat template"):
     render_prompt(RECORD, "chat")
-  with pytest.raises(ValueError, match="unknown prompt template 'alpaca'"):
+  with pytest.raises(UserError, match="unknown prompt template 'alpaca'"):
     render_prompt(RECORD, "alpaca")
-  with pytest.raises(ValueError, match="chat template"):
+  with pytest.raises(UserError, match="chat template"):
     InstructionTokenizer(gpt2, template="chat")
 
 
@@ -159,7 +160,7 @@ def test_pad_token_warning(gpt2, smol, caplog):
 
 @pytest.mark.parametrize("max_length,max_prompt_length", [(8, 8), (8, 9), (8, 0), (8, -1)])
 def test_bad_max_lengths(gpt2, max_length, max_prompt_length):
-  with pytest.raises(ValueError) as error:
+  with pytest.raises(UserError) as error:
     InstructionTokenizer(gpt2, max_length=max_length, max_prompt_length=max_prompt_length)
   message = str(error.value)
   assert f"max_prompt_length={max_prompt_length}" in message
@@ -202,15 +203,20 @@ def test_records_from_json_aliases(obj, expected):
 
 
 def test_records_from_json_missing_fields():
-  with pytest.raises(ValueError) as error:
+  with pytest.raises(UserError) as error:
     records_from_json({"query": "q", "reply": "r"})
   assert str(error.value) == ("record has fields ['query', 'reply']; expected"
-                              " instruction/prompt/question and response/output/completion/answer")
-  with pytest.raises(ValueError, match=r"\['instruction'\]"):
+                              " instruction/prompt/question and response/output/completion/answer"
+                              ": rename its fields to those")
+  with pytest.raises(UserError, match=r"\['instruction'\]"):
     records_from_json({"instruction": "only"})
   assert text_from_json({"text": "hello", "id": 3}) == {"text": "hello"}
-  with pytest.raises(ValueError, match=r"record has fields \['body'\]; expected text"):
+  with pytest.raises(UserError, match=r"record has fields \['body'\]; expected text"):
     text_from_json({"body": "hello"})
+  with pytest.raises(UserError, match="record is a JSON list, expected an object"):
+    records_from_json(["i", "r"])
+  with pytest.raises(UserError, match="record field 'response' is int, expected a string"):
+    records_from_json({"instruction": "i", "response": 3})
 
 
 @pytest.mark.parametrize("max_length", [1, 2, 3, 7, 16, 1000])

@@ -15,6 +15,7 @@ from csd_jax.data import loader as loader_module
 from csd_jax.data import tfds_builder
 from csd_jax.data.instruct import InstructionTokenizer, TokenizeStats
 from csd_jax.data.loader import BatchLoader, LoaderConfig, padding_fraction
+from csd_jax.errors import UserError
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -147,9 +148,9 @@ def test_packing_masks_positions_and_labels():
 
 
 def test_loader_errors():
-  with pytest.raises(ValueError, match="empty"):
+  with pytest.raises(UserError, match="empty"):
     _loader(n=0)
-  with pytest.raises(ValueError, match="global batch size 6 does not divide over 4 processes"):
+  with pytest.raises(UserError, match="global batch size 6 does not divide over 4 processes"):
     BatchLoader(_numbered(8), _encode, pad_id=0, process_index=0, process_count=4,
                 config=LoaderConfig(global_batch_size=6, max_length=8))
 
@@ -201,19 +202,25 @@ def test_text_files_and_loader_end_to_end(tmp_path, gpt2_tokenizer):
 
 
 def test_builder_errors(tmp_path):
-  with pytest.raises(FileNotFoundError, match="missing.jsonl"):
+  with pytest.raises(UserError, match="missing.jsonl"):
     tfds_builder.instruction_files({"train": [tmp_path / "missing.jsonl"]}, tmp_path / "c")
   bad = _write(tmp_path / "bad.jsonl", [{"question": "q", "answer": "a"}, {"query": "q"}])
-  with pytest.raises(ValueError, match=r"bad.jsonl:2: record has fields \['query'\]"):
+  with pytest.raises(UserError, match=r"bad.jsonl:2: record has fields \['query'\]"):
     tfds_builder.instruction_files({"train": [bad]}, tmp_path / "c")
   empty = tmp_path / "empty.jsonl"
   empty.write_text("\n")
-  with pytest.raises(ValueError, match="empty"):
+  with pytest.raises(UserError, match="empty"):
     tfds_builder.instruction_files({"train": [empty]}, tmp_path / "c")
   broken = tmp_path / "broken.jsonl"
   broken.write_text('{"text": "a"}\n{"text": \n')
-  with pytest.raises(ValueError, match="broken.jsonl:2: not valid JSON"):
+  with pytest.raises(UserError, match="broken.jsonl:2: not valid JSON"):
     tfds_builder.text_files({"train": [broken]}, tmp_path / "c")
+  broken_json = tmp_path / "broken.json"
+  broken_json.write_text('[{"text": "a"},\n')
+  with pytest.raises(UserError, match="broken.json:2: not valid JSON .*fix the file"):
+    tfds_builder.text_files({"train": [broken_json]}, tmp_path / "c")
+  with pytest.raises(UserError, match="split 'train' has no files; list at least one"):
+    tfds_builder.text_files({"train": []}, tmp_path / "c")
 
 
 def test_dolly_split_from_a_local_copy(tmp_path):

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from csd_jax.errors import UserError
 from csd_jax.models import init_random
 from hf_tiny import CONFIGS
 
@@ -28,7 +29,7 @@ def test_remat_gives_the_same_value_and_gradients(remat):
 
 
 def test_invalid_remat_policy_is_rejected():
-  with pytest.raises(ValueError, match="remat='some'; valid: none, full, dots"):
+  with pytest.raises(UserError, match="remat='some'; valid: none, full, dots"):
     init_random(CONFIGS["gpt2_n_inner"](), remat="some")
 
 

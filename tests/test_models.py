@@ -10,6 +10,7 @@ import torch
 import transformers
 from flax import nnx
 
+from csd_jax.errors import UserError
 from csd_jax.models import generate, init_random, load_pretrained, save_pretrained
 from csd_jax.sharding import make_mesh, state_shardings
 from hf_tiny import CONFIGS, VOCAB, make_checkpoint
@@ -221,20 +222,30 @@ def test_init_random_is_born_sharded_and_seeded():
 def test_load_errors_name_the_problem(tmp_path):
   make_checkpoint("llama_mqa_tied", tmp_path)
   config = json.loads((tmp_path / "config.json").read_text())
-  with pytest.raises(FileNotFoundError, match="not a model directory"):
+  with pytest.raises(UserError, match="not a model directory"):
     load_pretrained(tmp_path / "nope")
   (tmp_path / "config.json").write_text(json.dumps({**config, "model_type": "mamba"}))
-  with pytest.raises(ValueError, match="unsupported model_type 'mamba'; supported families: "
-                                       "gpt2, llama, gemma"):
+  with pytest.raises(UserError, match="unsupported model_type 'mamba'; supported families: "
+                                      "gpt2, llama, gemma"):
     load_pretrained(tmp_path)
   (tmp_path / "config.json").write_text(json.dumps({**config, "num_hidden_layers": 3}))
-  with pytest.raises(ValueError, match=r"missing \['model.layers.2"):
+  with pytest.raises(UserError, match=r"missing \['model.layers.2"):
     load_pretrained(tmp_path)
   (tmp_path / "config.json").write_text(json.dumps({**config, "num_hidden_layers": 1}))
-  with pytest.raises(ValueError, match=r"unexpected \['model.layers.1"):
+  with pytest.raises(UserError, match=r"unexpected \['model.layers.1"):
     load_pretrained(tmp_path)
   (tmp_path / "config.json").write_text(json.dumps({**config, "intermediate_size": 48}))
-  with pytest.raises(ValueError, match="mlp.gate_proj.weight: shape .* does not fit"):
+  with pytest.raises(UserError, match="mlp.gate_proj.weight: shape .* does not fit"):
+    load_pretrained(tmp_path)
+  (tmp_path / "config.json").write_text("{not json")
+  with pytest.raises(UserError, match="config.json: not valid JSON .*fix or replace"):
+    load_pretrained(tmp_path)
+  (tmp_path / "config.json").write_text(json.dumps(config))
+  (tmp_path / "model.safetensors").write_bytes(b"\x01")
+  with pytest.raises(UserError, match="model.safetensors: not a safetensors file"):
+    load_pretrained(tmp_path)
+  (tmp_path / "model.safetensors").unlink()
+  with pytest.raises(UserError, match=r"no \*.safetensors files in"):
     load_pretrained(tmp_path)
 
 

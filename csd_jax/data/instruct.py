@@ -19,6 +19,8 @@ from typing import Any
 
 import numpy as np
 
+from csd_jax.errors import UserError
+
 logger = logging.getLogger("csd_jax.data")
 
 IGNORE_INDEX = -100
@@ -55,13 +57,13 @@ def render_prompt(record: Mapping[str, str], template: str, tokenizer: Any = Non
   if template == "chat":
     if tokenizer is None or not getattr(tokenizer, "chat_template", None):
       name = type(tokenizer).__name__ if tokenizer is not None else "no tokenizer"
-      raise ValueError(f"template='chat' needs a tokenizer with a chat template ({name} has none);"
-                       " use template='minillm' for base models")
+      raise UserError(f"template='chat' needs a tokenizer with a chat template ({name} has none);"
+                      " use template='minillm' for base models")
     return tokenizer.apply_chat_template([{"role": "user", "content": _user_text(record)}],
                                          add_generation_prompt=True, tokenize=False)
   if template == "none":
     return _user_text(record)
-  raise ValueError(f"unknown prompt template {template!r}; expected one of {TEMPLATE_NAMES}")
+  raise UserError(f"unknown prompt template {template!r}; expected one of {TEMPLATE_NAMES}")
 
 
 @dataclasses.dataclass
@@ -102,8 +104,8 @@ def _pad_id(tokenizer: Any) -> int:
     return pad
   eos = _token_id(tokenizer, "eos")
   if eos is None:
-    raise ValueError(f"{type(tokenizer).__name__} has neither a pad nor an eos token; set"
-                     " tokenizer.pad_token before tokenising")
+    raise UserError(f"{type(tokenizer).__name__} has neither a pad nor an eos token; set"
+                    " tokenizer.pad_token before tokenising")
   logger.warning("%s has no pad token: using its eos token %r (id %d) as the pad token",
                  type(tokenizer).__name__, getattr(tokenizer, "eos_token", None), eos)
   return eos
@@ -112,8 +114,8 @@ def _pad_id(tokenizer: Any) -> int:
 def _eos_id(tokenizer: Any) -> int:
   eos = _token_id(tokenizer, "eos")
   if eos is None:
-    raise ValueError(f"{type(tokenizer).__name__} has no eos token; pass add_eos=False or set"
-                     " tokenizer.eos_token")
+    raise UserError(f"{type(tokenizer).__name__} has no eos token; pass add_eos=False or set"
+                    " tokenizer.eos_token")
   return eos
 
 
@@ -127,15 +129,15 @@ class InstructionTokenizer:
   def __init__(self, tokenizer: Any, *, template: str = "minillm", max_length: int = 512,
                max_prompt_length: int = 256, add_eos: bool = True, add_bos: bool = False):
     if not 0 < max_prompt_length < max_length:
-      raise ValueError(
+      raise UserError(
           f"need 0 < max_prompt_length < max_length, got max_prompt_length={max_prompt_length},"
           f" max_length={max_length}: lower max_prompt_length (or raise max_length) so that"
           " at least one response token fits")
     if template not in TEMPLATE_NAMES:
-      raise ValueError(f"unknown prompt template {template!r}; expected one of {TEMPLATE_NAMES}")
+      raise UserError(f"unknown prompt template {template!r}; expected one of {TEMPLATE_NAMES}")
     if template == "chat" and not getattr(tokenizer, "chat_template", None):
-      raise ValueError(f"template='chat' needs a tokenizer with a chat template"
-                       f" ({type(tokenizer).__name__} has none); use template='minillm'")
+      raise UserError(f"template='chat' needs a tokenizer with a chat template"
+                      f" ({type(tokenizer).__name__} has none); use template='minillm'")
     self.tokenizer = tokenizer
     self.template = template
     self.max_length = max_length
@@ -179,7 +181,7 @@ class TextTokenizer:
 
   def __init__(self, tokenizer: Any, *, max_length: int):
     if max_length < 1:
-      raise ValueError(f"max_length must be >= 1, got {max_length}")
+      raise UserError(f"max_length must be >= 1, got {max_length}; pass a positive length")
     self.tokenizer = tokenizer
     self.max_length = max_length
     self.eos_id = _eos_id(tokenizer)
@@ -196,11 +198,15 @@ class TextTokenizer:
 
 
 def _first(obj: Mapping[str, Any], names: tuple[str, ...]) -> str | None:
+  if not isinstance(obj, Mapping):
+    raise UserError(f"record is a JSON {type(obj).__name__}, expected an object; write each "
+                    "record as a JSON object of text fields")
   for name in names:
     value = obj.get(name)
     if value is not None:
       if not isinstance(value, str):
-        raise ValueError(f"record field {name!r} is {type(value).__name__}, expected a string")
+        raise UserError(f"record field {name!r} is {type(value).__name__}, expected a string;"
+                        " write it as a JSON string")
       return value
   return None
 
@@ -210,8 +216,8 @@ def records_from_json(obj: Mapping[str, Any]) -> dict[str, str]:
   instruction = _first(obj, INSTRUCTION_FIELDS)
   response = _first(obj, RESPONSE_FIELDS)
   if instruction is None or response is None:
-    raise ValueError(f"record has fields {sorted(obj)}; expected {'/'.join(INSTRUCTION_FIELDS)}"
-                     f" and {'/'.join(RESPONSE_FIELDS)}")
+    raise UserError(f"record has fields {sorted(obj)}; expected {'/'.join(INSTRUCTION_FIELDS)}"
+                    f" and {'/'.join(RESPONSE_FIELDS)}: rename its fields to those")
   return {"instruction": instruction, "context": _first(obj, CONTEXT_FIELDS) or "",
           "response": response}
 
@@ -220,5 +226,6 @@ def text_from_json(obj: Mapping[str, Any]) -> dict[str, str]:
   """A JSON record of the pre-training text source, as {"text": ...}."""
   text = _first(obj, ("text",))
   if text is None:
-    raise ValueError(f"record has fields {sorted(obj)}; expected text")
+    raise UserError(f"record has fields {sorted(obj)}; expected text: put each record's text "
+                    "in a 'text' field")
   return {"text": text}

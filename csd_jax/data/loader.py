@@ -30,6 +30,7 @@ import numpy as np
 
 from csd_jax.data.batching import pad_batch
 from csd_jax.data.instruct import TokenizeStats
+from csd_jax.errors import UserError
 
 logger = logging.getLogger("csd_jax.data")
 
@@ -120,10 +121,11 @@ class BatchLoader:
     self.process_index = jax.process_index() if process_index is None else process_index
     self.process_count = jax.process_count() if process_count is None else process_count
     if len(source) == 0:
-      raise ValueError("the dataset is empty: nothing to load")
+      raise UserError("the dataset is empty: nothing to load; pass data with at least one "
+                      "record")
     if config.global_batch_size % self.process_count:
-      raise ValueError(f"global batch size {config.global_batch_size} does not divide over "
-                       f"{self.process_count} processes; use a multiple of {self.process_count}")
+      raise UserError(f"global batch size {config.global_batch_size} does not divide over "
+                      f"{self.process_count} processes; use a multiple of {self.process_count}")
     self.local_batch_size = config.global_batch_size // self.process_count
     self.num_records = len(source)
     if self.process_index == 0:  # every process reads the same records: one report is enough

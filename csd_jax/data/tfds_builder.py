@@ -26,6 +26,7 @@ import tensorflow_datasets as tfds
 
 from csd_jax.data.instruct import records_from_json, text_from_json
 from csd_jax.data.records import read_json_records
+from csd_jax.errors import UserError
 
 DOLLY_HUB_ID = "databricks/databricks-dolly-15k"
 DOLLY_EVAL_SIZE = 500
@@ -55,14 +56,15 @@ class _QuietBuilder(tfds.core.GeneratorBasedBuilder):
   def _log_download_done(self) -> None:
     logger.info("%s: prepared under %s (later runs reuse it)", self.name, self.data_dir)
 
+
 def _convert(records: Iterator[tuple[str, Mapping[str, Any]]],
              to_example: Callable[[Mapping[str, Any]], dict[str, str]],
              ) -> Iterator[tuple[str, dict[str, str]]]:
   for key, record in records:
     try:
       yield key, to_example(record)
-    except ValueError as error:
-      raise ValueError(f"{key}: {error}") from error
+    except UserError as error:   # a record the user can fix: name it
+      raise UserError(f"{key}: {error}") from error
 
 
 def _fingerprint(sources: Mapping[str, Sequence[str]]) -> str:
@@ -88,10 +90,11 @@ class _FilesBuilder(_QuietBuilder):
   def __init__(self, *, sources: Mapping[str, Sequence[str]], **kwargs: Any):
     for split, paths in sources.items():
       if not paths:
-        raise ValueError(f"split {split!r} has no files")
+        raise UserError(f"split {split!r} has no files; list at least one data file for it")
       for p in paths:
         if not pathlib.Path(p).is_file():
-          raise FileNotFoundError(f"data file {p} (split {split!r}) does not exist")
+          raise UserError(f"data file {p} (split {split!r}) does not exist; pass the path of "
+                          "an existing JSONL, JSON or Parquet file")
     self._sources = {split: [str(p) for p in paths] for split, paths in sources.items()}
     config = tfds.core.BuilderConfig(name=f"src_{_fingerprint(self._sources)}")
     super().__init__(config=config, **kwargs)
@@ -112,7 +115,8 @@ class _FilesBuilder(_QuietBuilder):
         count += 1
         yield key, example
     if count == 0:
-      raise ValueError(f"no records in {', '.join(paths)}: the dataset is empty")
+      raise UserError(f"no records in {', '.join(paths)}: the dataset is empty; pass files "
+                      "with at least one record")
 
 
 class InstructionFiles(_FilesBuilder):
@@ -151,16 +155,16 @@ class Dolly(_QuietBuilder):
 
       return hf_hub_download(self._source, "databricks-dolly-15k.jsonl", repo_type="dataset")
     except Exception as error:  # noqa: BLE001 (any hub failure means the same to the user)
-      raise FileNotFoundError(f"Dolly: {self._source!r} is not a local file and the Hugging "
-                              f"Face hub is out of reach ({type(error).__name__}); download "
-                              "databricks-dolly-15k.jsonl and pass its path") from error
+      raise UserError(f"Dolly: {self._source!r} is not a local file and the Hugging "
+                      f"Face hub is out of reach ({type(error).__name__}); download "
+                      "databricks-dolly-15k.jsonl and pass its path") from error
 
   def _split_generators(self, dl_manager: Any) -> dict[str, Iterator]:
     del dl_manager
     records = list(_convert(read_json_records(self._local_file()), records_from_json))
     if len(records) <= 2 * DOLLY_EVAL_SIZE:
-      raise ValueError(f"Dolly source has {len(records)} records; expected the ~15k of "
-                       "databricks-dolly-15k")
+      raise UserError(f"Dolly source has {len(records)} records; expected the ~15k of "
+                      "databricks-dolly-15k: pass the full databricks-dolly-15k.jsonl")
     order = np.random.default_rng(DOLLY_SPLIT_SEED).permutation(len(records))
     shuffled = [records[i] for i in order]
     return {"test": self._generate_examples(shuffled[:DOLLY_EVAL_SIZE]),

@@ -13,6 +13,8 @@ import struct
 from collections.abc import Iterator, Mapping
 from typing import Any
 
+from csd_jax.errors import UserError
+
 
 # crc32c (Castagnoli, reflected polynomial 0x82F63B78) and the TFRecord masking of it.
 def _crc_entry(c: int) -> int:
@@ -83,7 +85,7 @@ def encode_record(data: bytes) -> bytes:
 
 
 def decode_records(data: bytes, *, name: str = "event file") -> Iterator[bytes]:
-  """The records of TFRecord-framed `data`, each CRC-checked (ValueError naming `name`).
+  """The records of TFRecord-framed `data`, each CRC-checked (UserError naming `name`).
 
   A record cut short (a killed writer) ends the data, as in TensorBoard.
   """
@@ -95,7 +97,8 @@ def decode_records(data: bytes, *, name: str = "event file") -> Iterator[bytes]:
     record = data[i + 12:i + 12 + length]
     crcs = struct.unpack("<II", data[i + 8:i + 12] + data[i + 12 + length:i + 16 + length])
     if crcs != (masked_crc32c(header), masked_crc32c(record)):
-      raise ValueError(f"{name}: bad crc in the record at byte {i}")
+      raise UserError(f"{name}: bad crc in the record at byte {i}; the event file is corrupt:"
+                      " move it out of the way")
     i += 16 + len(record)
     yield record
 

@@ -13,6 +13,8 @@ from typing import Any
 
 import jax.numpy as jnp
 
+from csd_jax.errors import UserError
+
 SUPPORTED_FAMILIES = ("gpt2", "llama", "gemma")
 REMAT_POLICIES = ("none", "full", "dots")
 
@@ -117,13 +119,13 @@ def config_from_hf(hf_config: Any, *, dtype: Any = jnp.float32, param_dtype: Any
   """A `ModelConfig` from a transformers config (dict, `PretrainedConfig` or its JSON dict).
 
   Raises:
-    ValueError: an unsupported `model_type` (naming the supported families).
+    UserError: an unsupported `model_type` (naming the supported families).
   """
   hf = dict(hf_config.to_dict() if hasattr(hf_config, "to_dict") else hf_config)
   family = hf.get("model_type")
   if family not in _FAMILIES:
-    raise ValueError(f"unsupported model_type {family!r}; supported families: "
-                     f"{', '.join(SUPPORTED_FAMILIES)}")
+    raise UserError(f"unsupported model_type {family!r}; supported families: "
+                    f"{', '.join(SUPPORTED_FAMILIES)} (pass a model of one of those)")
   fields = _FAMILIES[family](hf)
   rope_scaling = fields.get("rope_scaling")
   if rope_scaling and _get(rope_scaling, "rope_type", "type") == "default":

@@ -29,6 +29,8 @@ from typing import Any
 
 import numpy as np
 
+from csd_jax.errors import UserError
+
 __all__ = ["SUPPORTED_DTYPES", "convert_gguf", "unpermute_rotary_rows"]
 
 SUPPORTED_DTYPES = ("float32", "float16", "bfloat16")
@@ -67,20 +69,22 @@ def unpermute_rotary_rows(w: np.ndarray, n_head: int) -> np.ndarray:
   """
   rows = w.shape[0]
   if rows % (2 * n_head):
-    raise ValueError(f"cannot unpermute {rows} rows into {n_head} heads of even size")
+    raise UserError(f"cannot unpermute {rows} rows into {n_head} heads of even size: the GGUF "
+                    "head count does not fit its q/k tensors; convert a well-formed GGUF file")
   half = rows // n_head // 2
   return w.reshape(n_head, half, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
 def _check_file(path: pathlib.Path) -> None:
   if not path.exists():
-    raise FileNotFoundError(f"GGUF file not found: {path}")
+    raise UserError(f"GGUF file not found: {path}; pass the path of an existing .gguf file")
   if not path.is_file():
-    raise ValueError(f"not a GGUF file (not a regular file): {path}")
+    raise UserError(f"not a GGUF file (not a regular file): {path}; pass a .gguf file")
   with open(path, "rb") as f:
     magic = f.read(4)
   if magic != _GGUF_MAGIC:
-    raise ValueError(f"not a GGUF file (starts with {magic!r}, expected {_GGUF_MAGIC!r}): {path}")
+    raise UserError(f"not a GGUF file (starts with {magic!r}, expected {_GGUF_MAGIC!r}): {path};"
+                    " pass a llama.cpp .gguf file")
 
 
 def _field(reader: Any, key: str, default: Any = None) -> Any:
@@ -108,7 +112,8 @@ def _hf_name(name: str) -> str | None:
 
 def _target_dtype(dtype: str) -> np.dtype:
   if dtype not in SUPPORTED_DTYPES:
-    raise ValueError(f"dtype must be one of {SUPPORTED_DTYPES}, got {dtype!r}")
+    raise UserError(f"dtype must be one of {', '.join(SUPPORTED_DTYPES)}, got {dtype!r}; "
+                    "pass one of those")
   if dtype == "bfloat16":
     import ml_dtypes  # a jax dependency; numpy has no bfloat16 of its own
     return np.dtype(ml_dtypes.bfloat16)
@@ -121,7 +126,8 @@ def _config(reader: Any, path: pathlib.Path, names: set[str], dtype: str) -> dic
   def need(key: str) -> Any:
     value = _field(reader, f"{arch}.{key}")
     if value is None:
-      raise ValueError(f"{path}: GGUF metadata lacks {arch}.{key}")
+      raise UserError(f"{path}: GGUF metadata lacks {arch}.{key}; convert a complete GGUF file"
+                      " (as written by llama.cpp's convert_hf_to_gguf.py)")
     return value
 
   hidden = need("embedding_length")
@@ -130,10 +136,12 @@ def _config(reader: Any, path: pathlib.Path, names: set[str], dtype: str) -> dic
   head_dim = _field(reader, f"{arch}.attention.key_length", hidden // n_head)
   scaling = _field(reader, f"{arch}.rope.scaling.type", "none")
   if scaling not in ("none", None) or "rope_freqs.weight" in names:
-    raise ValueError(f"{path}: RoPE scaling ({scaling!r}, rope_freqs) is not supported")
+    raise UserError(f"{path}: RoPE scaling ({scaling!r}, rope_freqs) is not supported; convert "
+                    "a model without RoPE scaling, or load its Hugging Face original")
   embd = next((t for t in reader.tensors if t.name == "token_embd.weight"), None)
   if embd is None:
-    raise ValueError(f"{path}: GGUF file has no token_embd.weight tensor")
+    raise UserError(f"{path}: GGUF file has no token_embd.weight tensor; convert a complete "
+                    "LLaMA GGUF file")
   vocab = int(embd.shape[-1])   # ggml order: shape is [hidden, vocab]
   config: dict[str, Any] = {
       "architectures": ["LlamaForCausalLM"],
@@ -200,6 +208,9 @@ def _tokenizer(path: pathlib.Path, reader: Any, context_length: int) -> Any:
   else:
     # what transformers' get_gguf_tokenizer does, minus its torch-importing metadata reader
     meta = _metadata(reader, "tokenizer.")
+    if "tokenizer.ggml.tokens" not in meta:
+      raise UserError(f"{path}: GGUF file has no tokenizer (tokenizer.ggml.tokens); convert a "
+                      "GGUF file that embeds its tokenizer")
     groups = {group: {name: meta[f"tokenizer.{key}"] for key, name in renames.items()
                       if f"tokenizer.{key}" in meta}
               for group, renames in GGUF_TOKENIZER_MAPPING.items()}
@@ -226,8 +237,8 @@ def convert_gguf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike, *,
   """Write a Hugging Face LLaMA directory for the GGUF file at `gguf_path`; return `out_dir`.
 
   `dtype` ("float32", "float16" or "bfloat16") is the dtype of the saved weights; quantised
-  tensors are dequantised to float32 first. Raises FileNotFoundError for a missing file and
-  ValueError for a file that is not GGUF or whose architecture is not "llama".
+  tensors are dequantised to float32 first. Raises UserError for a missing file, a file that is
+  not GGUF, one whose architecture is not "llama" or one that lacks what a LLaMA model needs.
   """
   from gguf import GGUFReader
   from gguf.quants import dequantize
@@ -240,15 +251,19 @@ def convert_gguf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike, *,
   try:
     reader = GGUFReader(path)
   except Exception as e:  # a GGUF magic but a corrupt or truncated body
-    raise ValueError(f"cannot read GGUF file {path}: {e}") from e
+    first_line = (str(e).splitlines() or [type(e).__name__])[0]
+    raise UserError(f"cannot read GGUF file {path} ({first_line}); it is corrupt or cut short:"
+                    " download it again") from e
   arch = _field(reader, "general.architecture")
   if arch != "llama":
-    raise ValueError(f"{path}: GGUF architecture is {arch!r}; only 'llama' is supported")
+    raise UserError(f"{path}: GGUF architecture is {arch!r}; only 'llama' is supported: pass a "
+                    "LLaMA-architecture GGUF, or load the model's Hugging Face directory instead")
 
   names = {t.name for t in reader.tensors}
   unknown = sorted(n for n in names if _hf_name(n) is None)
   if unknown:
-    raise ValueError(f"{path}: unexpected tensors for a llama model: {', '.join(unknown[:5])}")
+    raise UserError(f"{path}: unexpected tensors for a llama model: {', '.join(unknown[:5])}; "
+                    "pass a plain LLaMA-architecture GGUF")
   config = _config(reader, path, names, dtype)
   # the tokenizer first: it fails fast, before the long part
   tokenizer = _tokenizer(path, reader, config["max_position_embeddings"])
@@ -258,7 +273,12 @@ def convert_gguf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike, *,
   start = time.monotonic()
   for i, t in enumerate(reader.tensors, 1):
     name = _hf_name(t.name)
-    w = dequantize(t.data, t.tensor_type)   # numpy (row-major) order: [out, in] like HF
+    try:
+      w = dequantize(t.data, t.tensor_type)   # numpy (row-major) order: [out, in] like HF
+    except NotImplementedError as e:
+      raise UserError(f"{path}: {t.name} is {t.tensor_type.name}, which the installed gguf "
+                      "package cannot dequantise; convert a GGUF quantised otherwise (Q8_0, F16,"
+                      " ...) or upgrade gguf") from e
     kind = t.name.split(".")[-2]            # blk.N.<kind>.weight
     if kind in heads:
       w = unpermute_rotary_rows(w, heads[kind])

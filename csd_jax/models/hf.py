@@ -20,6 +20,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
+from csd_jax.errors import UserError
 from csd_jax.models.config import ModelConfig, config_from_hf
 from csd_jax.models.lora import LoraParam, merge_lora
 from csd_jax.models.hf_names import IGNORED_SUFFIXES, canonical_name, weight_entries
@@ -36,15 +37,17 @@ def resolve_model_dir(path_or_hub_id: str | os.PathLike) -> pathlib.Path:
   """A local model directory, or a hub id downloaded (config, safetensors, tokenizer) when online.
 
   Raises:
-    FileNotFoundError: neither a local directory nor reachable on the hub.
+    UserError: neither a local model directory nor reachable on the hub.
   """
   path = pathlib.Path(path_or_hub_id)
   if path.is_dir():
     if not (path / "config.json").exists():
-      raise FileNotFoundError(f"{path} has no config.json: not a Hugging Face model directory")
+      raise UserError(f"{path} has no config.json: not a Hugging Face model directory; pass "
+                      "a directory with config.json and *.safetensors")
     return path
   if path.exists() or str(path_or_hub_id).startswith((".", "/")):
-    raise FileNotFoundError(f"{path} is not a model directory")
+    raise UserError(f"{path} is not a model directory; pass a Hugging Face model directory "
+                    "(config.json and *.safetensors) or a hub id")
   try:
     from huggingface_hub import snapshot_download
 
@@ -52,7 +55,7 @@ def resolve_model_dir(path_or_hub_id: str | os.PathLike) -> pathlib.Path:
         str(path_or_hub_id), allow_patterns=["*.json", "*.safetensors", "tokenizer*", "*.model",
                                              "*.txt"]))
   except Exception as error:  # noqa: BLE001 (any hub failure means the same to the user)
-    raise FileNotFoundError(
+    raise UserError(
         f"{path_or_hub_id!r} is not a local directory and could not be fetched from the "
         f"Hugging Face hub ({type(error).__name__}); pass a local model directory") from error
 
@@ -96,10 +99,15 @@ def load_pretrained(path_or_hub_id: str | os.PathLike, *, dtype: Any = jnp.float
     **overrides: `ModelConfig` fields (`remat`, `attention_impl`, ...).
 
   Raises:
-    ValueError: unsupported model_type; missing, unexpected or mis-shaped tensors (named).
+    UserError: no model there; unsupported model_type; missing, unexpected or mis-shaped
+      tensors (named).
   """
   directory = resolve_model_dir(path_or_hub_id)
-  hf_config = json.loads((directory / "config.json").read_text())
+  try:
+    hf_config = json.loads((directory / "config.json").read_text())
+  except json.JSONDecodeError as error:
+    raise UserError(f"{directory / 'config.json'}: not valid JSON ({error.msg}, line "
+                    f"{error.lineno}); fix or replace the model's config.json") from error
   cfg = config_from_hf(hf_config, dtype=dtype, param_dtype=param_dtype, **overrides)
   graphdef, abstract = _abstract(cfg)
   variables = dict(nnx.to_flat_state(abstract))
@@ -113,10 +121,11 @@ def load_pretrained(path_or_hub_id: str | os.PathLike, *, dtype: Any = jnp.float
   unexpected = sorted(n for n in set(available) - needed if not n.endswith(IGNORED_SUFFIXES)
                       and not (cfg.tie_word_embeddings and n == "lm_head.weight"))
   if missing or unexpected:
-    raise ValueError(f"{directory}: checkpoint does not fit the {cfg.family} config: "
-                     f"missing {missing[:8] or 'none'}{' ...' if len(missing) > 8 else ''}; "
-                     f"unexpected {unexpected[:8] or 'none'}"
-                     f"{' ...' if len(unexpected) > 8 else ''}")
+    raise UserError(f"{directory}: checkpoint does not fit the {cfg.family} config: "
+                    f"missing {missing[:8] or 'none'}{' ...' if len(missing) > 8 else ''}; "
+                    f"unexpected {unexpected[:8] or 'none'}"
+                    f"{' ...' if len(unexpected) > 8 else ''}; pass a directory whose "
+                    "config.json and safetensors belong together")
   _init_adapters(variables, {p for e in entries for p in e.paths}, shardings, cfg)
   for entry in entries:
     parts = entry.to_ours(checkpoint.read(available[entry.hf_name]))
@@ -124,8 +133,10 @@ def load_pretrained(path_or_hub_id: str | os.PathLike, *, dtype: Any = jnp.float
       variable = variables[path]
       expected = variable.get_value().shape
       if part.shape != expected:
-        raise ValueError(f"{entry.hf_name}: shape {checkpoint.shape(available[entry.hf_name])} "
-                         f"does not fit the config (expected {expected} for {path})")
+        raise UserError(f"{directory}: {entry.hf_name}: shape "
+                        f"{checkpoint.shape(available[entry.hf_name])} does not fit the config "
+                        f"(expected {expected} for {path}); pass a directory whose config.json "
+                        "and safetensors belong together")
       variable.set_value(_place(part.astype(cfg.param_dtype), shardings.get(path)))
   return nnx.merge(graphdef, nnx.from_flat_state(variables))
 

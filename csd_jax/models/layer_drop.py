@@ -14,6 +14,7 @@ import re
 import shutil
 from collections.abc import Sequence
 
+from csd_jax.errors import UserError
 from csd_jax.models.safetensors_io import SafetensorsCheckpoint, write_sharded
 
 _LAYER = re.compile(r"^(.*?\b(?:layers|h))\.(\d+)\.(.*)$")
@@ -28,14 +29,14 @@ def layer_dropped_copy(src: str | os.PathLike, out: str | os.PathLike,
   """Write `out`: the model of `src` with only `layers` kept (renumbered 0..k-1).
 
   Raises:
-    ValueError: a layer index outside the source model, or a repeated one.
+    UserError: a layer index outside the source model, or a repeated one.
   """
   src, out = pathlib.Path(src), pathlib.Path(out)
   config = json.loads((src / "config.json").read_text())
   count_key = next(k for k in _LAYER_COUNT_KEYS if k in config)
   total = config[count_key]
   if not layers or any(not 0 <= i < total for i in layers) or len(set(layers)) != len(layers):
-    raise ValueError(f"layers {list(layers)}: pick distinct indices in 0..{total - 1}")
+    raise UserError(f"layers {list(layers)}: pick distinct indices in 0..{total - 1}")
   new_index = {old: new for new, old in enumerate(layers)}
   checkpoint = SafetensorsCheckpoint(src)
 

@@ -18,6 +18,8 @@ from collections.abc import Iterable, Mapping
 import ml_dtypes
 import numpy as np
 
+from csd_jax.errors import UserError
+
 DTYPES = {
     "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
     "F8_E4M3": ml_dtypes.float8_e4m3fn, "F8_E5M2": ml_dtypes.float8_e5m2,
@@ -32,11 +34,17 @@ def _read_header(path: pathlib.Path) -> tuple[int, dict]:
   with open(path, "rb") as f:
     raw = f.read(8)
     if len(raw) != 8:
-      raise ValueError(f"{path}: not a safetensors file (too short)")
+      raise UserError(f"{path}: not a safetensors file (too short); replace it with the "
+                      "model's real weights")
     (length,) = struct.unpack("<Q", raw)
     if length > os.path.getsize(path):
-      raise ValueError(f"{path}: not a safetensors file (bad header length)")
-    header = json.loads(f.read(length))
+      raise UserError(f"{path}: not a safetensors file (bad header length); it is corrupt or"
+                      " cut short: download or save it again")
+    try:
+      header = json.loads(f.read(length))
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+      raise UserError(f"{path}: not a safetensors file (unreadable header); download or save it"
+                      " again") from error
   return 8 + length, header
 
 
@@ -47,17 +55,22 @@ class SafetensorsCheckpoint:
     directory = pathlib.Path(directory)
     index = directory / INDEX_FILE
     if index.exists():
-      files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+      try:
+        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+      except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as error:
+        raise UserError(f"{index}: not a safetensors index (JSON with a weight_map); fix it "
+                        "or download it again") from error
       paths = [directory / f for f in files]
     else:
       paths = sorted(directory.glob("*.safetensors"))
     if not paths:
-      raise FileNotFoundError(f"no *.safetensors files in {directory}; a Hugging Face model "
-                              "directory needs model.safetensors (or shards with an index)")
+      raise UserError(f"no *.safetensors files in {directory}; a Hugging Face model "
+                      "directory needs model.safetensors (or shards with an index)")
     self._where: dict[str, tuple[pathlib.Path, int, dict]] = {}
     for path in paths:
       if not path.exists():
-        raise FileNotFoundError(f"{path} is named in {INDEX_FILE} but missing")
+        raise UserError(f"{path} is named in {INDEX_FILE} but missing; copy the missing "
+                        "shard into the directory")
       data_start, header = _read_header(path)
       for name, info in header.items():
         if name != "__metadata__":
@@ -73,7 +86,8 @@ class SafetensorsCheckpoint:
     """The tensor `name` as a NumPy array (a copy, read through a memory map)."""
     path, data_start, info = self._where[name]
     if info["dtype"] not in DTYPES:
-      raise ValueError(f"{name}: unsupported dtype {info['dtype']} in {path}")
+      raise UserError(f"{name}: unsupported dtype {info['dtype']} in {path}; save the model "
+                      f"in one of {', '.join(DTYPES)}")
     dtype = np.dtype(DTYPES[info["dtype"]])
     begin, end = info["data_offsets"]
     if end == begin:
