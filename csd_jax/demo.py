@@ -54,12 +54,12 @@ def _chat_prompts(tokenizer: Any, prompts: Sequence[str]) -> list[str]:
 
 def greedy_answers(model: Any, tokenizer: Any, prompts: Sequence[str], *, max_new_tokens: int,
                    batch_size: int = 16) -> list[str]:
-  """Greedy chat answers, decoded up to the end-of-turn token."""
-  tokenizer.padding_side = "left"
+  """Greedy chat answers, decoded up to the end-of-turn token (the tokenizer is only read)."""
   answers = []
   for start in range(0, len(prompts), batch_size):
     texts = _chat_prompts(tokenizer, prompts[start:start + batch_size])
-    enc = tokenizer(texts, return_tensors="np", padding=True, add_special_tokens=False)
+    enc = tokenizer(texts, return_tensors="np", padding=True, padding_side="left",
+                    add_special_tokens=False)
     out = np.asarray(generate(model, enc["input_ids"], prompt_mask=enc["attention_mask"],
                               max_new_tokens=max_new_tokens, eos_id=tokenizer.eos_token_id))
     answers += [tokenizer.decode(row, skip_special_tokens=True).strip() for row in out]

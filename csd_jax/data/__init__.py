@@ -4,6 +4,10 @@
 - `tfds_builder`: local JSONL / JSON / Parquet files and Dolly -> cached ArrayRecord sources.
 - `loader`: `BatchLoader`, shuffled per epoch, sharded per process, bucketed or packed,
   resumable, yielding global batches.
+- `records` (reading JSON / JSONL / Parquet records) and `batching` (padding to buckets): pure
+  functions that evaluation uses too.
+- `inputs`: a run's loaders (train, held-out, LM text) from its config.
 
-Imports grain and tensorflow-datasets; nothing here imports the models.
+`tfds_builder` and `loader` import tensorflow-datasets and grain; `records`, `batching` and
+`instruct` do not (evaluation imports them). Nothing here imports the models.
 """

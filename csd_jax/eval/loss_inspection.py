@@ -118,8 +118,10 @@ def temperature_sweep(run: Run, datasets: Mapping[str, Sequence[Mapping[str, str
                      "generation needs one")
   paths = []
   for temperature in temperatures:
-    cfg = dataclasses.replace(run_settings(run.config), seeds=tuple(seeds),
-                              temperature=float(temperature), batch_size=batch_size)
+    settings = run_settings(run.config)
+    cfg = dataclasses.replace(settings, seeds=tuple(seeds), batch_size=batch_size,
+                              sampling=dataclasses.replace(settings.sampling,
+                                                           temperature=float(temperature)))
     results = evaluate(run.student, run.tokenizer, datasets, config=cfg)
     path = run.workdir / "eval" / f"temperature_{temperature:g}.json"
     path.parent.mkdir(exist_ok=True)

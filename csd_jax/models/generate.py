@@ -18,17 +18,18 @@ from __future__ import annotations
 import dataclasses
 import functools
 from collections.abc import Sequence
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 from jax import lax
 
-from jax.sharding import NamedSharding, PartitionSpec
+from jax.sharding import NamedSharding
 
 from csd_jax.models.transformer import CausalLM, positions_from_mask
 from csd_jax.sampling import GREEDY, Sampling
-from csd_jax.sharding import RULES
+from csd_jax.sharding import batch_sharding, data_parallel_size
 
 Array = jax.Array
 
@@ -82,6 +83,18 @@ def ban_repeated_ngrams(logits: Array, tokens: Array, real: Array, length: Array
   return logits.at[rows, banned].set(-jnp.inf, mode="drop")
 
 
+class _Decoding(NamedTuple):
+  """The decoding loop's carry."""
+
+  step: Array | int     # new tokens drawn so far
+  cache: Any            # the KV cache
+  logits: Array         # [B, V] for the next token
+  position: Array       # [B] the next token's position
+  done: Array           # [B] rows that drew an eos
+  tokens: Array         # [B, P + new] prompt and new tokens so far
+  key: Array
+
+
 def sample_loop(model: CausalLM, prompt: Array, prompt_mask: Array, key: Array, *,
                 max_new_tokens: int, sampling: Sampling, eos_ids: tuple[int, ...],
                 pad_id: int, vocab_size: int | None = None) -> Array:
@@ -95,33 +108,34 @@ def sample_loop(model: CausalLM, prompt: Array, prompt_mask: Array, key: Array, 
   cache = model.init_cache(batch, total)
   hidden, cache = model.hidden_states(prompt, prompt_mask, positions, cache=cache,
                                       cache_index=0, kv_valid=kv_valid)
-  logits = model.logits(hidden[:, -1])
   tokens = jnp.concatenate([prompt, jnp.full((batch, max_new_tokens), pad_id, jnp.int32)], 1)
-  done = jnp.zeros((batch,), bool)
-  state0 = (0, cache, logits, positions[:, -1] + 1, done, tokens, key)
+  start = _Decoding(step=0, cache=cache, logits=model.logits(hidden[:, -1]),
+                    position=positions[:, -1] + 1, done=jnp.zeros((batch,), bool),
+                    tokens=tokens, key=key)
   eos = jnp.asarray(eos_ids, jnp.int32) if eos_ids else None
   n = sampling.no_repeat_ngram_size
 
-  def cond(carry):
-    i, _, _, _, done, _, _ = carry
-    return (i < max_new_tokens) & ~jnp.all(done)
+  def cond(carry: _Decoding) -> Array:
+    return (carry.step < max_new_tokens) & ~jnp.all(carry.done)
 
-  def body(carry):
-    i, cache, logits, position, done, tokens, key = carry
-    key, sub = jax.random.split(key)
+  def body(carry: _Decoding) -> _Decoding:
+    i, logits, done = carry.step, carry.logits, carry.done
+    key, sub = jax.random.split(carry.key)
     if n:
-      logits = ban_repeated_ngrams(logits.astype(jnp.float32), tokens, kv_valid,
+      logits = ban_repeated_ngrams(logits.astype(jnp.float32), carry.tokens, kv_valid,
                                    prompt_len + i, n)
-    token = sample_token(logits[:, :vocab_size], sub, sampling)
-    token = jnp.where(done, pad_id, token)
-    tokens = lax.dynamic_update_slice_in_dim(tokens, token[:, None], prompt_len + i, axis=1)
+    token = jnp.where(done, pad_id, sample_token(logits[:, :vocab_size], sub, sampling))
+    tokens = lax.dynamic_update_slice_in_dim(carry.tokens, token[:, None], prompt_len + i,
+                                             axis=1)
     if eos is not None:
       done = done | jnp.isin(token, eos)
-    hidden, cache = model.hidden_states(token[:, None], None, position[:, None], cache=cache,
-                                        cache_index=prompt_len + i, kv_valid=kv_valid)
-    return i + 1, cache, model.logits(hidden[:, -1]), position + 1, done, tokens, key
+    hidden, cache = model.hidden_states(token[:, None], None, carry.position[:, None],
+                                        cache=carry.cache, cache_index=prompt_len + i,
+                                        kv_valid=kv_valid)
+    return _Decoding(step=i + 1, cache=cache, logits=model.logits(hidden[:, -1]),
+                     position=carry.position + 1, done=done, tokens=tokens, key=key)
 
-  return lax.while_loop(cond, body, state0)[5][:, prompt_len:]
+  return lax.while_loop(cond, body, start).tokens[:, prompt_len:]
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "sampling",
@@ -187,12 +201,9 @@ def _shard_rows(state: nnx.State, prompt_ids: Array, prompt_mask: Array) -> tupl
   if sharding is None:
     return prompt_ids, prompt_mask
   mesh = sharding.mesh
-  parallel = 1
-  for axis in RULES["batch"]:
-    parallel *= mesh.shape.get(axis, 1)
-  extra = -prompt_ids.shape[0] % parallel
+  extra = -prompt_ids.shape[0] % data_parallel_size(mesh)
   if extra:
     prompt_ids = jnp.concatenate([prompt_ids, jnp.repeat(prompt_ids[-1:], extra, 0)])
     prompt_mask = jnp.concatenate([prompt_mask, jnp.repeat(prompt_mask[-1:], extra, 0)])
-  rows = NamedSharding(mesh, PartitionSpec(RULES["batch"], None))
+  rows = batch_sharding(mesh)
   return jax.device_put(prompt_ids, rows), jax.device_put(prompt_mask, rows)
