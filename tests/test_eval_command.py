@@ -60,3 +60,18 @@ def test_bad_requests_are_user_errors(run_dir, tmp_path):
   with pytest.raises(UserError, match="no config.yaml"):
     command.run_eval(command.EvalRequest(data=[f"set={run_dir / 'set.jsonl'}"],
                                          workdir=str(tmp_path)))
+
+
+def test_a_run_opens_sharded_over_every_local_device(run_dir):
+  """Export and eval hold one copy of the weights split over the devices, not one per device."""
+  import jax
+  from flax import nnx
+
+  from csd_jax.run import open_run
+
+  run = open_run(run_dir / "run", teacher=True)
+  for model in (run.student, run.teacher):
+    shardings = [v.get_value().sharding for _, v in nnx.to_flat_state(nnx.state(model))]
+    assert all(len(s.device_set) == jax.local_device_count() for s in shardings)
+    assert any("fsdp" in str(s.spec) for s in shardings)
+    assert not all(s.is_fully_replicated for s in shardings)

@@ -184,6 +184,12 @@ class Save:
     self.checkpointer.save(step, state, {"per_process": _from_every_process(mine)},
                            to_dict(self.trainer.config), wait=wait)
 
+  def preempted(self, done: int, state: TrainState) -> None:
+    """The checkpoint of a preempted run, written before the process goes."""
+    self(done, state, wait=True)
+    logger.warning("preempted: saved the checkpoint of step %d in %s; re-run the same command "
+                   "to continue", done, self.checkpointer.directory)
+
   def periodic(self, done: int, state: TrainState) -> None:
     """Every `checkpoint.every` steps before the last (the loop saves the last one itself)."""
     if done < self.trainer.total_steps and itstime(done, self.every, 0, last=False):
@@ -219,11 +225,7 @@ class Preemption:
 
       stop = (bool(np.any(multihost_utils.process_allgather(np.int32(stop))))
               if step % self.log_every == 0 else False)
-    if stop or self.checkpointer.reached_preemption(step):
-      logger.warning("preempted: saving the checkpoint of step %d in %s; re-run the same "
-                     "command to continue", step, self.checkpointer.directory)
-      return True
-    return False
+    return stop or self.checkpointer.reached_preemption(step)
 
 
 def resume(checkpointer: Checkpointer, trainer: Any) -> TrainState:

@@ -130,7 +130,7 @@ def train(config: Config, workdir: str | pathlib.Path) -> RunResult:
         actions.Preemption(checkpointer, config.train.log_every) as preemption):
     log = actions.Log(trainer, enabled=is_main)
     periodic = [log, actions.HeldOut(trainer), actions.GenerationEval(trainer, workdir)]
-    save = actions.Save(trainer, checkpointer)
+    save, preempted = actions.Save(trainer, checkpointer), False
     for step in range(start, total):
       batch = next(trainer.inputs.train)
       lm_batch = next(trainer.inputs.lm) if trainer.inputs.lm is not None else None
@@ -142,17 +142,18 @@ def train(config: Config, workdir: str | pathlib.Path) -> RunResult:
       row = {k: v for action in periodic for k, v in action(done, state).items()}
       if row:
         writer.write(done, row)
-      if done < total and preemption.requested(done):
-        save(done, state, wait=True)
-        log.close()
-        return RunResult(log.last, trainer.student(state), preempted=True)
+      if preempted := done < total and preemption.requested(done):
+        save.preempted(done, state)
+        break
       save.periodic(done, state)
     log.close()
-    if start < total:
+    if start < total and not preempted:
       save(total, state, wait=True)
-    elif row := periodic[1](total, state, force=True):  # nothing left to train: where it stands
+    elif start >= total and (row := periodic[1](total, state, force=True)):  # where it stands
       writer.write(total, row)
   checkpointer.close()
+  if preempted:
+    return RunResult(log.last, trainer.student(state), preempted=True)
   final = {**log.last, **periodic[1].last}
   logger.info("done: %d steps; %s", total, ", ".join(f"{k} {v:.4g}" for k, v in final.items()))
   return RunResult(final, trainer.student(state))
