@@ -36,38 +36,28 @@ def _settings(monkeypatch, request):
   return seen, results, out
 
 
-def test_a_run_is_judged_on_its_own_template_and_lengths(run_dir, monkeypatch):
-  seen, _, out = _settings(monkeypatch, command.EvalRequest(
-      data=[f"set={run_dir / 'set.jsonl'}"], workdir=str(run_dir / "run")))
+def test_a_run_is_judged_on_its_own_format_and_opens_sharded(run_dir, monkeypatch, tmp_path):
+  """One test over the run (its training is the cost): the defaults, the overrides, and the
+  weights split over the devices (export and eval hold one copy, not one per device)."""
+  import jax
+  from flax import nnx
+
+  from csd_jax.run import open_run
+
+  data = [f"set={run_dir / 'set.jsonl'}"]
+  seen, _, out = _settings(monkeypatch, command.EvalRequest(data=data,
+                                                             workdir=str(run_dir / "run")))
   config = seen["config"]
   assert (config.template, config.max_prompt_length, config.max_length) == ("chat", 24, 40)
   assert seen["tokenizer"].name_or_path.endswith("tokenizer")
   assert out == run_dir / "run" / "eval_results.json" and out.exists()
 
-
-def test_the_command_line_overrides_the_run(run_dir, monkeypatch, tmp_path):
   seen, _, out = _settings(monkeypatch, command.EvalRequest(
-      data=[f"set={run_dir / 'set.jsonl'}"], workdir=str(run_dir / "run"), template="minillm",
-      max_length=64, out=str(tmp_path / "r.json")))
+      data=data, workdir=str(run_dir / "run"), template="minillm", max_length=64,
+      out=str(tmp_path / "r.json")))
   config = seen["config"]
   assert (config.template, config.max_prompt_length, config.max_length) == ("minillm", 24, 64)
   assert out == tmp_path / "r.json"
-
-
-def test_bad_requests_are_user_errors(run_dir, tmp_path):
-  with pytest.raises(UserError, match="expected NAME=FILE"):
-    command.run_eval(command.EvalRequest(data=["set.jsonl"], workdir=str(run_dir / "run")))
-  with pytest.raises(UserError, match="no config.yaml"):
-    command.run_eval(command.EvalRequest(data=[f"set={run_dir / 'set.jsonl'}"],
-                                         workdir=str(tmp_path)))
-
-
-def test_a_run_opens_sharded_over_every_local_device(run_dir):
-  """Export and eval hold one copy of the weights split over the devices, not one per device."""
-  import jax
-  from flax import nnx
-
-  from csd_jax.run import open_run
 
   run = open_run(run_dir / "run", teacher=True)
   for model in (run.student, run.teacher):
@@ -75,3 +65,12 @@ def test_a_run_opens_sharded_over_every_local_device(run_dir):
     assert all(len(s.device_set) == jax.local_device_count() for s in shardings)
     assert any("fsdp" in str(s.spec) for s in shardings)
     assert not all(s.is_fully_replicated for s in shardings)
+
+
+def test_bad_requests_are_user_errors(tmp_path):
+  (tmp_path / "set.jsonl").write_text(json.dumps({"instruction": "Hi.", "response": "Hello."}))
+  with pytest.raises(UserError, match="expected NAME=FILE"):
+    command.run_eval(command.EvalRequest(data=["set.jsonl"], workdir=str(tmp_path)))
+  with pytest.raises(UserError, match="no config.yaml"):
+    command.run_eval(command.EvalRequest(data=[f"set={tmp_path / 'set.jsonl'}"],
+                                         workdir=str(tmp_path)))

@@ -53,7 +53,7 @@ def _assert_same(got, want):
     np.testing.assert_allclose(got[key], want[key], rtol=2e-5, atol=1e-5, err_msg=key)
 
 
-@pytest.mark.parametrize("chunk_size", [4, 5, 24, 64])  # divides N = 24, does not, N, > N
+@pytest.mark.parametrize("chunk_size", [4, 5, 64])  # divides N = 24, does not, > N
 @pytest.mark.parametrize("softcap,teacher_softcap", [(None, None), (3.0, None), (None, 3.0),
                                                      (2.0, 5.0)])
 def test_sums_equal_unchunked(chunk_size, softcap, teacher_softcap):
