@@ -35,7 +35,8 @@ Array = jax.Array
 DEFAULT_CHUNK_SIZE = 1024
 
 
-def _softcap(logits: Array, cap: float | None) -> Array:
+def softcap(logits: Array, cap: float | None) -> Array:
+  """Gemma-2 style `cap * tanh(logits / cap)`; None: no cap."""
   return logits if cap is None else cap * jnp.tanh(logits / cap)
 
 
@@ -64,7 +65,7 @@ def _chunked_value_and_grads(
   student_cap, teacher_cap = softcaps
 
   def chunk_loss(z_pre: Array, target_logits: Array, w: Array) -> Array:
-    z = jnp.where(in_vocab, _softcap(z_pre, student_cap), -jnp.inf)
+    z = jnp.where(in_vocab, softcap(z_pre, student_cap), -jnp.inf)
     z, tgt, valid = prepare_logits(z, target_logits, spec.takes_labels)
     return weighted_sum(spec.fn(z, tgt, valid, axis, **params), w)
 
@@ -73,7 +74,7 @@ def _chunked_value_and_grads(
     z_pre = jnp.dot(h, ws, preferred_element_type=jnp.float32)
     if not spec.takes_labels:
       t = jnp.dot(tgt, wt, preferred_element_type=jnp.float32)
-      tgt = jnp.where(in_vocab, _softcap(t, teacher_cap), -jnp.inf)
+      tgt = jnp.where(in_vocab, softcap(t, teacher_cap), -jnp.inf)
     value, g = jax.value_and_grad(chunk_loss)(z_pre, tgt, w)
     dh = jnp.dot(g.astype(ws.dtype), ws.T, preferred_element_type=jnp.float32)
     dws_acc = dws_acc + jnp.dot(h.T, g.astype(h.dtype), preferred_element_type=jnp.float32)

@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from csd_jax.losses.fused import DEFAULT_CHUNK_SIZE
+from csd_jax.losses.fused import DEFAULT_CHUNK_SIZE, softcap
 from csd_jax.losses.registry import IGNORE_LABEL, LOSSES, prepare_logits, resolve
 from csd_jax.losses.vocab import VocabAxis
 
@@ -27,10 +27,6 @@ Array = jax.Array
 
 # The keys always returned (with a teacher, "agree" too): a loss key may not shadow them.
 _RESERVED = ("count", "ce", "agree")
-
-
-def _softcap(logits: Array, cap: float | None) -> Array:
-  return logits if cap is None else cap * jnp.tanh(logits / cap)
 
 
 def _check_inputs(student_hidden: Array, student_head: Array, teacher_hidden: Array | None,
@@ -119,14 +115,14 @@ def chunked_token_sums(student_hidden: Array, student_head: Array, teacher_hidde
 
   def one_chunk(x: dict[str, Array]) -> dict[str, Array]:
     valid = x["ids"] != IGNORE_LABEL
-    z_raw = _softcap(jnp.dot(x["h"], student_head, preferred_element_type=jnp.float32),
+    z_raw = softcap(jnp.dot(x["h"], student_head, preferred_element_type=jnp.float32),
                      logit_softcap)
     z, target, ok = prepare_logits(z_raw, x["ids"], takes_labels=True)
     out = {"count": jnp.sum(valid.astype(jnp.float32)),
            "ce": masked_sum(ce_spec.fn(z, target, ok, axis), valid)}
     if "ht" not in x:
       return out
-    t_raw = _softcap(jnp.dot(x["ht"], teacher_head, preferred_element_type=jnp.float32),
+    t_raw = softcap(jnp.dot(x["ht"], teacher_head, preferred_element_type=jnp.float32),
                      teacher_logit_softcap)
     agree = jnp.argmax(z_raw, axis=-1) == jnp.argmax(t_raw, axis=-1)
     out["agree"] = jnp.sum((agree & valid).astype(jnp.float32))
