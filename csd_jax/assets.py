@@ -51,7 +51,7 @@ def converted_smollm2(cache_root: pathlib.Path) -> pathlib.Path:
   temporary sibling directory and renamed into place, so concurrent callers never see half a
   directory.
   """
-  from csd_jax.models.gguf import convert_gguf
+  from csd_jax.models.io.gguf import convert_gguf
 
   gguf = smollm2_gguf_path()
   if gguf is None:

@@ -138,7 +138,7 @@ def _eval(args: argparse.Namespace) -> int:
 
 
 def _convert_gguf(args: argparse.Namespace) -> int:
-  from csd_jax.models.gguf import convert_gguf
+  from csd_jax.models.io.gguf import convert_gguf
 
   out = convert_gguf(args.gguf_file, args.out_dir, dtype=args.dtype)
   print(f"wrote {out}")

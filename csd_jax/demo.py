@@ -25,7 +25,7 @@ from csd_jax.assets import converted_smollm2
 from csd_jax.config import load_config
 from csd_jax.eval.text_metrics import rouge_l
 from csd_jax.models import generate, load_pretrained
-from csd_jax.models.layer_drop import layer_dropped_copy
+from csd_jax.models.io.layer_drop import layer_dropped_copy
 
 DEMO_CONFIG = pathlib.Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
 STUDENT_LAYERS = (0, 10, 20, 29)

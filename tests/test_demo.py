@@ -6,7 +6,7 @@ import numpy as np
 
 from csd_jax import demo
 from csd_jax.models import load_pretrained
-from csd_jax.models.layer_drop import layer_dropped_copy
+from csd_jax.models.io.layer_drop import layer_dropped_copy
 
 
 def test_prompt_generator_is_seeded_and_unique():

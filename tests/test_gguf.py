@@ -1,4 +1,4 @@
-"""csd_jax.models.gguf: GGUF -> Hugging Face conversion, checked on the real SmolLM2-135M-Instruct.
+"""csd_jax.models.io.gguf: GGUF -> Hugging Face conversion, checked on the real SmolLM2-135M-Instruct.
 
 The reference is transformers' own GGUF loader (`from_pretrained(dir, gguf_file=...)`, PyTorch on
 CPU). Both dequantise with the same arithmetic (gguf's numpy kernels; Q4_1 is d * q + m and
@@ -23,7 +23,7 @@ import numpy as np
 import pytest
 
 from csd_jax.errors import UserError
-from csd_jax.models.gguf import convert_gguf, unpermute_rotary_rows
+from csd_jax.models.io.gguf import convert_gguf, unpermute_rotary_rows
 from csd_jax.assets import MARKER, converted_smollm2
 
 PROMPT = [{"role": "user", "content": "What is the capital of France?"}]
@@ -167,7 +167,7 @@ def test_conversion_needs_no_torch(converted: pathlib.Path, gguf_file: pathlib.P
         return PathFinder.find_spec(name, path, target)
 
     sys.meta_path[:] = [NoTorch if f is PathFinder else f for f in sys.meta_path]
-    from csd_jax.models.gguf import convert_gguf
+    from csd_jax.models.io.gguf import convert_gguf
     convert_gguf({str(gguf_file)!r}, {str(out)!r}, dtype="bfloat16")
     assert "torch" not in sys.modules, "torch was imported"
   """)

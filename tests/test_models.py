@@ -226,7 +226,8 @@ def test_load_errors_name_the_problem(tmp_path):
     load_pretrained(tmp_path / "nope")
   (tmp_path / "config.json").write_text(json.dumps({**config, "model_type": "mamba"}))
   with pytest.raises(UserError, match="unsupported model_type 'mamba'; supported families: "
-                                      "gpt2, llama, gemma"):
+                                      "gemma, gemma2, gemma3_text, gpt2, llama, mistral, qwen2, "
+                                      "qwen3 "):
     load_pretrained(tmp_path)
   (tmp_path / "config.json").write_text(json.dumps({**config, "num_hidden_layers": 3}))
   with pytest.raises(UserError, match=r"missing \['model.layers.2"):

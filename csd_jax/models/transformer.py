@@ -1,4 +1,4 @@
-"""The decoder-only LM shared by GPT-2, LLaMA and Gemma (`ModelConfig` picks the family's parts).
+"""The decoder-only LM shared by every family (`ModelConfig` picks the family's parts).
 
 `model(input_ids, attention_mask, positions) -> logits [B, T, V]`. For the fused loss,
 `model.hidden_states(...)` gives the final normed hidden states and `model.head_weight()` the LM
@@ -18,8 +18,9 @@ import jax.numpy as jnp
 from flax import nnx
 
 from csd_jax.errors import UserError
+from csd_jax.models.attention import Attention, log_kernel_choice
 from csd_jax.models.config import REMAT_POLICIES, ModelConfig
-from csd_jax.models.layers import Block, KVCache, Norm, param, sub_key
+from csd_jax.models.layers import MLP, KVCache, Norm, dropout, param, sub_key
 
 Array = jax.Array
 
@@ -34,6 +35,33 @@ def positions_from_mask(attention_mask: Array) -> Array:
   return jnp.maximum(jnp.cumsum(attention_mask.astype(jnp.int32), axis=-1) - 1, 0)
 
 
+class Block(nnx.Module):
+  """A pre-norm decoder block: x + attn(norm(x)), then x + mlp(norm(x)); Gemma 2/3 norm the
+  attention and MLP outputs too (`post_norms`)."""
+
+  def __init__(self, cfg: ModelConfig, layer: int, rngs: nnx.Rngs):
+    self.attn_norm = Norm(cfg.hidden_size, cfg, rngs)
+    self.attn = Attention(cfg, layer, rngs)
+    self.post_attn_norm = Norm(cfg.hidden_size, cfg, rngs) if cfg.post_norms else None
+    self.mlp_norm = Norm(cfg.hidden_size, cfg, rngs)
+    self.mlp = MLP(cfg, rngs)
+    self.post_mlp_norm = Norm(cfg.hidden_size, cfg, rngs) if cfg.post_norms else None
+
+  def __call__(self, x: Array, positions: Array, kv_valid: Array, cache: KVCache | None = None,
+               cache_index: Array | int = 0, query_segments: Array | None = None,
+               dropout_key: Array | None = None) -> tuple[Array, KVCache | None]:
+    attn_out, cache = self.attn(self.attn_norm(x), positions, kv_valid, cache=cache,
+                                cache_index=cache_index, query_segments=query_segments,
+                                dropout_key=sub_key(dropout_key, 0))
+    if self.post_attn_norm is not None:
+      attn_out = self.post_attn_norm(attn_out)
+    x = x + attn_out
+    mlp_out = self.mlp(self.mlp_norm(x), sub_key(dropout_key, 1))
+    if self.post_mlp_norm is not None:
+      mlp_out = self.post_mlp_norm(mlp_out)
+    return x + mlp_out, cache
+
+
 class CausalLM(nnx.Module):
   """A pre-norm decoder-only language model."""
 
@@ -44,7 +72,8 @@ class CausalLM(nnx.Module):
     self.embed = param(rngs, (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"), cfg)
     self.pos_embed = (param(rngs, (cfg.max_position_embeddings, cfg.hidden_size),
                             ("positions", "embed"), cfg) if cfg.positions == "learned" else None)
-    self.layers = nnx.List([Block(cfg, rngs) for _ in range(cfg.num_layers)])
+    log_kernel_choice(cfg)
+    self.layers = nnx.List([Block(cfg, i, rngs) for i in range(cfg.num_layers)])
     self.final_norm = Norm(cfg.hidden_size, cfg, rngs)
     self.lm_head = (None if cfg.tie_word_embeddings else
                     param(rngs, (cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"), cfg))
@@ -70,7 +99,9 @@ class CausalLM(nnx.Module):
         and values at `cache_index`.
       cache_index: the cache slot of this call's first token.
       kv_valid: [B, S] which cache slots hold real tokens (required with `cache`).
-      dropout_key: a PRNG key for LoRA dropout while training (None: no dropout).
+      dropout_key: a PRNG key for dropout while training (the checkpoint's embedding,
+        attention and residual rates, and LoRA's); None (teacher, evaluation, generation):
+        no dropout.
     """
     cfg = self.cfg
     if attention_mask is None:
@@ -87,6 +118,7 @@ class CausalLM(nnx.Module):
       x = x * jnp.asarray(cfg.hidden_size**0.5, cfg.dtype)
     if self.pos_embed is not None:
       x = x + jnp.take(self.pos_embed[...], positions, axis=0).astype(cfg.dtype)
+    x = dropout(x, cfg.embed_dropout, sub_key(dropout_key, cfg.num_layers))
     new_cache = [] if cache is not None else None
     for i, block in enumerate(self.layers):
       layer_cache = None if cache is None else cache[i]

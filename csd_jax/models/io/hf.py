@@ -21,16 +21,15 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from csd_jax.errors import UserError
-from csd_jax.models.config import ModelConfig, config_from_hf
+from csd_jax.models.config import ModelConfig
+from csd_jax.models.families import (IGNORED_SUFFIXES, architecture, canonical_name,
+                                     config_from_hf, weight_entries)
+from csd_jax.models.io.safetensors import SafetensorsCheckpoint, write_sharded
 from csd_jax.models.lora import LoraParam, merge_lora
-from csd_jax.models.hf_names import IGNORED_SUFFIXES, canonical_name, weight_entries
-from csd_jax.models.safetensors_io import SafetensorsCheckpoint, write_sharded
 from csd_jax.models.transformer import CausalLM
 from csd_jax.sharding import state_shardings
 
 MAX_SHARD_BYTES = 5 * 2**30
-ARCHITECTURES = {"gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM",
-                 "gemma": "GemmaForCausalLM"}
 
 
 def resolve_model_dir(path_or_hub_id: str | os.PathLike) -> pathlib.Path:
@@ -160,7 +159,7 @@ def _init_adapters(variables: dict, loaded: set, shardings: dict, cfg: ModelConf
 def hf_config_of(cfg: ModelConfig) -> dict[str, Any]:
   """The transformers config.json of a model (its original one, with architectures and dtype)."""
   out = dict(cfg.hf_config)
-  out.setdefault("architectures", [ARCHITECTURES[cfg.family]])
+  out.setdefault("architectures", [architecture(cfg)])
   out["model_type"] = cfg.family
   out["torch_dtype"] = out["dtype"] = jnp.dtype(cfg.param_dtype).name
   return out

@@ -15,7 +15,7 @@ import shutil
 from collections.abc import Sequence
 
 from csd_jax.errors import UserError
-from csd_jax.models.safetensors_io import SafetensorsCheckpoint, write_sharded
+from csd_jax.models.io.safetensors import SafetensorsCheckpoint, write_sharded
 
 _LAYER = re.compile(r"^(.*?\b(?:layers|h))\.(\d+)\.(.*)$")
 _LAYER_COUNT_KEYS = ("num_hidden_layers", "n_layer")
