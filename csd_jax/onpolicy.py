@@ -27,6 +27,7 @@ import numpy as np
 from flax import nnx
 
 from csd_jax.config import OnPolicyConfig
+from csd_jax.data.chat import run_model_stop_ids, stop_ids
 from csd_jax.losses import IGNORE_LABEL
 from csd_jax.state import TrainState
 from csd_jax.models.generate import sample_loop
@@ -197,12 +198,14 @@ def initial_replay(config: Any, pad_id: int = 0) -> dict[str, Any] | None:
 def build(config: Any, student_graphdef: nnx.GraphDef, tokenizer: Any | None,
           pad_id: int, vocab_size: int) -> OnPolicy | None:
   """The run's on-policy driver, or None when `onpolicy.ratio` is 0. The student samples
-  from the `vocab_size` tokens both models have."""
+  from the `vocab_size` tokens both models have; an answer ends at its first stop id
+  (`csd_jax.data.chat.stop_ids`: the tokenizer's eos and chat end-of-turn token, the eos ids
+  of the student's and teacher's config.json / generation_config.json), which it keeps as
+  its last target, as a chat data row ends with its end-of-turn token."""
   if not config.onpolicy.ratio:
     return None
-  eos = getattr(tokenizer, "eos_token_id", None) if tokenizer is not None else None
+  eos_ids = stop_ids(tokenizer, extra=run_model_stop_ids(config))
   return OnPolicy(config.onpolicy, student_graphdef=student_graphdef,
                   batch_size=config.train.batch_size, max_length=config.data.max_length,
-                  max_prompt_length=config.data.max_prompt_length,
-                  eos_ids=() if eos is None else (int(eos),), pad_id=pad_id,
-                  seed=config.train.seed, vocab_size=vocab_size)
+                  max_prompt_length=config.data.max_prompt_length, eos_ids=eos_ids,
+                  pad_id=pad_id, seed=config.train.seed, vocab_size=vocab_size)

@@ -3,7 +3,10 @@
 Instruction records are in the Dolly form (`instruction`, `context`, `response`); prompts are
 rendered with the MiniLLM / DistiLLM template, the tokenizer's chat template, or left bare.
 `InstructionTokenizer` turns one record into `input_ids` and PRE-SHIFTED `labels`: `labels[t]` is
-the token that follows position `t`, and -100 where that token is still part of the prompt. The
+the token that follows position `t`, and -100 where that token is still part of the prompt.
+A response ends with the tokenizer's eos (minillm, none) or, with the chat template, as the
+template writes the assistant's turn up to its end-of-turn token (`chat.chat_response`: e.g.
+Qwen's `answer<|im_end|>`, without the newline the template writes after it). The
 prompt is cut from the left to `max_prompt_length`, the response from the right so that the
 whole sample fits `max_length`; what was cut and what was dropped is counted in `stats`.
 `TextTokenizer` cuts a pre-training text into windows with the same label convention.
@@ -19,6 +22,7 @@ from typing import Any
 
 import numpy as np
 
+from csd_jax.data.chat import chat_response, end_of_turn
 from csd_jax.errors import UserError
 
 logger = logging.getLogger("csd_jax.data")
@@ -124,7 +128,11 @@ def _encode(tokenizer: Any, text: str) -> list[int]:
 
 
 class InstructionTokenizer:
-  """Dolly-form record -> {"input_ids", "labels"} (int32, same length <= max_length) or None."""
+  """Dolly-form record -> {"input_ids", "labels"} (int32, same length <= max_length) or None.
+
+  `add_eos`: end each response with its end token, which the loss covers: the chat template's
+  end-of-turn token with template="chat" (where the template has one), else the eos token.
+  """
 
   def __init__(self, tokenizer: Any, *, template: str = "minillm", max_length: int = 512,
                max_prompt_length: int = 256, add_eos: bool = True, add_bos: bool = False):
@@ -143,7 +151,10 @@ class InstructionTokenizer:
     self.max_length = max_length
     self.max_prompt_length = max_prompt_length
     self.add_eos = add_eos
-    self.eos_id = _eos_id(tokenizer) if add_eos else _token_id(tokenizer, "eos")
+    # chat: the turn ends with the template's end-of-turn token (else, or without one, eos)
+    self.end_of_turn = end_of_turn(tokenizer) if template == "chat" else None
+    self.eos_id = (_eos_id(tokenizer) if add_eos and self.end_of_turn is None
+                   else _token_id(tokenizer, "eos"))
     self.bos_id = _token_id(tokenizer, "bos") if add_bos else None
     if add_bos and self.bos_id is None:
       logger.warning("add_bos=True but %s has no bos token: prompts get none",
@@ -160,9 +171,14 @@ class InstructionTokenizer:
       self.stats.prompts_truncated += 1
       prompt = prompt[len(prompt) - keep:]
     prompt = head + prompt
-    response = _encode(self.tokenizer, record["response"])
-    if self.add_eos:
-      response.append(self.eos_id)
+    if self.end_of_turn is not None:
+      response = _encode(self.tokenizer, chat_response(
+          self.tokenizer, _user_text(record), record["response"], end=self.end_of_turn,
+          with_end=self.add_eos))
+    else:
+      response = _encode(self.tokenizer, record["response"])
+      if self.add_eos:
+        response.append(self.eos_id)
     budget = self.max_length + 1 - len(prompt)   # `full` may hold max_length + 1 tokens
     if len(response) > budget:
       self.stats.responses_truncated += 1

@@ -2,8 +2,10 @@
 
 A run (`--workdir`) is judged on its own prompt format: its template and lengths are the
 defaults, and its tokenizer is the one it trained with. A model directory (`--model`) gets the
-MiniLLM template and 256 / 512 tokens unless told otherwise. Models load sharded over every
-local device (`csd_jax.run.inference_mesh`), so a teacher need not fit on one chip.
+MiniLLM template and 256 / 512 tokens unless told otherwise. Answers end at any stop id: the
+tokenizer's eos and end-of-turn token, and the eos ids of the model's config.json and
+generation_config.json (a run's student and teacher). Models load sharded over every local
+device (`csd_jax.run.inference_mesh`), so a teacher need not fit on one chip.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import pathlib
 from collections.abc import Sequence
 from typing import Any
 
+from csd_jax.data.chat import run_model_stop_ids, stop_ids
 from csd_jax.errors import UserError
 from csd_jax.eval import generation
 from csd_jax.sampling import Sampling
@@ -58,7 +61,7 @@ def _model_and_settings(request: EvalRequest) -> tuple[Any, Any, dict[str, Any],
     run = open_run(request.workdir)
     data = run.config.data
     defaults = {"template": data.template, "max_prompt_length": data.max_prompt_length,
-                "max_length": data.max_length}
+                "max_length": data.max_length, "stop_ids": run_model_stop_ids(run.config)}
     if run.tokenizer is None:
       raise UserError(f"{request.workdir}: the run has no tokenizer (data.tokenizer, teacher or "
                       "student directory); evaluation by generation needs one")
@@ -73,7 +76,8 @@ def _model_and_settings(request: EvalRequest) -> tuple[Any, Any, dict[str, Any],
   except (OSError, ValueError) as error:
     raise UserError(f"{request.model}: no tokenizer files ({type(error).__name__}); save the "
                     "tokenizer beside the model (csd-jax export does)") from error
-  return model, tokenizer, dict(MODEL_DEFAULTS), pathlib.Path("eval_results.json")
+  defaults = {**MODEL_DEFAULTS, "stop_ids": stop_ids(None, request.model)}
+  return model, tokenizer, defaults, pathlib.Path("eval_results.json")
 
 
 def run_eval(request: EvalRequest) -> tuple[dict[str, dict[str, Any]], pathlib.Path]:

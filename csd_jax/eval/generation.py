@@ -32,6 +32,7 @@ import numpy as np
 from flax import nnx
 
 from csd_jax.data.batching import bucket_length, pad_batch
+from csd_jax.data.chat import run_model_stop_ids, stop_ids
 from csd_jax.data.instruct import (IGNORE_INDEX, InstructionTokenizer, records_from_json,
                                    render_prompt)
 from csd_jax.data.records import read_json_records
@@ -62,6 +63,9 @@ class EvalConfig:
   batch_size: int = 16
   template: str = "minillm"
   max_examples: int | None = None   # the first N records of each dataset (None: all)
+  # Ids that end an answer besides the tokenizer's and the model's own (`evaluate` adds those):
+  # a run's student / teacher files' eos ids (`run_settings`), e.g. generation_config.json's.
+  stop_ids: tuple[int, ...] = ()
 
   def __post_init__(self) -> None:
     if not isinstance(self.sampling, Sampling):
@@ -77,11 +81,12 @@ class EvalConfig:
 
 def run_settings(config: Any) -> EvalConfig:
   """The evaluation settings of a training run: its `eval` section's seeds and sampling, its
-  data's template and lengths."""
+  data's template and lengths, the eos ids its student and teacher declare."""
   section, data = config.eval, config.data
   return EvalConfig(seeds=tuple(section.seeds), sampling=section.sampling,
                     max_prompt_length=data.max_prompt_length, max_length=data.max_length,
-                    batch_size=section.batch_size, template=data.template)
+                    batch_size=section.batch_size, template=data.template,
+                    stop_ids=run_model_stop_ids(config))
 
 
 def run_datasets(config: Any) -> dict[str, list[dict[str, str]]]:
@@ -131,15 +136,20 @@ def _left_padded(rows: Sequence[Sequence[int]], width: int, pad_id: int
   return ids, mask
 
 
+def _until_stop(row: np.ndarray, stops: Sequence[int]) -> np.ndarray:
+  """`row` up to its first stop id (excluded)."""
+  hits = np.flatnonzero(np.isin(row, stops)) if stops else []
+  return row[:hits[0]] if len(hits) else row
+
+
 def _answers(model: Any, tokenizer: Any, prompt_ids: Sequence[Sequence[int]], seed: int,
-             cfg: EvalConfig) -> list[str]:
-  """One sampled answer per prompt. Batches are `batch_size` rows (the last one completed with
-  copies of its last prompt, answers dropped) and `WIDTH_MULTIPLE`-wide buckets, with the
-  length budget of the bucket (`max_length - width` new tokens): `generate` compiles once per
-  width used, whatever the number of batches."""
-  eos = _token_id(tokenizer, "eos")
+             cfg: EvalConfig, stops: Sequence[int]) -> list[str]:
+  """One sampled answer per prompt, ended by the first of `stops`. Batches are `batch_size`
+  rows (the last one completed with copies of its last prompt, answers dropped) and
+  `WIDTH_MULTIPLE`-wide buckets, with the length budget of the bucket (`max_length - width`
+  new tokens): `generate` compiles once per width used, whatever the number of batches."""
   pad = _token_id(tokenizer, "pad")
-  pad = pad if pad is not None else eos or 0   # any id: the mask hides left padding
+  pad = pad if pad is not None else (stops[0] if stops else 0)  # the mask hides left padding
   answers = []
   for start in range(0, len(prompt_ids), cfg.batch_size):
     chunk = list(prompt_ids[start:start + cfg.batch_size])
@@ -150,8 +160,8 @@ def _answers(model: Any, tokenizer: Any, prompt_ids: Sequence[Sequence[int]], se
     out = np.asarray(generate(model, ids, prompt_mask=mask, max_new_tokens=cfg.max_length - width,
                               sampling=cfg.sampling,
                               seed=seed * 1_000_003 + start,  # no two (seed, batch) alike
-                              eos_id=eos))
-    answers += [tokenizer.decode(row, skip_special_tokens=True).strip()
+                              eos_id=tuple(stops)))
+    answers += [tokenizer.decode(_until_stop(row, stops), skip_special_tokens=True).strip()
                 for row in out[:len(chunk)]]
   return answers
 
@@ -228,8 +238,11 @@ def evaluate(model: Any, tokenizer: Any, datasets: Mapping[str, Sequence[Mapping
              ) -> dict[str, dict[str, Any]]:
   """Metrics per dataset (and the generated samples per seed, and the sampling settings).
 
+  An answer ends at any of the model's stop ids (`csd_jax.data.chat.stop_ids`: the
+  tokenizer's eos and end-of-turn token, the model config's eos ids, `config.stop_ids`).
   The tokenizer is only read, never reconfigured."""
   sampling = dataclasses.asdict(config.sampling)
+  stops = stop_ids(tokenizer, model, extra=config.stop_ids)
   results = {}
   for name, records in datasets.items():
     prompts = [render_prompt(r, config.template, tokenizer) for r in records]
@@ -238,7 +251,7 @@ def evaluate(model: Any, tokenizer: Any, datasets: Mapping[str, Sequence[Mapping
     samples = {}
     for i, seed in enumerate(config.seeds):
       start = time.perf_counter()
-      samples[seed] = _answers(model, tokenizer, prompt_ids, seed, config)
+      samples[seed] = _answers(model, tokenizer, prompt_ids, seed, config, stops)
       logger.info("%s: seed %d (%d/%d), %d answers in %.0f s", name, seed, i + 1,
                   len(config.seeds), len(prompts), time.perf_counter() - start)
     rouge = [rouge_l(samples[s], references) for s in config.seeds]
@@ -247,7 +260,7 @@ def evaluate(model: Any, tokenizer: Any, datasets: Mapping[str, Sequence[Mapping
     results[name] = {"rougeL": float(np.mean(rouge)), "rougeL_per_seed": rouge,
                      **({"self_bleu": float(np.mean(diversity))} if diversity else {}),
                      **teacher_forced_metrics(model, teacher, tokenizer, records, config),
-                     "examples": len(records), "sampling": sampling,
+                     "examples": len(records), "sampling": sampling, "stop_ids": list(stops),
                      "samples": {str(s): v for s, v in samples.items()}}
   return results
 

@@ -6,8 +6,10 @@ padded prompt continues exactly as it would alone. How tokens are drawn is a `Sa
 (csd_jax/sampling.py): temperature 0 is greedy; otherwise top-k (0 = off) and top-p (1 = off)
 filter the tempered logits, and `no_repeat_ngram_size` n (0 = off) forbids any token that would
 repeat an n-gram of the real tokens so far (prompt included, left padding not). A sequence
-stops at its first eos token and is padded with `pad_id` after it; the loop ends when every
-sequence has stopped.
+stops at the first of its stop ids (any of them: a model may have several, e.g. Llama 3.1's
+eos ids and a chat template's end-of-turn token; `csd_jax.data.chat.stop_ids` gathers them),
+keeps that token and is padded with `pad_id` after it; the loop ends when every sequence has
+stopped.
 
 `sample_loop` is the un-jitted core, for callers that generate inside their own jitted function
 (on-policy distillation); `generate` is the jitted entry point.
@@ -22,6 +24,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 from jax import lax
 
@@ -161,8 +164,9 @@ def generate(model: CausalLM, prompt_ids: Array, *, max_new_tokens: int,
     sampling: how tokens are drawn (default greedy); `Sampling`'s fields given as keywords
       (`temperature=1.0, top_p=0.9`) replace those of `sampling`.
     seed: the sampling seed (the same seed gives the same samples).
-    eos_id: token id(s) that end a sequence. pad_id: what follows the end (default: the
-      first eos id, or 0).
+    eos_id: the token id, or ids, that end a sequence: pass `csd_jax.data.chat.stop_ids(
+      tokenizer, model)` (every eos id and the chat end-of-turn token), not the tokenizer's
+      eos alone. pad_id: what follows the end (default: the first of them, or 0).
     prompt_mask: [B, P], 1 for real tokens; padding must be on the left.
   """
   if max_new_tokens < 1:
@@ -181,7 +185,7 @@ def generate(model: CausalLM, prompt_ids: Array, *, max_new_tokens: int,
   if not bool(jnp.all(prompt_mask[:, -1] == 1)):
     raise ValueError("prompts must be left-padded: the last position of every prompt must be a "
                      "real token (prompt_mask[:, -1] == 1)")
-  eos_ids = () if eos_id is None else tuple(int(e) for e in jnp.atleast_1d(jnp.asarray(eos_id)))
+  eos_ids = () if eos_id is None else tuple(dict.fromkeys(int(e) for e in np.atleast_1d(eos_id)))
   if pad_id is None:
     pad_id = eos_ids[0] if eos_ids else 0
   graphdef, state = nnx.split(model)
