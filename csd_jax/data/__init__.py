@@ -1,6 +1,8 @@
 """Instruction and text data: rendering and tokenisation, TFDS builders, the Grain loader.
 
 - `instruct`: records -> `input_ids` and pre-shifted `labels` (MiniLLM template or chat template).
+- `chat`: where a chat template ends an assistant turn, and `stop_ids`: every token id that ends
+  a generation (eos ids of the tokenizer, config.json and generation_config.json; end-of-turn).
 - `tfds_builder`: local JSONL / JSON / Parquet files and Dolly -> cached ArrayRecord sources.
 - `loader`: `BatchLoader`, shuffled per epoch, sharded per process, bucketed or packed,
   resumable, yielding global batches.
@@ -8,6 +10,6 @@
   functions that evaluation uses too.
 - `inputs`: a run's loaders (train, held-out, LM text) from its config.
 
-`tfds_builder` and `loader` import tensorflow-datasets and grain; `records`, `batching` and
-`instruct` do not (evaluation imports them). Nothing here imports the models.
+`tfds_builder` and `loader` import tensorflow-datasets and grain; `records`, `batching`,
+`chat` and `instruct` do not (evaluation imports them). Nothing here imports the models.
 """
