@@ -39,6 +39,8 @@ class ModelSpec:
   remat: str = "none"              # none | full | dots
   attention_impl: str | None = None
   seed: int = 0
+  dropout: float | None = None     # student: None = its config.json's rates (GPT-2: 0.1); a
+                                   # number replaces the embedding, attention and residual rates
 
 
 @dataclasses.dataclass(frozen=True)

@@ -23,6 +23,12 @@ def check(config: Config) -> None:
     if (spec.path is None) == (spec.config is None):
       raise ConfigError(f"{role}: set exactly one of {role}.path (a model directory or hub id) "
                         f"and {role}.config (a transformers config to initialise randomly)")
+  if config.teacher.dropout is not None:
+    raise ConfigError("teacher.dropout: the teacher never drops (it only gives targets); remove "
+                      "it, or set student.dropout")
+  if config.student.dropout is not None and not 0.0 <= config.student.dropout < 1.0:
+    raise ConfigError(f"student.dropout={config.student.dropout}: must be in [0, 1) (null: the "
+                      "checkpoint's own rates)")
   train = config.train
   if train.batch_size % train.grad_accum:
     raise ConfigError(f"train.batch_size={train.batch_size} does not divide into "

@@ -44,6 +44,9 @@ def build_model(spec: ModelSpec, mesh: Mesh, *, trainable: bool,
   dtype = DTYPES[spec.dtype]
   param_dtype = DTYPES[spec.param_dtype] if trainable else dtype
   options = {"remat": spec.remat, "attention_impl": spec.attention_impl, **options}
+  if spec.dropout is not None:
+    options.update(embed_dropout=spec.dropout, attention_dropout=spec.dropout,
+                   residual_dropout=spec.dropout)
   if spec.path is not None:
     return load_pretrained(spec.path, dtype=dtype, param_dtype=param_dtype, mesh=mesh,
                            rules=rules, **options)

@@ -10,6 +10,7 @@ import torch
 import transformers
 
 VOCAB = 97
+SLIDING_WINDOW = 5
 
 CONFIGS = {
     "gpt2_n_inner": lambda: transformers.GPT2Config(
@@ -33,6 +34,42 @@ CONFIGS = {
         hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=1,
         head_dim=16, intermediate_size=64, vocab_size=VOCAB, bos_token_id=1, eos_token_id=2,
         pad_token_id=0),
+    # Qwen2.5: q/k/v biases, rope_theta 1e6, tied (0.5B-3B) or untied heads.
+    "qwen2_tied": lambda: transformers.Qwen2Config(
+        hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        intermediate_size=64, vocab_size=VOCAB, rope_theta=1e6, tie_word_embeddings=True,
+        bos_token_id=1, eos_token_id=2),
+    "qwen2_untied": lambda: transformers.Qwen2Config(
+        hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=1,
+        intermediate_size=64, vocab_size=VOCAB, tie_word_embeddings=False,
+        bos_token_id=1, eos_token_id=2),
+    # Qwen3: q/k norms, head_dim 16 with 4 heads on a hidden size of 32.
+    "qwen3_head_dim": lambda: transformers.Qwen3Config(
+        hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        head_dim=16, intermediate_size=64, vocab_size=VOCAB, tie_word_embeddings=False,
+        bos_token_id=1, eos_token_id=2),
+    # Sliding windows of SLIDING_WINDOW slots, shorter than every test sequence.
+    "mistral_sliding": lambda: transformers.MistralConfig(
+        hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        head_dim=8, intermediate_size=64, vocab_size=VOCAB, sliding_window=SLIDING_WINDOW,
+        bos_token_id=1, eos_token_id=2),
+    # Gemma 2: both soft-caps small enough to bite, query_pre_attn_scalar != head_dim.
+    "gemma2_softcaps": lambda: transformers.Gemma2Config(
+        hidden_size=32, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
+        head_dim=16, intermediate_size=64, vocab_size=VOCAB, query_pre_attn_scalar=24,
+        attn_logit_softcapping=2.0, final_logit_softcapping=3.0, sliding_window=SLIDING_WINDOW,
+        bos_token_id=1, eos_token_id=2, pad_token_id=0),
+    # Gemma 3: per-layer types, a local RoPE base, linear scaling on the global layers.
+    "gemma3_text": lambda: transformers.Gemma3TextConfig(
+        hidden_size=32, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+        head_dim=16, intermediate_size=64, vocab_size=VOCAB, query_pre_attn_scalar=24,
+        sliding_window=SLIDING_WINDOW,
+        layer_types=["sliding_attention", "full_attention", "sliding_attention",
+                     "sliding_attention"],
+        rope_parameters={
+            "full_attention": {"rope_type": "linear", "factor": 4.0, "rope_theta": 1e5},
+            "sliding_attention": {"rope_type": "default", "rope_theta": 1e3}},
+        bos_token_id=1, eos_token_id=2, pad_token_id=0),
 }
 
 

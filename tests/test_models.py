@@ -23,10 +23,25 @@ def _max_rel(ours, ref):
   return np.abs(ours - ref).max() / np.abs(ref).max()
 
 
+def _checkpoint(name, tmp_path_factory):
+  directory = tmp_path_factory.mktemp(name)
+  return name, directory, make_checkpoint(name, directory)
+
+
 @pytest.fixture(scope="module", params=sorted(CONFIGS))
 def tiny(request, tmp_path_factory):
-  directory = tmp_path_factory.mktemp(request.param)
-  return request.param, directory, make_checkpoint(request.param, directory)
+  """Every family: the port's own tests (logits, padding, export, cache, greedy, sharding)."""
+  return _checkpoint(request.param, tmp_path_factory)
+
+
+# Sampling, n-gram bans, stopping and row splitting do not depend on the family: they run on
+# learned positions, RoPE with GQA, and soft-capped sliding-window attention.
+SAMPLER_FAMILIES = ("gpt2_n_inner", "llama_gqa_untied_bias", "gemma2_softcaps")
+
+
+@pytest.fixture(scope="module", params=SAMPLER_FAMILIES)
+def sampler(request, tmp_path_factory):
+  return _checkpoint(request.param, tmp_path_factory)
 
 
 def _ids(shape, seed=0):
@@ -111,10 +126,10 @@ def test_greedy_generate_equals_transformers(tiny):
 
 
 @pytest.mark.parametrize("n", [2, 3])
-def test_no_repeat_ngram_equals_transformers(tiny, n):
+def test_no_repeat_ngram_equals_transformers(sampler, n):
   """A random tiny model repeats itself at once under greedy decoding: the ban must bite, and
   pick the same tokens as transformers' `no_repeat_ngram_size`."""
-  name, directory, torch_model = tiny
+  name, directory, torch_model = sampler
   ids = _ids((2, 6), seed=9)
   with torch.no_grad():
     ref = torch_model.generate(torch.tensor(ids), max_new_tokens=24, do_sample=False,
@@ -131,9 +146,9 @@ def test_no_repeat_ngram_equals_transformers(tiny, n):
     assert len(grams) == len(set(grams))
 
 
-def test_no_repeat_ngram_ignores_left_padding(tiny):
+def test_no_repeat_ngram_ignores_left_padding(sampler):
   """A left-padded prompt generates what it generates alone: padding is not text."""
-  _, directory, _ = tiny
+  _, directory, _ = sampler
   model = load_pretrained(directory)
   prompt = _ids((1, 4), seed=11)
   padded = np.concatenate([np.zeros((1, 3), prompt.dtype), prompt], 1)
@@ -143,8 +158,8 @@ def test_no_repeat_ngram_ignores_left_padding(tiny):
                                 np.asarray(generate(model, prompt, **kwargs)))
 
 
-def test_generate_sampling_is_seeded_and_stops_at_eos(tiny):
-  _, directory, _ = tiny
+def test_generate_sampling_is_seeded_and_stops_at_eos(sampler):
+  _, directory, _ = sampler
   model = load_pretrained(directory)
   ids = _ids((3, 5), seed=7)
   kwargs = dict(max_new_tokens=12, temperature=1.0, top_k=20, top_p=0.9)
@@ -158,8 +173,8 @@ def test_generate_sampling_is_seeded_and_stops_at_eos(tiny):
   assert (stopped[0, first + 1:] == 0).all()
 
 
-def test_ngram_wider_than_the_sequence_bans_nothing(tiny):
-  _, directory, _ = tiny
+def test_ngram_wider_than_the_sequence_bans_nothing(sampler):
+  _, directory, _ = sampler
   model = load_pretrained(directory)
   ids = _ids((1, 1), seed=3)
   np.testing.assert_array_equal(
@@ -167,11 +182,11 @@ def test_ngram_wider_than_the_sequence_bans_nothing(tiny):
       np.asarray(generate(model, ids, max_new_tokens=3)))
 
 
-def test_sample_loop_draws_only_below_vocab_size(tiny):
+def test_sample_loop_draws_only_below_vocab_size(sampler):
   from csd_jax.models.generate import sample_loop
   from csd_jax.sampling import Sampling
 
-  _, directory, _ = tiny
+  _, directory, _ = sampler
   model = load_pretrained(directory)
   ids = jnp.asarray(_ids((4, 3), seed=2), jnp.int32)
   out = sample_loop(model, ids, jnp.ones_like(ids), jax.random.key(0), max_new_tokens=32,
@@ -179,10 +194,10 @@ def test_sample_loop_draws_only_below_vocab_size(tiny):
   assert int(out.max()) < 10 and len(np.unique(np.asarray(out))) > 3
 
 
-def test_generation_on_a_mesh_splits_rows_and_samples_the_same(tiny):
+def test_generation_on_a_mesh_splits_rows_and_samples_the_same(sampler):
   """On a 4 x 2 mesh the prompts' rows are split over the data axes (3 rows: padded to 4),
   and the samples equal the single-device ones: the random bits do not depend on sharding."""
-  _, directory, _ = tiny
+  _, directory, _ = sampler
   ids = _ids((3, 5), seed=13)
   kwargs = dict(max_new_tokens=8, temperature=1.0, seed=4)
   single = np.asarray(generate(load_pretrained(directory), ids, **kwargs))

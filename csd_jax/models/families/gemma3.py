@@ -15,6 +15,9 @@ from csd_jax.models.families.gemma import gemma_fields
 
 
 def config_fields(hf: HFConfig) -> dict[str, Any]:
+  if hf.get("use_bidirectional_attention"):
+    raise UserError("gemma3_text config: use_bidirectional_attention=true (an encoder, not a "
+                    "causal LM) is not supported; use a causal Gemma 3 checkpoint")
   fields = gemma_fields(hf)
   count = fields["num_layers"]
   # Older configs give a pattern instead of layer_types: every n-th layer is global.
