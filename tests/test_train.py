@@ -41,14 +41,20 @@ def _assert_params_close(got, want):
     assert not np.array_equal(value, 0)
 
 
+# The step's arithmetic, compared across meshes and accumulation, without the GPT-2 student's
+# dropout: micro-batches draw their own masks (accumulation is then another sample, not the
+# same sum), and where Adam divides a near-zero gradient the masks' reordered sums show.
+EXACT = ["student.dtype=float32", "student.dropout=0.0"]
+
+
 @pytest.fixture(scope="module")
 def one_device():
-  return _run(["student.dtype=float32"], make_mesh(1, 1, 1, devices=jax.devices()[:1]))
+  return _run(EXACT, make_mesh(1, 1, 1, devices=jax.devices()[:1]))
 
 
 def test_step_on_8_devices_equals_the_1_device_step(one_device):
   _, state_1, losses_1 = one_device
-  _, state_8, losses_8 = _run(["student.dtype=float32"], make_mesh(2, 2, 2))
+  _, state_8, losses_8 = _run(EXACT, make_mesh(2, 2, 2))
   # float32 rounding: sharded matmuls and reductions add in another order.
   np.testing.assert_allclose(losses_8, losses_1, rtol=1e-5)
   _assert_params_close(state_8.params, state_1.params)
@@ -56,10 +62,21 @@ def test_step_on_8_devices_equals_the_1_device_step(one_device):
 
 def test_accumulation_4x2_equals_1x8(one_device):
   _, state_1, losses_1 = one_device
-  _, state_acc, losses_acc = _run(["student.dtype=float32", "train.grad_accum=4"],
+  _, state_acc, losses_acc = _run([*EXACT, "train.grad_accum=4"],
                                   make_mesh(1, 1, 1, devices=jax.devices()[:1]))
   np.testing.assert_allclose(losses_acc, losses_1, rtol=1e-5)
   _assert_params_close(state_acc.params, state_1.params)
+
+
+def test_the_student_trains_with_its_checkpoints_dropout_the_same_on_any_mesh(one_device):
+  """GPT-2's 0.1 dropout is on in training, keyed by the run's seed and step: another mesh
+  draws the same masks (the random bits do not depend on sharding)."""
+  _, _, exact = one_device
+  _, _, dropped_1 = _run(["student.dtype=float32"], make_mesh(1, 1, 1,
+                                                                devices=jax.devices()[:1]))
+  _, _, dropped_8 = _run(["student.dtype=float32"], make_mesh(2, 2, 2))
+  assert not np.allclose(dropped_1, exact, rtol=1e-3)
+  np.testing.assert_allclose(dropped_8, dropped_1, rtol=1e-5)  # float32 reordering
 
 
 def test_teacher_is_frozen_and_has_no_optimizer_state(one_device):
