@@ -44,3 +44,22 @@ def test_export_errors(tmp_path):
                        text=True, check=False, cwd=ROOT, timeout=300)
   assert cli.returncode == 2 and "has no config.yaml" in cli.stderr
   assert "Traceback" not in cli.stderr
+
+
+def test_exported_generation_config_lists_every_stop_id(tmp_path, converted):
+  """The exported student stops where training and evaluation stopped: the tokenizer's eos
+  and end of turn, and every eos id the run's models declare, over the student's own
+  generation settings."""
+  from types import SimpleNamespace
+
+  from csd_jax.train.export import _write_generation_config
+
+  tokenizer = transformers.AutoTokenizer.from_pretrained(converted)
+  config = SimpleNamespace(student=SimpleNamespace(path=str(converted), config=None),
+                           teacher=SimpleNamespace(path=None, config={"eos_token_id": [5, 7]}))
+  _write_generation_config(tmp_path, config, tokenizer)
+  written = transformers.GenerationConfig.from_pretrained(tmp_path)
+  assert written.eos_token_id[0] == tokenizer.eos_token_id
+  assert {5, 7} <= set(written.eos_token_id)
+  original = transformers.GenerationConfig.from_pretrained(converted)
+  assert written.bos_token_id == original.bos_token_id
