@@ -24,9 +24,11 @@ CONFIGS = {
         hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=1,
         intermediate_size=64, vocab_size=VOCAB, tie_word_embeddings=True, rope_theta=1e5,
         bos_token_id=1, eos_token_id=2),
-    "llama3_rope_scaling": lambda: transformers.LlamaConfig(
+    # Llama 3.2 1B / 3B: Llama-3 rope_scaling and a tied head.
+    "llama32_tied_rope_scaling": lambda: transformers.LlamaConfig(
         hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
         intermediate_size=64, vocab_size=VOCAB, max_position_embeddings=128,
+        tie_word_embeddings=True,
         rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
                       "high_freq_factor": 4.0, "original_max_position_embeddings": 16},
         bos_token_id=1, eos_token_id=2),
