@@ -1,7 +1,9 @@
 """Forward throughput of the model ports: tokens/s and model TFLOP/s of random-init models.
 
     PYTHONPATH=. python bench/models.py                 # small shapes on CPU, paper shapes on GPU
-    PYTHONPATH=. python bench/models.py --sizes paper   # GPT-2-XL (8 x 512), Gemma-7B (2 x 1024)
+    PYTHONPATH=. python bench/models.py --sizes paper   # GPT-2-XL (8 x 512), Gemma-7B (2 x 1024),
+                                                        # Qwen2.5-7B / 1.5B (4 x 1024),
+                                                        # Gemma-2-9B / 2B (2 x 1024)
 
 FLOPs count the matmuls of the forward pass: 2 x (non-embedding parameters + LM head) per token
 plus attention's 4 x T x D per token per layer (causal masking not discounted).
@@ -17,21 +19,10 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from bench.presets import MODELS
 from csd_jax.models import init_random
 
-GPT2_XL = dict(model_type="gpt2", n_embd=1600, n_layer=48, n_head=25, vocab_size=50257,
-               n_positions=1024)
-GEMMA_7B = dict(model_type="gemma", hidden_size=3072, num_hidden_layers=28,
-                num_attention_heads=16, num_key_value_heads=16, head_dim=256,
-                intermediate_size=24576, vocab_size=256000, max_position_embeddings=8192)
-SIZES = {
-    "tiny": [("gpt2-tiny", dict(GPT2_XL, n_embd=64, n_layer=2, n_head=4, vocab_size=1024), 2, 64)],
-    "small": [("gpt2-xl/16", dict(GPT2_XL, n_embd=400, n_layer=6, n_head=5), 4, 256),
-              ("gemma-7b/16", dict(GEMMA_7B, hidden_size=384, num_hidden_layers=4,
-                                   num_attention_heads=4, num_key_value_heads=4, head_dim=64,
-                                   intermediate_size=1536, vocab_size=32000), 2, 256)],
-    "paper": [("gpt2-xl", GPT2_XL, 8, 512), ("gemma-7b", GEMMA_7B, 2, 1024)],
-}
+SIZES = MODELS  # (name, transformers config, batch, sequence length): bench/presets.py
 
 
 def forward_flops_per_token(model, seq_len: int) -> float:
@@ -40,7 +31,9 @@ def forward_flops_per_token(model, seq_len: int) -> float:
   embedding_params = cfg.vocab_size * cfg.hidden_size
   if model.pos_embed is not None:
     embedding_params += model.pos_embed.get_value().size
-  matmul_params = params - embedding_params + cfg.vocab_size * cfg.hidden_size  # + LM head
+  # + the LM head: the embedding's transpose when tied (an untied head is among the params)
+  tied_head = cfg.vocab_size * cfg.hidden_size if model.lm_head is None else 0
+  matmul_params = params - embedding_params + tied_head
   attention = 4 * seq_len * cfg.num_heads * cfg.head_dim * cfg.num_layers
   return 2 * matmul_params + attention
 

@@ -2,6 +2,7 @@
 
     PYTHONPATH=. python bench/step.py                 # small shapes on CPU, paper shapes on GPU
     PYTHONPATH=. python bench/step.py --sizes paper --torch-compile
+    PYTHONPATH=. python bench/step.py --memory-only   # compile only: fused vs unfused memory
 
 One step = teacher forward (frozen, bf16) + student forward / backward + CSD (S,S) + AdamW,
 on random-init models of the paper's shapes and random tokens (every position a target):
@@ -14,7 +15,10 @@ on random-init models of the paper's shapes and random tokens (every position a 
 
 Reported: tokens/s, model TFLOP/s and MFU (against the chip's bf16 peak where known), and
 memory (JAX: XLA's compiled memory analysis of the step; torch: the CUDA peak). No
-grain / tensorflow-datasets needed: the GPU host has neither.
+grain / tensorflow-datasets needed: the GPU host has neither. With `--memory-only` nothing runs:
+the step is compiled on abstract inputs, fused and unfused, and XLA's memory analysis printed
+(bench/memory.py), on any backend. Pairs with two vocabularies (Qwen2.5-7B's 152064,
+1.5B's 151936) distil over the shared one.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from bench.presets import PAIRS, shared_vocab
 from csd_jax.config import OptimConfig
 from csd_jax.metrics import peak_flops_per_device
 from csd_jax.models import init_random
@@ -36,40 +41,8 @@ from csd_jax.state import init_train_state, make_optimizer
 from csd_jax.train.flops import model_flops_per_token
 from csd_jax.train.step import Objective, make_train_step
 
-GPT2 = dict(model_type="gpt2", n_positions=1024, vocab_size=50257, bos_token_id=0,
-            eos_token_id=0)
-GPT2_XL, GPT2_SMALL = dict(GPT2, n_embd=1600, n_layer=48, n_head=25), dict(GPT2, n_embd=768,
-                                                                            n_layer=12, n_head=12)
-GPT2_MEDIUM = dict(GPT2, n_embd=1024, n_layer=24, n_head=16)
-GEMMA = dict(model_type="gemma", vocab_size=256000, max_position_embeddings=8192,
-             head_dim=256)
-GEMMA_7B = dict(GEMMA, hidden_size=3072, num_hidden_layers=28, num_attention_heads=16,
-                num_key_value_heads=16, intermediate_size=24576)
-GEMMA_2B = dict(GEMMA, hidden_size=2048, num_hidden_layers=18, num_attention_heads=8,
-                num_key_value_heads=1, intermediate_size=16384)
-
-
-def _shrink(config: dict, **changes: Any) -> dict:
-  return {**config, **changes}
-
-
-# name: (teacher config, student config, batch, sequence length)
-SIZES = {
-    "tiny": {"gpt2-tiny": (_shrink(GPT2_XL, n_embd=64, n_layer=2, n_head=4, vocab_size=512),
-                           _shrink(GPT2_SMALL, n_embd=32, n_layer=1, n_head=2, vocab_size=512),
-                           2, 32)},
-    "small": {
-        "gpt2-xl/8->gpt2/8": (_shrink(GPT2_XL, n_embd=200, n_layer=6, n_head=5),
-                              _shrink(GPT2_SMALL, n_embd=96, n_layer=2, n_head=3), 4, 128),
-        "gemma-7b/16->2b/16": (_shrink(GEMMA_7B, hidden_size=192, num_hidden_layers=2,
-                                       intermediate_size=1536, head_dim=64, vocab_size=32000),
-                               _shrink(GEMMA_2B, hidden_size=128, num_hidden_layers=2,
-                                       intermediate_size=1024, head_dim=64, vocab_size=32000),
-                               2, 128)},
-    "paper": {"gpt2-xl->gpt2": (GPT2_XL, GPT2_SMALL, 8, 512),
-              "gpt2-xl->gpt2-medium": (GPT2_XL, GPT2_MEDIUM, 8, 512),
-              "gemma-7b->gemma-2b": (GEMMA_7B, GEMMA_2B, 2, 1024)},
-}
+# name: (teacher config, student config, batch, sequence length); see bench/presets.py.
+SIZES = PAIRS
 
 
 def _median_seconds(step, repeats: int) -> float:
@@ -97,9 +70,12 @@ def bench_jax(teacher_cfg: dict, student_cfg: dict, batch: int, seq: int, repeat
   graphdef, state = init_train_state(student, tx, mesh)
   teacher_graphdef, teacher_state = nnx.split(teacher)
   step = jax.jit(make_train_step(graphdef, teacher_graphdef, tx, schedule,
-                                 Objective("csd", {}, fused=fused), grad_accum=1),
+                                 Objective("csd", {}, fused=fused,
+                                           vocab_size=shared_vocab(teacher_cfg, student_cfg)),
+                                 grad_accum=1),
                  donate_argnums=(0,) if donate else ())
-  ids = jax.random.randint(jax.random.key(3), (batch, seq + 1), 0, student.cfg.vocab_size)
+  ids = jax.random.randint(jax.random.key(3), (batch, seq + 1), 0,
+                           shared_vocab(teacher_cfg, student_cfg))
   data = {"input_ids": ids[:, :-1], "labels": ids[:, 1:],
           "attention_mask": jnp.ones((batch, seq), jnp.int32),
           "positions": jnp.broadcast_to(jnp.arange(seq), (batch, seq))}
@@ -140,14 +116,15 @@ def bench_torch(teacher_cfg: dict, student_cfg: dict, batch: int, seq: int, repe
   teacher = model(teacher_cfg, torch.bfloat16).eval()
   student = model(student_cfg, torch.float32).train()
   optimizer = torch.optim.AdamW(student.parameters(), lr=1e-4)
-  ids = torch.randint(0, student_cfg["vocab_size"], (batch, seq), device=device)
+  vocab = shared_vocab(teacher_cfg, student_cfg)
+  ids = torch.randint(0, vocab, (batch, seq), device=device)
   autocast = torch.autocast(device_type=device, dtype=torch.bfloat16)
 
   def loss_fn(input_ids):
     with torch.no_grad():
-      teacher_logits = teacher(input_ids).logits
+      teacher_logits = teacher(input_ids).logits[..., :vocab]
     with autocast:
-      logits = student(input_ids).logits
+      logits = student(input_ids).logits[..., :vocab]
     q = torch.softmax(logits.float(), -1).detach()
     d = logits - teacher_logits  # official-style: formed in the logits' dtype
     grad = q * (d - (q * d).sum(-1, keepdim=True))
@@ -179,8 +156,20 @@ def main() -> None:
   parser.add_argument("--repeats", type=int, default=5)
   parser.add_argument("--torch-compile", action="store_true")
   parser.add_argument("--no-torch", action="store_true")
+  parser.add_argument("--memory-only", action="store_true",
+                      help="compile only (abstract inputs) and print XLA's memory analysis, "
+                           "fused vs unfused loss; default sizes: paper, on any backend")
+  parser.add_argument("--chunk-size", type=int, default=1024, help="with --memory-only")
   args = parser.parse_args()
   backend = jax.default_backend()
+  if args.memory_only:
+    from bench.memory import print_memory_table
+
+    sizes = args.sizes or "paper"
+    names = args.only.split(",") if args.only else list(SIZES[sizes])
+    print_memory_table(SIZES[sizes], names, chunk_size=args.chunk_size, compute=jnp.bfloat16,
+                       teacher_dtype=jnp.bfloat16)
+    return
   sizes = args.sizes or ("small" if backend == "cpu" else "paper")
   compute = jnp.float32 if backend == "cpu" else jnp.bfloat16
   peak_flops = peak_flops_per_device(jax.devices()[0])

@@ -81,3 +81,31 @@ def test_benches_and_the_step_import_without_data_packages():
                           cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, check=False,
                           timeout=300)
   assert result.returncode == 0, result.stderr
+
+
+def test_bench_step_memory_only_compiles_fused_and_unfused():
+  """--memory-only compiles the step on abstract inputs (nothing runs) and prints both
+  paths' temporaries side by side."""
+  env = {**os.environ, "PYTHONPATH": str(ROOT)}
+  result = subprocess.run(
+      [sys.executable, str(ROOT / "bench" / "step.py"), "--memory-only", "--sizes", "tiny"],
+      capture_output=True, text=True, env=env, check=False, timeout=600)
+  assert result.returncode == 0, result.stderr
+  row = [line for line in result.stdout.splitlines() if line.startswith("gpt2-tiny")]
+  assert len(row) == 1, result.stdout
+  assert float(row[0].split()[6]) > 0  # fused / unfused temporaries
+
+
+def test_bench_presets_build_with_their_real_sizes():
+  from bench.presets import MODELS, PAIRS, shared_vocab
+  from csd_jax.models import config_from_hf
+
+  for teacher, student, _, _ in PAIRS["paper"].values():
+    for hf in (teacher, student):
+      config_from_hf(hf)
+  qwen_teacher, qwen_student, batch, seq = PAIRS["paper"]["qwen2.5-7b->1.5b"]
+  assert (shared_vocab(qwen_teacher, qwen_student), batch, seq) == (151936, 4, 1024)
+  gemma2 = config_from_hf(PAIRS["paper"]["gemma-2-9b->2b"][0])
+  assert (gemma2.hidden_size, gemma2.num_layers, gemma2.final_logit_softcap,
+          gemma2.sliding_window) == (3584, 42, 30.0, 4096)
+  assert {name for name, *_ in MODELS["paper"]} >= {"qwen2.5-7b", "gemma-2-9b", "gemma-2-2b"}

@@ -141,3 +141,36 @@ def test_fused_gradient_of_the_frozen_teacher_is_zero():
 def test_fused_bad_input(call, match):
   with pytest.raises(ValueError, match=match):
     call(_problem(5))
+
+
+@pytest.mark.parametrize("on_mesh", [False, True])
+@pytest.mark.parametrize("name,layouts", [("csd", (True, False)), ("fkl", (False, True)),
+                                          ("csd", (True, True)), ("ce", (True, False))])
+def test_fused_takes_heads_in_vocab_major_layout(name, layouts, on_mesh, mesh):
+  """A head given [V, H] (a tied embedding's layout) gives the same value and gradients, the
+  gradient in its own layout; on a mesh V = 37 is split unevenly over the tensor axis."""
+  h_s, w_s, h_t, w_t, mask, labels = _problem(7)
+  student_vm, teacher_vm = layouts
+  kw = {"labels": labels} if name == "ce" else {}
+  teacher_head = w_t.T if teacher_vm else w_t
+
+  def fused(h, w):
+    return fused_logit_loss(name, h, w, h_t, teacher_head, mask, chunk_size=5,
+                            mesh=mesh if on_mesh else None, vocab_major=student_vm,
+                            teacher_vocab_major=teacher_vm, **kw)
+
+  value, (dh, dw) = jax.jit(jax.value_and_grad(fused, argnums=(0, 1)))(
+      h_s, w_s.T if student_vm else w_s)
+  target = labels if name == "ce" else h_t @ w_t
+  want = jax.value_and_grad(lambda h, w: logit_loss(name, h @ w, target, mask),
+                            argnums=(0, 1))(h_s, w_s)
+  _assert_same((value, (dh, dw.T if student_vm else dw)), want)
+
+
+def test_fused_vocab_major_head_shape_is_checked():
+  h_s, w_s, h_t, w_t, mask, _ = _problem(5)
+  with pytest.raises(ValueError, match="expected \\[V, H\\]"):
+    fused_logit_loss("csd", h_s, w_s, h_t, w_t, mask, vocab_major=True)
+  with pytest.raises(ValueError, match="vocabulary mismatch"):
+    fused_logit_loss("csd", h_s, w_s.T, h_t, w_t, mask, vocab_major=True,
+                     teacher_vocab_major=True)

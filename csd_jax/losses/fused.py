@@ -4,7 +4,9 @@
 student's and teacher's logits (float32 accumulation), the per-token loss and its gradient `g`
 with respect to the student's logits, then `d hidden = g W^T` and `d W += h^T g`. All of this
 happens in the forward pass of a `jax.custom_vjp`; the backward pass only scales the stored
-gradients by the incoming cotangent. Peak extra memory is O(chunk x V), whatever N is.
+gradients by the incoming cotangent. Peak extra memory is O(chunk x V), whatever N is, plus the
+float32 `d W` accumulator. Each head is read in the layout it is stored in (`[H, V]`, or `[V, H]`
+for a tied embedding with `vocab_major`): a transposed head fed to the chunk loop is a full copy.
 
 On a mesh, tokens are split over the data axes and the vocabulary over the tensor axis (a
 `shard_map`): each device computes its tokens' logits for its slice of the vocabulary, the
@@ -44,13 +46,36 @@ def _round_up(n: int, multiple: int) -> int:
   return -(-n // multiple) * multiple
 
 
+def _logits(h: Array, w: Array, vocab_major: bool) -> Array:
+  """`[C, H]` hidden states times a head (`[H, V]`, or `[V, H]` if vocab-major): `[C, V]` f32."""
+  dims = ((1,), (1,)) if vocab_major else ((1,), (0,))
+  return lax.dot_general(h, w, (dims, ((), ())), preferred_element_type=jnp.float32)
+
+
+def _head_vjp(h: Array, g: Array, w: Array, vocab_major: bool) -> tuple[Array, Array]:
+  """`d h = g W^T` `[C, H]` and the chunk's `d W` (in the head's own layout), both f32."""
+  dh = lax.dot_general(g.astype(w.dtype), w, (((1,), (0 if vocab_major else 1,)), ((), ())),
+                       preferred_element_type=jnp.float32)
+  g = g.astype(h.dtype)
+  lhs, rhs = (g, h) if vocab_major else (h, g)
+  dw = lax.dot_general(lhs, rhs, (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32)
+  return dh, dw
+
+
 def _chunked_value_and_grads(
     spec: LossSpec, params: dict[str, Any], hs: Array, ws: Array, target: Array,
     wt: Array | None, weights: Array, *, chunk_size: int, vocab_size: int,
     softcaps: tuple[float | None, float | None], axis: VocabAxis,
-    vary_axes: tuple[str, ...]) -> tuple[Array, Array, Array]:
-  """Loss value, d/d hs and d/d ws over (this device's) tokens and vocabulary slice."""
-  n, local_vocab = hs.shape[0], ws.shape[1]
+    vocab_major: tuple[bool, bool]) -> tuple[Array, Array, Array]:
+  """Loss value, d/d hs and d/d ws over (this device's) tokens and vocabulary slice.
+
+  The first chunk runs before the `lax.scan` over the others and its `d W` starts the
+  float32 accumulator: a zero-filled `[H, V]` initial carry depends on nothing, and XLA's
+  scheduler was free to create it (and hold it) as early as the step's first forward layer.
+  """
+  n = hs.shape[0]
+  student_vm, teacher_vm = vocab_major
+  local_vocab = ws.shape[0 if student_vm else 1]
   chunk = min(chunk_size, max(n, 1))
   n_pad = _round_up(n, chunk)
   pad = n_pad - n
@@ -69,21 +94,25 @@ def _chunked_value_and_grads(
     z, tgt, valid = prepare_logits(z, target_logits, spec.takes_labels)
     return weighted_sum(spec.fn(z, tgt, valid, axis, **params), w)
 
-  def body(dws_acc: Array, xs: tuple[Array, Array, Array]) -> tuple[Array, tuple[Array, Array]]:
-    h, tgt, w = xs
-    z_pre = jnp.dot(h, ws, preferred_element_type=jnp.float32)
+  def one_chunk(h: Array, tgt: Array, w: Array) -> tuple[Array, Array, Array]:
+    z_pre = _logits(h, ws, student_vm)
     if not spec.takes_labels:
-      t = jnp.dot(tgt, wt, preferred_element_type=jnp.float32)
+      t = _logits(tgt, wt, teacher_vm)
       tgt = jnp.where(in_vocab, softcap(t, teacher_cap), -jnp.inf)
     value, g = jax.value_and_grad(chunk_loss)(z_pre, tgt, w)
-    dh = jnp.dot(g.astype(ws.dtype), ws.T, preferred_element_type=jnp.float32)
-    dws_acc = dws_acc + jnp.dot(h.T, g.astype(h.dtype), preferred_element_type=jnp.float32)
-    return dws_acc, (value, dh)
+    dh, dw = _head_vjp(h, g, ws, student_vm)
+    return value, dh, dw
 
-  dws0 = jnp.zeros(ws.shape, jnp.float32)
-  if vary_axes:
-    dws0 = lax.pcast(dws0, vary_axes, to="varying")
-  dws, (values, dhs) = lax.scan(body, dws0, (hs_c, tgt_c, w_c))
+  def body(dws_acc: Array, xs: tuple[Array, Array, Array]) -> tuple[Array, tuple[Array, Array]]:
+    value, dh, dw = one_chunk(*xs)
+    return dws_acc + dw, (value, dh)
+
+  value0, dh0, dws = one_chunk(hs_c[0], tgt_c[0], w_c[0])
+  values, dhs = value0[None], dh0[None]
+  if n_pad > chunk:
+    dws, (rest_values, rest_dhs) = lax.scan(body, dws, (hs_c[1:], tgt_c[1:], w_c[1:]))
+    values = jnp.concatenate([values, rest_values])
+    dhs = jnp.concatenate([dhs, rest_dhs])
   return jnp.sum(values), dhs.reshape(n_pad, -1)[:n], dws
 
 
@@ -94,17 +123,24 @@ def _mesh_axes(mesh: Any, token_axes: Sequence[str], vocab_axis: str
   return tokens, (vocab_axis if vocab_axis in names else None)
 
 
+def _pad_vocab(w: Array, pad: int, vocab_major: bool) -> Array:
+  return jnp.pad(w, ((0, pad), (0, 0)) if vocab_major else ((0, 0), (0, pad)))
+
+
 def _make_fused(spec: LossSpec, params: dict[str, Any], *, chunk_size: int,
                 softcaps: tuple[float | None, float | None], mesh: Any,
-                token_axes: Sequence[str], vocab_axis: str) -> Callable[..., Array]:
+                token_axes: Sequence[str], vocab_axis: str,
+                vocab_major: tuple[bool, bool]) -> Callable[..., Array]:
   """The custom-VJP function (hs, ws, target, wt, weights) -> loss for one configuration."""
+  student_vm, teacher_vm = vocab_major
 
   def value_and_grads(hs, ws, target, wt, weights):
-    vocab_size = ws.shape[1]
+    vocab_size = ws.shape[0 if student_vm else 1]
+    options = {"chunk_size": chunk_size, "vocab_size": vocab_size, "softcaps": softcaps,
+               "vocab_major": vocab_major}
     if mesh is None or mesh.empty:
-      return _chunked_value_and_grads(
-          spec, params, hs, ws, target, wt, weights, chunk_size=chunk_size,
-          vocab_size=vocab_size, softcaps=softcaps, axis=VocabAxis(), vary_axes=())
+      return _chunked_value_and_grads(spec, params, hs, ws, target, wt, weights,
+                                      axis=VocabAxis(), **options)
     tokens, vocab = _mesh_axes(mesh, token_axes, vocab_axis)
     n_token_shards = math.prod(mesh.shape[a] for a in tokens)
     n_vocab_shards = mesh.shape[vocab] if vocab else 1
@@ -113,21 +149,21 @@ def _make_fused(spec: LossSpec, params: dict[str, Any], *, chunk_size: int,
     pad_n = _round_up(n, n_token_shards) - n
     pad_v = _round_up(vocab_size, n_vocab_shards) - vocab_size
     hs_p = jnp.pad(hs, ((0, pad_n), (0, 0)))
-    ws_p = jnp.pad(ws, ((0, 0), (0, pad_v)))
+    ws_p = _pad_vocab(ws, pad_v, student_vm)
     weights_p = jnp.pad(weights, (0, pad_n))
     if spec.takes_labels:
       target_p, wt_p = jnp.pad(target, (0, pad_n), constant_values=IGNORE_LABEL), None
     else:
-      target_p, wt_p = jnp.pad(target, ((0, pad_n), (0, 0))), jnp.pad(wt, ((0, 0), (0, pad_v)))
+      target_p, wt_p = jnp.pad(target, ((0, pad_n), (0, 0))), _pad_vocab(wt, pad_v, teacher_vm)
     rows = P(tokens or None)
     rows_h = P(tokens or None, None)
-    cols = P(None, vocab)
+
+    def cols(vm: bool) -> P:
+      return P(vocab, None) if vm else P(None, vocab)
 
     def local(hs_l, ws_l, target_l, wt_l, w_l):
       value, dhs, dws = _chunked_value_and_grads(
-          spec, params, hs_l, ws_l, target_l, wt_l, w_l, chunk_size=chunk_size,
-          vocab_size=vocab_size, softcaps=softcaps, axis=VocabAxis(vocab),
-          vary_axes=tokens + ((vocab,) if vocab else ()))
+          spec, params, hs_l, ws_l, target_l, wt_l, w_l, axis=VocabAxis(vocab), **options)
       if tokens:
         value = lax.psum(value, tokens)
         dws = lax.psum(dws, tokens)
@@ -136,11 +172,11 @@ def _make_fused(spec: LossSpec, params: dict[str, Any], *, chunk_size: int,
       return value, dhs, dws
 
     target_spec = rows if spec.takes_labels else rows_h
-    wt_spec = None if wt_p is None else cols
+    wt_spec = None if wt_p is None else cols(teacher_vm)
     value, dhs, dws = jax.shard_map(
-        local, mesh=mesh, in_specs=(rows_h, cols, target_spec, wt_spec, rows),
-        out_specs=(P(), rows_h, cols))(hs_p, ws_p, target_p, wt_p, weights_p)
-    return value, dhs[:n], dws[:, :vocab_size]
+        local, mesh=mesh, in_specs=(rows_h, cols(student_vm), target_spec, wt_spec, rows),
+        out_specs=(P(), rows_h, cols(student_vm)))(hs_p, ws_p, target_p, wt_p, weights_p)
+    return value, dhs[:n], (dws[:vocab_size] if student_vm else dws[:, :vocab_size])
 
   @jax.custom_vjp
   def fused(hs, ws, target, wt, weights):
@@ -172,7 +208,8 @@ def fused_logit_loss(
     name: str, student_hidden: Array, student_head: Array, teacher_hidden: Array | None,
     teacher_head: Array | None, mask: Array | None = None, *, labels: Array | None = None,
     chunk_size: int = DEFAULT_CHUNK_SIZE, logit_softcap: float | None = None,
-    teacher_logit_softcap: float | None = None, normalize: str = "token",
+    teacher_logit_softcap: float | None = None, vocab_major: bool = False,
+    teacher_vocab_major: bool = False, normalize: str = "token",
     num_valid_tokens: Array | float | None = None, num_sequences: Array | float | None = None,
     mesh: Any = None, token_axes: Sequence[str] = ("data", "fsdp"), vocab_axis: str = "tensor",
     **params: Any) -> Array:
@@ -181,9 +218,9 @@ def fused_logit_loss(
   Args:
     name: a loss name (see `LOSS_NAMES`); `ce` takes `labels` and no teacher.
     student_hidden: `[..., Hs]` final hidden states (after the final norm).
-    student_head: `[Hs, V]` the student's LM-head weight.
+    student_head: `[Hs, V]` the student's LM-head weight; `[V, Hs]` with `vocab_major`.
     teacher_hidden: `[..., Ht]` (Ht may differ from Hs); None for `ce`.
-    teacher_head: `[Ht, V]`; None for `ce`.
+    teacher_head: `[Ht, V]` (`[V, Ht]` with `teacher_vocab_major`); None for `ce`.
     mask: `[...]` bool or float; None = every position.
     labels: `[...]` int, for `ce` (-100 = ignored).
     chunk_size: tokens per chunk (the peak extra memory is ~ chunk x V float32 a few times).
@@ -191,6 +228,10 @@ def fused_logit_loss(
       cap.
     teacher_logit_softcap: the same for the teacher's logits, each model with its own cap;
       None: no cap (not the student's: a Gemma-2 student may distil from an uncapped teacher).
+    vocab_major, teacher_vocab_major: the student's / teacher's head is given `[V, H]`, as a
+      tied embedding stores it. Pass each head in the layout it is stored in: the chunk loop
+      reads it in place, where the transpose of a stored weight would be a full copy (XLA gives
+      a loop's operands its default layout: 1.6 GB for Gemma-7B's head).
     normalize, num_valid_tokens, num_sequences: the reduction, as in `logit_loss`.
     mesh: a `Mesh` / `AbstractMesh` to split over; default: the ambient mesh (`jax.set_mesh`),
       and none outside one.
@@ -202,9 +243,13 @@ def fused_logit_loss(
   if chunk_size < 1:
     raise ValueError(f"chunk_size={chunk_size}: must be a positive number of tokens")
   positions = student_hidden.shape[:-1]
-  if student_head.ndim != 2 or student_head.shape[0] != student_hidden.shape[-1]:
+  student_layout, teacher_layout = ("[V, H]" if vm else "[H, V]"
+                                    for vm in (vocab_major, teacher_vocab_major))
+  if (student_head.ndim != 2
+      or student_head.shape[1 if vocab_major else 0] != student_hidden.shape[-1]):
     raise ValueError(f"student head {student_head.shape} does not match hidden size "
-                     f"{student_hidden.shape[-1]}: expected [H, V]")
+                     f"{student_hidden.shape[-1]}: expected {student_layout}")
+  vocab_size = student_head.shape[0 if vocab_major else 1]
   if spec.takes_labels:
     if labels is None:
       raise ValueError(f"loss {name!r} needs labels=")
@@ -215,9 +260,11 @@ def fused_logit_loss(
     if teacher_hidden.shape[:-1] != positions:
       raise ValueError(f"teacher hidden {teacher_hidden.shape} and student hidden "
                        f"{student_hidden.shape} cover different positions")
-    if teacher_head.shape != (teacher_hidden.shape[-1], student_head.shape[1]):
-      raise ValueError(f"vocabulary mismatch: student head {student_head.shape}, teacher head "
-                       f"{teacher_head.shape}; both must be [H, V] with the same V")
+    expected = (teacher_hidden.shape[-1], vocab_size)
+    if teacher_head.shape != (expected[::-1] if teacher_vocab_major else expected):
+      raise ValueError(f"vocabulary mismatch: student head {student_head.shape} "
+                       f"({student_layout}), teacher head {teacher_head.shape} "
+                       f"({teacher_layout}); both must have the same V")
     target = jnp.reshape(teacher_hidden, (-1, teacher_hidden.shape[-1]))
     wt = teacher_head
   weights = token_weights(loss_mask(name, positions, mask, labels), normalize=normalize,
@@ -226,7 +273,8 @@ def fused_logit_loss(
     mesh = jax.sharding.get_abstract_mesh()
   softcaps = (logit_softcap, teacher_logit_softcap)
   fused = _make_fused(spec, full, chunk_size=chunk_size, softcaps=softcaps, mesh=mesh,
-                      token_axes=tuple(token_axes), vocab_axis=vocab_axis)
+                      token_axes=tuple(token_axes), vocab_axis=vocab_axis,
+                      vocab_major=(vocab_major, teacher_vocab_major))
   hs = jnp.reshape(student_hidden, (-1, student_hidden.shape[-1]))
   return fused(hs, student_head, lax.stop_gradient(target),
                None if wt is None else lax.stop_gradient(wt),

@@ -60,26 +60,36 @@ def _head(model: Any, vocab: int | None) -> Array:
   return head if vocab is None else head[:, :vocab]
 
 
+def _stored_head(model: Any, vocab: int | None) -> tuple[Array, bool]:
+  """The LM head for the fused loss in the layout it is stored in, and whether that is
+  vocab-major: a tied embedding `[V, D]` as it is (its transpose would be copied whole into the
+  loss's chunk loop), else `head_weight()` `[D, V]`."""
+  if model.lm_head is not None:
+    return _head(model, vocab), False
+  head = model.embed[...].astype(model.cfg.dtype)
+  return (head if vocab is None else head[:vocab]), True
+
+
 def distill_loss(student: Any, teacher: Any, batch: Batch, objective: Objective,
                  counts: Mapping[str, Array], dropout_key: Array | None = None
                  ) -> tuple[Array, dict[str, Array]]:
   """The objective on one (micro-)batch, normalised by the global `counts`."""
   valid = batch["labels"] != IGNORE_LABEL
   hidden = _forward(student, batch, dropout_key)
-  head = _head(student, objective.vocab_size)
+  head, vocab_major = _stored_head(student, objective.vocab_size)
   token_axes, vocab_axis = loss_axes(objective.rules)
   fused_axes = {"token_axes": token_axes, "vocab_axis": vocab_axis}
   common = {"normalize": objective.normalize, **counts}
   parts: dict[str, Array] = {}
   if objective.kd_coef:
     teacher_hidden = jax.lax.stop_gradient(_forward(teacher, batch))
-    teacher_head = jax.lax.stop_gradient(_head(teacher, objective.vocab_size))
     if objective.fused:
+      teacher_head, teacher_vocab_major = _stored_head(teacher, objective.vocab_size)
       parts["kd"] = fused_logit_loss(
-          objective.name, hidden, head, teacher_hidden, teacher_head, valid,
-          chunk_size=objective.chunk_size, logit_softcap=student.cfg.final_logit_softcap,
-          teacher_logit_softcap=teacher.cfg.final_logit_softcap, **fused_axes, **common,
-          **objective.params)
+          objective.name, hidden, head, teacher_hidden, jax.lax.stop_gradient(teacher_head),
+          valid, chunk_size=objective.chunk_size, logit_softcap=student.cfg.final_logit_softcap,
+          teacher_logit_softcap=teacher.cfg.final_logit_softcap, vocab_major=vocab_major,
+          teacher_vocab_major=teacher_vocab_major, **fused_axes, **common, **objective.params)
     else:
       v = objective.vocab_size
       parts["kd"] = logit_loss(objective.name, student.logits(hidden)[..., :v],
@@ -88,8 +98,8 @@ def distill_loss(student: Any, teacher: Any, batch: Batch, objective: Objective,
   if objective.ce_coef:
     parts["ce"] = fused_logit_loss("ce", hidden, head, None, None, valid, labels=batch["labels"],
                                    chunk_size=objective.chunk_size,
-                                   logit_softcap=student.cfg.final_logit_softcap, **fused_axes,
-                                   **common)
+                                   logit_softcap=student.cfg.final_logit_softcap,
+                                   vocab_major=vocab_major, **fused_axes, **common)
   total = objective.kd_coef * parts.get("kd", 0.0) + objective.ce_coef * parts.get("ce", 0.0)
   return total, parts
 
@@ -98,12 +108,13 @@ def lm_loss(student: Any, batch: Batch, objective: Objective, counts: Mapping[st
             ) -> Array:
   """Next-token cross-entropy of the student on pre-training text."""
   hidden = _forward(student, batch)
+  head, vocab_major = _stored_head(student, objective.vocab_size)
   token_axes, vocab_axis = loss_axes(objective.rules)
-  return fused_logit_loss("ce", hidden, _head(student, objective.vocab_size), None, None,
-                          batch["labels"] != IGNORE_LABEL, labels=batch["labels"],
-                          chunk_size=objective.chunk_size, normalize=objective.normalize,
-                          logit_softcap=student.cfg.final_logit_softcap, token_axes=token_axes,
-                          vocab_axis=vocab_axis, **counts)
+  return fused_logit_loss("ce", hidden, head, None, None, batch["labels"] != IGNORE_LABEL,
+                          labels=batch["labels"], chunk_size=objective.chunk_size,
+                          normalize=objective.normalize,
+                          logit_softcap=student.cfg.final_logit_softcap, vocab_major=vocab_major,
+                          token_axes=token_axes, vocab_axis=vocab_axis, **counts)
 
 
 def split_micro_batches(batch: Batch, grad_accum: int) -> Batch:
