@@ -214,7 +214,8 @@ def test_other_architecture_named(tmp_path: pathlib.Path):
   writer.write_kv_data_to_file()
   writer.write_tensors_to_file()
   writer.close()
-  with pytest.raises(UserError, match="architecture is 'gemma2'; only 'llama' is supported"):
+  with pytest.raises(UserError,
+                     match=r"architecture is 'gemma2' \(supported: 'llama', 'gemma3'\)"):
     convert_gguf(path, tmp_path / "out")
   assert not (tmp_path / "out").exists()
 

@@ -1,20 +1,20 @@
-"""Convert a LLaMA-architecture GGUF file (llama.cpp) into a Hugging Face model directory.
+"""Convert a GGUF file (llama.cpp) into a Hugging Face model directory, without torch.
 
-`convert_gguf(gguf_path, out_dir)` writes config.json (model_type "llama",
-LlamaForCausalLM), model.safetensors, generation_config.json and the tokenizer files (with
-the chat template), so the result loads with the project's Hugging Face checkpoint I/O and with
-`transformers.AutoModelForCausalLM.from_pretrained(out_dir)`. It needs no torch: the `gguf`
-package reads and dequantises the tensors, and the tokenizer comes from transformers' GGUF
-tokenizer builder fed with metadata read by `gguf` (transformers' own GGUF entry points import
-torch; see `_tokenizer`).
+`convert_gguf(gguf_path, out_dir)` writes config.json, model.safetensors,
+generation_config.json and the tokenizer files (with the chat template), so the result loads
+with the project's Hugging Face checkpoint I/O and with
+`transformers.AutoModelForCausalLM.from_pretrained(out_dir)`. Architectures: `llama`
+(LlamaForCausalLM) and `gemma3` (Gemma3ForCausalLM, model_type "gemma3_text"); what differs
+between them (tensor names, config fields, llama.cpp's tensor changes to undo) lives in
+`gguf_archs`. The `gguf` package reads and dequantises the tensors, and the tokenizer comes from
+transformers' GGUF tokenizer builder fed with metadata read by `gguf` (transformers' own GGUF
+entry points import torch; see `_tokenizer`).
 
-Quantised tensors (Q4_1, Q8_0, ...) are dequantised to float32 and then cast to `dtype`; the
-result is exactly what transformers' own GGUF loader produces. llama.cpp's converter permutes
-the rows of q_proj/k_proj (per head, from the rotary "half" layout to interleaved pairs); that
-permutation is undone here. Tensors are converted one at a time, so peak memory is one
-dequantised copy of the model plus the (memory-mapped) GGUF file. float32 metadata values
-(rms_norm_eps, rope_theta) are written in their shortest decimal form (1e-05, not
-9.999999747378752e-06); both denote the same float32.
+Quantised tensors (Q4_1, Q4_K, Q6_K, Q8_0, ...) are dequantised to float32, fixed up and then
+cast to `dtype`; the result is what transformers' own GGUF loader produces. Tensors are
+converted one at a time, so peak memory is one dequantised copy of the model plus the
+(memory-mapped) GGUF file. float32 metadata values (rms_norm_eps, rope_theta) are written in
+their shortest decimal form (1e-05, not 9.999999747378752e-06); both denote the same float32.
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 
 from csd_jax.errors import UserError
+from csd_jax.models.io.gguf_archs import ARCHS, GGUFArch, unpermute_rotary_rows
 
 __all__ = ["SUPPORTED_DTYPES", "convert_gguf", "unpermute_rotary_rows"]
 
@@ -38,42 +39,6 @@ SUPPORTED_DTYPES = ("float32", "float16", "bfloat16")
 _GGUF_MAGIC = b"GGUF"
 _PROGRESS_AFTER_S = 3.0   # print progress only for conversions that take longer than this
 _PROGRESS_EVERY = 32      # ... one line per this many tensors
-
-# GGUF tensor name -> Hugging Face LlamaForCausalLM parameter name.
-_GLOBAL_NAMES = {
-    "token_embd.weight": "model.embed_tokens.weight",
-    "output_norm.weight": "model.norm.weight",
-    "output.weight": "lm_head.weight",
-}
-_BLOCK_NAMES = {
-    "attn_norm": "input_layernorm",
-    "ffn_norm": "post_attention_layernorm",
-    "attn_q": "self_attn.q_proj",
-    "attn_k": "self_attn.k_proj",
-    "attn_v": "self_attn.v_proj",
-    "attn_output": "self_attn.o_proj",
-    "ffn_gate": "mlp.gate_proj",
-    "ffn_up": "mlp.up_proj",
-    "ffn_down": "mlp.down_proj",
-}
-_BLOCK_RE = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)")
-
-
-def unpermute_rotary_rows(w: np.ndarray, n_head: int) -> np.ndarray:
-  """Undo llama.cpp's q_proj/k_proj row permutation (axis 0 holds n_head * head_dim rows).
-
-  llama.cpp's convert script reshapes the rows to [n_head, 2, head_dim // 2] and swaps the last
-  two axes (rotary "half" layout -> interleaved pairs); the inverse reshapes to
-  [n_head, head_dim // 2, 2] and swaps them back. Same as transformers'
-  `LlamaTensorProcessor._reverse_permute_weights`; `n_head` is the KV head count for k_proj.
-  """
-  rows = w.shape[0]
-  if rows % (2 * n_head):
-    raise UserError(f"cannot unpermute {rows} rows into {n_head} heads of even size: the GGUF "
-                    "head count does not fit its q/k tensors; convert a well-formed GGUF file")
-  half = rows // n_head // 2
-  return w.reshape(n_head, half, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
-
 
 def _check_file(path: pathlib.Path) -> None:
   if not path.exists():
@@ -101,12 +66,16 @@ def _field(reader: Any, key: str, default: Any = None) -> Any:
   return value
 
 
-def _hf_name(name: str) -> str | None:
-  if name in _GLOBAL_NAMES:
-    return _GLOBAL_NAMES[name]
+_BLOCK_RE = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)")
+
+
+def _hf_name(arch: GGUFArch, name: str) -> tuple[str, str] | None:
+  """(HF name, kind) of a GGUF tensor name: kind is `attn_q`, `output_norm`, ..."""
+  if name in arch.global_names:
+    return arch.global_names[name], name.rsplit(".", 1)[0]
   m = _BLOCK_RE.fullmatch(name)
-  if m and m.group(2) in _BLOCK_NAMES:
-    return f"model.layers.{m.group(1)}.{_BLOCK_NAMES[m.group(2)]}.{m.group(3)}"
+  if m and m.group(2) in arch.block_names:
+    return f"model.layers.{m.group(1)}.{arch.block_names[m.group(2)]}.{m.group(3)}", m.group(2)
   return None
 
 
@@ -120,53 +89,18 @@ def _target_dtype(dtype: str) -> np.dtype:
   return np.dtype(dtype)
 
 
-def _config(reader: Any, path: pathlib.Path, names: set[str], dtype: str) -> dict[str, Any]:
-  arch = "llama"
-
-  def need(key: str) -> Any:
-    value = _field(reader, f"{arch}.{key}")
-    if value is None:
-      raise UserError(f"{path}: GGUF metadata lacks {arch}.{key}; convert a complete GGUF file"
-                      " (as written by llama.cpp's convert_hf_to_gguf.py)")
-    return value
-
-  hidden = need("embedding_length")
-  n_head = need("attention.head_count")
-  n_kv = _field(reader, f"{arch}.attention.head_count_kv", n_head)
-  head_dim = _field(reader, f"{arch}.attention.key_length", hidden // n_head)
-  scaling = _field(reader, f"{arch}.rope.scaling.type", "none")
-  if scaling not in ("none", None) or "rope_freqs.weight" in names:
-    raise UserError(f"{path}: RoPE scaling ({scaling!r}, rope_freqs) is not supported; convert "
-                    "a model without RoPE scaling, or load its Hugging Face original")
+def _config(reader: Any, path: pathlib.Path, arch: GGUFArch, names: set[str],
+            dtype: str) -> dict[str, Any]:
   embd = next((t for t in reader.tensors if t.name == "token_embd.weight"), None)
   if embd is None:
     raise UserError(f"{path}: GGUF file has no token_embd.weight tensor; convert a complete "
-                    "LLaMA GGUF file")
+                    "GGUF model file")
   vocab = int(embd.shape[-1])   # ggml order: shape is [hidden, vocab]
-  config: dict[str, Any] = {
-      "architectures": ["LlamaForCausalLM"],
-      "model_type": "llama",
-      "vocab_size": vocab,
-      "hidden_size": hidden,
-      "intermediate_size": need("feed_forward_length"),
-      "num_hidden_layers": need("block_count"),
-      "num_attention_heads": n_head,
-      "num_key_value_heads": n_kv,
-      "head_dim": head_dim,
-      "hidden_act": "silu",
-      "max_position_embeddings": need("context_length"),
-      "rms_norm_eps": _field(reader, f"{arch}.attention.layer_norm_rms_epsilon", 1e-5),
-      "rope_theta": _field(reader, f"{arch}.rope.freq_base", 10000.0),
-      "rope_scaling": None,
-      "attention_bias": "blk.0.attn_q.bias" in names,
-      "attention_dropout": 0.0,
-      "mlp_bias": "blk.0.ffn_gate.bias" in names,
-      "initializer_range": 0.02,
-      "pretraining_tp": 1,
-      "tie_word_embeddings": "output.weight" not in names,
-      "use_cache": True,
-      "torch_dtype": dtype,
-  }
+  try:
+    config = arch.config(lambda key, default=None: _field(reader, key, default), names, vocab,
+                         dtype)
+  except UserError as e:
+    raise UserError(f"{path}: {e}") from None
   for gguf_key, key in (("bos", "bos"), ("eos", "eos"), ("padding", "pad"), ("unknown", "unk")):
     value = _field(reader, f"tokenizer.ggml.{gguf_key}_token_id")
     if value is not None:
@@ -232,13 +166,23 @@ def _tokenizer(path: pathlib.Path, reader: Any, context_length: int) -> Any:
   return tok
 
 
+def _generation_config(config: dict[str, Any], tokenizer: Any, arch: GGUFArch) -> dict[str, Any]:
+  generation = {k: config[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id")
+                if k in config}
+  turn = tokenizer.convert_tokens_to_ids(arch.end_of_turn) if arch.end_of_turn else None
+  if turn is not None and turn != tokenizer.unk_token_id and "eos_token_id" in generation:
+    generation["eos_token_id"] = [generation["eos_token_id"], turn]   # as Gemma's own files
+  return generation
+
+
 def convert_gguf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike, *,
                  dtype: str = "float32") -> pathlib.Path:
-  """Write a Hugging Face LLaMA directory for the GGUF file at `gguf_path`; return `out_dir`.
+  """Write a Hugging Face directory for the GGUF file at `gguf_path`; return `out_dir`.
 
   `dtype` ("float32", "float16" or "bfloat16") is the dtype of the saved weights; quantised
   tensors are dequantised to float32 first. Raises UserError for a missing file, a file that is
-  not GGUF, one whose architecture is not "llama" or one that lacks what a LLaMA model needs.
+  not GGUF, one whose architecture is not supported ("llama", "gemma3") or one that lacks what
+  its architecture needs.
   """
   from gguf import GGUFReader
   from gguf.quants import dequantize
@@ -254,34 +198,35 @@ def convert_gguf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike, *,
     first_line = (str(e).splitlines() or [type(e).__name__])[0]
     raise UserError(f"cannot read GGUF file {path} ({first_line}); it is corrupt or cut short:"
                     " download it again") from e
-  arch = _field(reader, "general.architecture")
-  if arch != "llama":
-    raise UserError(f"{path}: GGUF architecture is {arch!r}; only 'llama' is supported: pass a "
-                    "LLaMA-architecture GGUF, or load the model's Hugging Face directory instead")
+  arch_name = _field(reader, "general.architecture")
+  if arch_name not in ARCHS:
+    supported = ", ".join(repr(a) for a in ARCHS)
+    raise UserError(f"{path}: GGUF architecture is {arch_name!r} (supported: {supported}); pass "
+                    "a GGUF of one of those, or load the model's Hugging Face directory instead")
+  arch = ARCHS[arch_name]
 
   names = {t.name for t in reader.tensors}
-  unknown = sorted(n for n in names if _hf_name(n) is None)
+  unknown = sorted(n for n in names if _hf_name(arch, n) is None)
   if unknown:
-    raise UserError(f"{path}: unexpected tensors for a llama model: {', '.join(unknown[:5])}; "
-                    "pass a plain LLaMA-architecture GGUF")
-  config = _config(reader, path, names, dtype)
+    raise UserError(f"{path}: unexpected tensors for a {arch_name} model: "
+                    f"{', '.join(unknown[:5])}; pass a plain {arch_name}-architecture GGUF")
+  config = _config(reader, path, arch, names, dtype)
   # the tokenizer first: it fails fast, before the long part
   tokenizer = _tokenizer(path, reader, config["max_position_embeddings"])
+  if not getattr(tokenizer, "chat_template", None) and arch.chat_template:
+    tokenizer.chat_template = arch.chat_template
 
-  heads = {"attn_q": config["num_attention_heads"], "attn_k": config["num_key_value_heads"]}
   tensors: dict[str, np.ndarray] = {}
   start = time.monotonic()
   for i, t in enumerate(reader.tensors, 1):
-    name = _hf_name(t.name)
+    name, kind = _hf_name(arch, t.name)
     try:
       w = dequantize(t.data, t.tensor_type)   # numpy (row-major) order: [out, in] like HF
     except NotImplementedError as e:
       raise UserError(f"{path}: {t.name} is {t.tensor_type.name}, which the installed gguf "
                       "package cannot dequantise; convert a GGUF quantised otherwise (Q8_0, F16,"
                       " ...) or upgrade gguf") from e
-    kind = t.name.split(".")[-2]            # blk.N.<kind>.weight
-    if kind in heads:
-      w = unpermute_rotary_rows(w, heads[kind])
+    w = arch.fix(kind, np.asarray(w, np.float32), config)
     tensors[name] = np.ascontiguousarray(w, dtype=target)
     del w
     elapsed = time.monotonic() - start
@@ -293,8 +238,7 @@ def convert_gguf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike, *,
   save_file(tensors, out / "model.safetensors", metadata={"format": "pt"})
   del tensors
   (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-  generation = {k: config[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id")
-                if k in config}
+  generation = _generation_config(config, tokenizer, arch)
   (out / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
   tokenizer.save_pretrained(out)
   return out
