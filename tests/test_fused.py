@@ -174,3 +174,19 @@ def test_fused_vocab_major_head_shape_is_checked():
   with pytest.raises(ValueError, match="vocabulary mismatch"):
     fused_logit_loss("csd", h_s, w_s.T, h_t, w_t, mask, vocab_major=True,
                      teacher_vocab_major=True)
+
+
+@pytest.mark.parametrize("on_mesh", [False, True])
+@pytest.mark.parametrize("teacher_vm", [False, True])
+def test_fused_uses_the_first_columns_of_a_wider_teacher_head(teacher_vm, on_mesh, mesh):
+  """A teacher head over a padded vocabulary (Qwen2.5-7B's 152064 against 151936): the loss
+  runs over the student's V; the extra columns, however large, change nothing."""
+  h_s, w_s, h_t, w_t, mask, _ = _problem(8)
+  wide = jnp.concatenate([w_t, 50.0 * jnp.ones((w_t.shape[0], 5))], axis=1)
+  teacher_head = wide.T if teacher_vm else wide
+  got = jax.jit(jax.value_and_grad(lambda h, w: fused_logit_loss(
+      "csd", h, w, h_t, teacher_head, mask, chunk_size=5, mesh=mesh if on_mesh else None,
+      teacher_vocab_major=teacher_vm), argnums=(0, 1)))(h_s, w_s)
+  want = jax.value_and_grad(lambda h, w: logit_loss("csd", h @ w, h_t @ w_t, mask),
+                            argnums=(0, 1))(h_s, w_s)
+  _assert_same(got, want)

@@ -97,7 +97,7 @@ def _chunked_value_and_grads(
   def one_chunk(h: Array, tgt: Array, w: Array) -> tuple[Array, Array, Array]:
     z_pre = _logits(h, ws, student_vm)
     if not spec.takes_labels:
-      t = _logits(tgt, wt, teacher_vm)
+      t = _logits(tgt, wt, teacher_vm)[:, :local_vocab]  # a wider teacher head: its first V
       tgt = jnp.where(in_vocab, softcap(t, teacher_cap), -jnp.inf)
     value, g = jax.value_and_grad(chunk_loss)(z_pre, tgt, w)
     dh, dw = _head_vjp(h, g, ws, student_vm)
@@ -154,6 +154,10 @@ def _make_fused(spec: LossSpec, params: dict[str, Any], *, chunk_size: int,
     if spec.takes_labels:
       target_p, wt_p = jnp.pad(target, (0, pad_n), constant_values=IGNORE_LABEL), None
     else:
+      if n_vocab_shards > 1 and wt.shape[0 if teacher_vm else 1] != vocab_size:
+        # Split over the tensor axis, a wider teacher head is cut to V first (a copy): its
+        # shards must hold the student's shards' columns.
+        wt = wt[:vocab_size] if teacher_vm else wt[:, :vocab_size]
       target_p, wt_p = jnp.pad(target, ((0, pad_n), (0, 0))), _pad_vocab(wt, pad_v, teacher_vm)
     rows = P(tokens or None)
     rows_h = P(tokens or None, None)
@@ -220,7 +224,9 @@ def fused_logit_loss(
     student_hidden: `[..., Hs]` final hidden states (after the final norm).
     student_head: `[Hs, V]` the student's LM-head weight; `[V, Hs]` with `vocab_major`.
     teacher_hidden: `[..., Ht]` (Ht may differ from Hs); None for `ce`.
-    teacher_head: `[Ht, V]` (`[V, Ht]` with `teacher_vocab_major`); None for `ce`.
+    teacher_head: `[Ht, V']` (`[V', Ht]` with `teacher_vocab_major`), V' >= V: the loss runs
+      over its first V columns, sliced from each chunk's logits (a padded vocabulary, as
+      Qwen2.5-7B's 152064 against the 1.5B's 151936, needs no copy of the head); None for `ce`.
     mask: `[...]` bool or float; None = every position.
     labels: `[...]` int, for `ce` (-100 = ignored).
     chunk_size: tokens per chunk (the peak extra memory is ~ chunk x V float32 a few times).
@@ -260,11 +266,12 @@ def fused_logit_loss(
     if teacher_hidden.shape[:-1] != positions:
       raise ValueError(f"teacher hidden {teacher_hidden.shape} and student hidden "
                        f"{student_hidden.shape} cover different positions")
-    expected = (teacher_hidden.shape[-1], vocab_size)
-    if teacher_head.shape != (expected[::-1] if teacher_vocab_major else expected):
+    teacher_dims = teacher_head.shape[::-1] if teacher_vocab_major else teacher_head.shape
+    if (teacher_head.ndim != 2 or teacher_dims[0] != teacher_hidden.shape[-1]
+        or teacher_dims[1] < vocab_size):
       raise ValueError(f"vocabulary mismatch: student head {student_head.shape} "
                        f"({student_layout}), teacher head {teacher_head.shape} "
-                       f"({teacher_layout}); both must have the same V")
+                       f"({teacher_layout}); the teacher's must cover the student's V")
     target = jnp.reshape(teacher_hidden, (-1, teacher_hidden.shape[-1]))
     wt = teacher_head
   weights = token_weights(loss_mask(name, positions, mask, labels), normalize=normalize,

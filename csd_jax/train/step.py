@@ -84,7 +84,8 @@ def distill_loss(student: Any, teacher: Any, batch: Batch, objective: Objective,
   if objective.kd_coef:
     teacher_hidden = jax.lax.stop_gradient(_forward(teacher, batch))
     if objective.fused:
-      teacher_head, teacher_vocab_major = _stored_head(teacher, objective.vocab_size)
+      # Uncut: the fused loss takes a wider teacher head's first V columns from each chunk.
+      teacher_head, teacher_vocab_major = _stored_head(teacher, None)
       parts["kd"] = fused_logit_loss(
           objective.name, hidden, head, teacher_hidden, jax.lax.stop_gradient(teacher_head),
           valid, chunk_size=objective.chunk_size, logit_softcap=student.cfg.final_logit_softcap,
