@@ -83,6 +83,14 @@ class CausalLM(nnx.Module):
     weight = self.embed[...].T if self.lm_head is None else self.lm_head[...]
     return weight.astype(self.cfg.dtype)
 
+  def stored_head(self) -> tuple[Array, bool]:
+    """The LM head in the compute dtype as it is stored, and whether that is vocab-major: a
+    tied embedding [V, D] as it is (a chunked loss reads it in place; its transpose would be
+    copied whole), else the head [D, V]."""
+    if self.lm_head is not None:
+      return self.head_weight(), False
+    return self.embed[...].astype(self.cfg.dtype), True
+
   def hidden_states(self, input_ids: Array, attention_mask: Array | None = None,
                     positions: Array | None = None, *, cache: Sequence[KVCache] | None = None,
                     cache_index: Array | int = 0, kv_valid: Array | None = None,

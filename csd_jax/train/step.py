@@ -61,13 +61,11 @@ def _head(model: Any, vocab: int | None) -> Array:
 
 
 def _stored_head(model: Any, vocab: int | None) -> tuple[Array, bool]:
-  """The LM head for the fused loss in the layout it is stored in, and whether that is
-  vocab-major: a tied embedding `[V, D]` as it is (its transpose would be copied whole into the
-  loss's chunk loop), else `head_weight()` `[D, V]`."""
-  if model.lm_head is not None:
-    return _head(model, vocab), False
-  head = model.embed[...].astype(model.cfg.dtype)
-  return (head if vocab is None else head[:vocab]), True
+  """The LM head for the fused loss as it is stored (`CausalLM.stored_head`), cut to `vocab`."""
+  head, vocab_major = model.stored_head()
+  if vocab is not None:
+    head = head[:vocab] if vocab_major else head[:, :vocab]
+  return head, vocab_major
 
 
 def distill_loss(student: Any, teacher: Any, batch: Batch, objective: Objective,
