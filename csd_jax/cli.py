@@ -18,9 +18,11 @@ def _parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(prog="csd-jax", description=__doc__.splitlines()[0])
   commands = parser.add_subparsers(dest="command", required=True)
   demo = commands.add_parser(
-      "demo", help="distil SmolLM2-135M-Instruct into a 4-layer student, offline (~10 min on "
-                   "a 2-core CPU)")
-  demo.add_argument("--workdir", default="workdirs/demo")
+      "demo", help="distil SmolLM2-135M-Instruct (or --teacher gemma3-270m: Gemma 3 270M) into "
+                   "a layer-dropped student, offline (~10 min on a 2-core CPU)")
+  demo.add_argument("--teacher", choices=["smollm2", "gemma3-270m"], default="smollm2")
+  demo.add_argument("--workdir", default=None,
+                    help="default: workdirs/demo (smollm2), workdirs/demo-gemma3-270m")
   demo.add_argument("--loss", choices=[n for n in LOSS_NAMES if n != "ce"], default="csd")
   demo.add_argument("--steps", type=int, default=None, help="default: configs/demo.yaml's")
   demo.add_argument("overrides", nargs="*", metavar="key=value",
@@ -59,7 +61,8 @@ def _parser() -> argparse.ArgumentParser:
                         help="default: the run's data.template, else minillm")
   evaluate.add_argument("--out", help="results JSON (default: WORKDIR/eval_results.json)")
   convert = commands.add_parser(
-      "convert-gguf", help="write a Hugging Face directory from a LLaMA-architecture GGUF file")
+      "convert-gguf", help="write a Hugging Face directory from a GGUF file (architectures "
+                           "llama, gemma3)")
   convert.add_argument("gguf_file")
   convert.add_argument("out_dir")
   convert.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default="float32")
@@ -85,7 +88,10 @@ def _demo(args: argparse.Namespace) -> int:
   from csd_jax.logs import setup_logging
 
   setup_logging()
-  results = demo.run(args.workdir, loss=args.loss, steps=args.steps, overrides=args.overrides)
+  workdir = args.workdir or ("workdirs/demo" if args.teacher == "smollm2"
+                             else f"workdirs/demo-{args.teacher}")
+  results = demo.run(workdir, teacher=args.teacher, loss=args.loss, steps=args.steps,
+                     overrides=args.overrides)
   return 0 if results["after"]["csd"] < results["before"]["csd"] else 1
 
 
