@@ -29,6 +29,7 @@ import numpy as np
 
 from csd_jax.assets import converted_gemma3, converted_smollm2
 from csd_jax.config import load_config
+from csd_jax.data.chat import stop_ids
 from csd_jax.errors import UserError
 from csd_jax.eval.text_metrics import rouge_l
 from csd_jax.models import generate, load_pretrained
@@ -83,22 +84,12 @@ def _chat_prompts(tokenizer: Any, prompts: Sequence[str]) -> list[str]:
                                         add_generation_prompt=True) for p in prompts]
 
 
-def stop_ids(tokenizer: Any, model_dir: pathlib.Path) -> tuple[int, ...]:
-  """The tokenizer's eos and the eos ids of the model's generation_config.json (Gemma's
-  `<end_of_turn>`)."""
-  ids = [tokenizer.eos_token_id]
-  path = pathlib.Path(model_dir) / "generation_config.json"
-  if path.exists():
-    eos = json.loads(path.read_text()).get("eos_token_id")
-    ids += eos if isinstance(eos, list) else [eos]
-  return tuple(dict.fromkeys(int(i) for i in ids if i is not None))
-
-
 def greedy_answers(model: Any, tokenizer: Any, prompts: Sequence[str], *, max_new_tokens: int,
                    batch_size: int = 16, eos_ids: Sequence[int] | None = None) -> list[str]:
-  """Greedy chat answers, decoded up to the first of `eos_ids` (default: the tokenizer's eos);
+  """Greedy chat answers, decoded up to the first of `eos_ids` (default: every stop id of the
+  tokenizer and the model, `data.chat.stop_ids`);
   the tokenizer is only read."""
-  eos = tokenizer.eos_token_id if eos_ids is None else list(eos_ids)
+  eos = list(stop_ids(tokenizer, model) if eos_ids is None else eos_ids)
   answers = []
   for start in range(0, len(prompts), batch_size):
     texts = _chat_prompts(tokenizer, prompts[start:start + batch_size])
@@ -148,11 +139,6 @@ def _student(teacher_dir: pathlib.Path, student_dir: pathlib.Path,
              layers: Sequence[int]) -> pathlib.Path:
   if not (student_dir / "config.json").exists():
     layer_dropped_copy(teacher_dir, student_dir, layers)
-    config = json.loads((student_dir / "config.json").read_text())
-    if len(config.get("layer_types") or layers) != len(layers):
-      # layer_dropped_copy keeps the teacher's per-layer list: keep the kept layers' entries
-      config["layer_types"] = [config["layer_types"][i] for i in layers]
-      (student_dir / "config.json").write_text(json.dumps(config, indent=2))
   return student_dir
 
 

@@ -39,6 +39,15 @@ def test_layer_dropped_student_keeps_the_chosen_layers(converted, tmp_path):
   assert (student / "tokenizer.json").exists()
 
 
+def test_layer_dropped_gemma3_keeps_the_kept_layers_types(tmp_path):
+  """Gemma 2/3 list which layers slide: the student keeps its own layers' entries."""
+  from hf_tiny import make_checkpoint
+
+  make_checkpoint("gemma3_text", tmp_path / "t")  # sliding, full, sliding, sliding
+  student = load_pretrained(layer_dropped_copy(tmp_path / "t", tmp_path / "s", [1, 3]))
+  assert student.cfg.layer_types == ("full_attention", "sliding_attention")
+
+
 def test_reduced_demo_lowers_the_held_out_csd(tmp_path, capsys, one_demo_at_a_time):
   results = demo.run(tmp_path, steps=12, num_prompts=40, num_eval=8, max_new_tokens=16,
                      overrides=["train.log_every=4"])

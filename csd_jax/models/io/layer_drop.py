@@ -2,7 +2,8 @@
 
 `layer_dropped_copy(src, out, layers)` writes a Hugging Face directory whose model has only
 `layers` of `src` (in that order), with everything else (embeddings, final norm, head,
-tokenizer files) copied. Tensors are read and written one at a time.
+tokenizer files) copied, and the config's per-layer lists (`layer_types`: which layers slide)
+cut to the kept layers. Tensors are read and written one at a time.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from csd_jax.models.io.safetensors import SafetensorsCheckpoint, write_sharded
 
 _LAYER = re.compile(r"^(.*?\b(?:layers|h))\.(\d+)\.(.*)$")
 _LAYER_COUNT_KEYS = ("num_hidden_layers", "n_layer")
+_PER_LAYER_KEYS = ("layer_types",)
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                     "vocab.json", "merges.txt", "tokenizer.model", "chat_template.jinja",
                     "generation_config.json")
@@ -52,6 +54,9 @@ def layer_dropped_copy(src: str | os.PathLike, out: str | os.PathLike,
   out.mkdir(parents=True, exist_ok=True)
   write_sharded(out, tensors(), max_shard_bytes=5 * 2**30)
   config[count_key] = len(layers)
+  for key in _PER_LAYER_KEYS:
+    if isinstance(config.get(key), list) and len(config[key]) == total:
+      config[key] = [config[key][i] for i in layers]
   (out / "config.json").write_text(json.dumps(config, indent=2))
   for name in _TOKENIZER_FILES:
     if (src / name).exists():
