@@ -190,9 +190,12 @@ def run(workdir: str | pathlib.Path = "workdirs/demo", *, teacher: str = "smollm
                                    eval_answers)}
 
   results = {"before": measure(load_pretrained(student_dir))}
+  # The config's loss parameters belong to its own loss; another --loss starts from its defaults.
+  own_loss = load_config(spec.config).loss.name == loss
   config = load_config(spec.config, [
       f"teacher.path={teacher_dir}", f"student.path={student_dir}", f"loss.name={loss}",
-      "loss.params={}", f"data.train_files=[{train_file}]", f"data.eval_files=[{eval_file}]",
+      *([] if own_loss else ["loss.params={}"]), f"data.train_files=[{train_file}]",
+      f"data.eval_files=[{eval_file}]",
       f"data.data_dir={workdir / 'tfds'}", *([f"train.steps={steps}"] if steps else []),
       *overrides])
   run_dir = workdir / f"run_{loss}"

@@ -59,8 +59,13 @@ def test_reduced_demo_lowers_the_held_out_csd(tmp_path, capsys, one_demo_at_a_ti
   assert len(answers) == 40 and all(json.loads(a)["response"] for a in answers)
 
 
-def test_reduced_gemma3_demo_lowers_the_held_out_csd(tmp_path, gemma3_dir, one_demo_at_a_time):
+def test_reduced_gemma3_demo_brings_the_student_to_the_teacher(tmp_path, gemma3_dir,
+                                                                one_demo_at_a_time):
   """262k vocabulary through the fused loss; the student keeps sliding and global layers.
+
+  The Gemma demo trains teacher-weighted CSD (configs/demo_gemma3.yaml: student-weighted CSD
+  lets this student collapse onto one token, which zeroes that loss), while the table's CSD
+  column is the student-weighted one: the held-out forward KL is what must fall.
 
   In a subprocess on ONE CPU device, as `csd-jax demo` runs: under this suite's 8 fake devices
   the run replicates teacher, student and optimizer state per device and exceeds 24 GB."""
@@ -77,7 +82,7 @@ def test_reduced_gemma3_demo_lowers_the_held_out_csd(tmp_path, gemma3_dir, one_d
                         timeout=900)
   assert done.returncode == 0, done.stderr[-3000:]
   results = json.loads(done.stdout.strip().splitlines()[-1])
-  assert results["after"]["csd"] < results["before"]["csd"]
+  assert results["after"]["fkl"] < results["before"]["fkl"]
   student = json.loads((tmp_path / "assets" / "student_init" / "config.json").read_text())
   assert student["num_hidden_layers"] == 6
   assert student["layer_types"].count("full_attention") == 3
