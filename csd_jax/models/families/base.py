@@ -98,9 +98,9 @@ def rope_parameters(hf: HFConfig, layer_type: str = FULL) -> tuple[float | None,
   return (None if theta is None else float(theta)), (None if kind == "default" else scaling)
 
 
-def layer_types(hf: HFConfig, num_layers: int, default: str = FULL) -> tuple[str, ...]:
-  """`layer_types` from the config, or `default` for every layer; checked."""
-  types = tuple(hf.get("layer_types") or (default,) * num_layers)
+def layer_types(hf: HFConfig, num_layers: int, default: tuple[str, ...]) -> tuple[str, ...]:
+  """`layer_types` from the config, or the family's `default` pattern; checked."""
+  types = tuple(hf.get("layer_types") or default)
   if len(types) != num_layers or set(types) - {FULL, SLIDING}:
     raise refuse(hf, f"layer_types {list(types)} must list {FULL!r} or {SLIDING!r} for each of "
                  f"the {num_layers} layers")

@@ -19,8 +19,7 @@ def config_fields(hf: HFConfig) -> dict[str, Any]:
   fields.update(
       post_norms=True, query_scale=float(hf["query_pre_attn_scalar"]) ** -0.5,
       attn_logit_softcap=hf.get("attn_logit_softcapping"), sliding_window=hf["sliding_window"],
-      layer_types=layer_types({**hf, "layer_types": hf.get("layer_types") or alternating},
-                              count))
+      layer_types=layer_types(hf, count, alternating))
   return fields
 
 

@@ -32,7 +32,7 @@ def config_fields(hf: HFConfig) -> dict[str, Any]:
       query_scale=float(hf["query_pre_attn_scalar"]) ** -0.5,
       attn_logit_softcap=hf.get("attn_logit_softcapping"),
       sliding_window=hf["sliding_window"],
-      layer_types=layer_types({**hf, "layer_types": hf.get("layer_types") or derived}, count),
+      layer_types=layer_types(hf, count, derived),
       rope_local_theta=float(get(hf, "rope_local_base_freq", default=local_theta or 10000.0)))
   return fields
 
