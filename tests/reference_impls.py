@@ -94,10 +94,10 @@ def np_normalise(x, how):
   if how == "max":
     return x - x.max(-1, keepdims=True)
   if how == "std":
-    return (x - x.mean(-1, keepdims=True)) / x.std(-1, keepdims=True)  # population std
+    return (x - x.mean(-1, keepdims=True)) / (x.std(-1, ddof=1, keepdims=True) + 1e-9)  # torch.std
   if how == "range":
     lo, hi = x.min(-1, keepdims=True), x.max(-1, keepdims=True)
-    return (x - lo) / (hi - lo)
+    return 2 * (x - lo) / (hi - lo + 1e-9) - 1  # [-1, 1], the official ablation
   raise ValueError(how)
 
 

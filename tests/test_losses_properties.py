@@ -179,3 +179,20 @@ def test_bad_input_gives_a_clear_error(call, match):
   z, t = _logits(12, (2, 9))
   with pytest.raises(ValueError, match=match):
     call(z, t)
+
+
+def test_dld_normalisations_are_the_official_ablation():
+  """range maps each row onto [-1, 1] and std divides by the unbiased (n - 1) estimate, as the
+  official ablation (torch.std): a student equal to the teacher up to those maps costs 0, and
+  the range loss of a known pair is 1/4 sum (zn - tn)^2 with the [-1, 1] values."""
+  z = jnp.asarray([[0.0, 1.0, 3.0]])
+  t = jnp.asarray([[0.0, 3.0, 1.0]])
+  uniform = {"weight": "uniform"}
+  # zn = [-1, -1/3, 1], tn = [-1, 1, -1/3]: 1/4 * (1/3) * ((4/3)^2 * 2) = 0.2962...
+  got = logit_loss("dld", z, t, logit_norm="range", **uniform)
+  np.testing.assert_allclose(got, 0.25 / 3 * 2 * (4 / 3) ** 2, rtol=1e-5)  # float32
+  zs = np.asarray([1.0, 2.0, 4.0])
+  unbiased = (zs - zs.mean()) / zs.std(ddof=1)
+  ts = jnp.asarray([np.zeros(3)])
+  got = logit_loss("dld", jnp.asarray([zs]), ts, logit_norm="std", **uniform)
+  np.testing.assert_allclose(got, 0.25 / 3 * np.sum(unbiased ** 2), rtol=1e-5)  # float32
