@@ -150,7 +150,8 @@ class CheckpointConfig:
 
 @dataclasses.dataclass(frozen=True)
 class Config:
-  teacher: ModelSpec = dataclasses.field(default_factory=ModelSpec)
+  # None (`teacher: null`): supervised fine-tuning of the student, no teacher loaded
+  teacher: ModelSpec | None = dataclasses.field(default_factory=ModelSpec)
   student: ModelSpec = dataclasses.field(default_factory=ModelSpec)
   loss: LossConfig = dataclasses.field(default_factory=LossConfig)
   optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
@@ -224,6 +225,16 @@ def _coerce(key: str, value: Any, annotation: Any) -> Any:
   raise ConfigError(f"{key}={value!r}: expected {' or '.join(errors)}")
 
 
+def _section(hint: Any) -> type | None:
+  """The config section class of a field's type (`ModelSpec` of `ModelSpec | None`), or None
+  for a plain value."""
+  if dataclasses.is_dataclass(hint):
+    return hint
+  union = typing.get_origin(hint) in (typing.Union, types.UnionType)
+  return next((o for o in typing.get_args(hint) if dataclasses.is_dataclass(o)), None) if union \
+      else None
+
+
 def _build(cls: type, data: Mapping[str, Any], prefix: str = "") -> Any:
   if not isinstance(data, Mapping):
     raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {data!r}")
@@ -241,8 +252,11 @@ def _build(cls: type, data: Mapping[str, Any], prefix: str = "") -> Any:
   for name, value in data.items():
     key = prefix + name
     hint = hints[name]
-    if dataclasses.is_dataclass(hint):
-      values[name] = _build(hint, value, key + ".")
+    section = _section(hint)
+    if section is not None and value is None and hint is not section:  # an optional section
+      values[name] = None
+    elif section is not None:
+      values[name] = _build(section, value, key + ".")
     else:
       values[name] = _coerce(key, value, hint)
       if key in CHOICES and values[name] not in CHOICES[key]:
@@ -262,8 +276,11 @@ def _all_keys(cls: type = Config, prefix: str = "") -> list[str]:
   keys = []
   for f in dataclasses.fields(cls):
     hint = typing.get_type_hints(cls)[f.name]
-    if dataclasses.is_dataclass(hint):
-      keys += _all_keys(hint, prefix + f.name + ".")
+    section = _section(hint)
+    if section is not None and hint is not section:   # optional: `teacher=null` is a key too
+      keys.append(prefix + f.name)
+    if section is not None:
+      keys += _all_keys(section, prefix + f.name + ".")
     else:
       keys.append(prefix + f.name)
   return keys
@@ -284,6 +301,8 @@ def apply_override(data: dict[str, Any], override: str) -> None:
   node = data
   parts = key.split(".")
   for part in parts[:-1]:
+    if node.get(part, {}) is None:   # `teacher.path=X` after `teacher: null`: a section again
+      node[part] = {}
     node = node.setdefault(part, {})
     if not isinstance(node, dict):
       raise ConfigError(f"override {override!r}: {part!r} is not a section")
@@ -334,10 +353,11 @@ def resolve_paths(config: Config, base: str | pathlib.Path) -> Config:
     return [local(p, must_exist=False) for p in paths]
 
   data = config.data
+  teacher = config.teacher
   return dataclasses.replace(
       config,
-      teacher=dataclasses.replace(config.teacher,
-                                  path=local(config.teacher.path, must_exist=True)),
+      teacher=(None if teacher is None else
+               dataclasses.replace(teacher, path=local(teacher.path, must_exist=True))),
       student=dataclasses.replace(config.student,
                                   path=local(config.student.path, must_exist=True)),
       data=dataclasses.replace(data, tokenizer=local(data.tokenizer, must_exist=True),

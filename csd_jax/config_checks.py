@@ -20,10 +20,12 @@ def check(config: Config) -> None:
     raise ConfigError(f"loss: {error}") from error
   for role in ("teacher", "student"):
     spec = getattr(config, role)
+    if spec is None:   # teacher: null, checked by _check_sft
+      continue
     if (spec.path is None) == (spec.config is None):
       raise ConfigError(f"{role}: set exactly one of {role}.path (a model directory or hub id) "
                         f"and {role}.config (a transformers config to initialise randomly)")
-  if config.teacher.dropout is not None:
+  if config.teacher is not None and config.teacher.dropout is not None:
     raise ConfigError("teacher.dropout: the teacher never drops (it only gives targets); remove "
                       "it, or set student.dropout")
   if config.student.dropout is not None and not 0.0 <= config.student.dropout < 1.0:
@@ -47,6 +49,7 @@ def check(config: Config) -> None:
     raise ConfigError(f"lora.targets: unknown {unknown}; valid: {', '.join(LORA_TARGETS)}")
   if config.data.source == "files" and not config.data.train_files:
     raise ConfigError("data.source=files needs data.train_files")
+  _check_sft(config)
   _check_onpolicy(config)
   _check_eval(config)
   _check_mesh(config)
@@ -61,6 +64,20 @@ def _check_mesh(config: Config) -> None:
     resolve_rules(config.mesh.rules)
   except UserError as error:
     raise ConfigError(f"mesh.rules: {error}") from error
+
+
+def _check_sft(config: Config) -> None:
+  """`teacher: null` is supervised fine-tuning: cross-entropy on the responses, nothing else
+  that needs a teacher."""
+  if config.teacher is not None:
+    return
+  if config.loss.kd_coef or not config.loss.ce_coef:
+    raise ConfigError(f"teacher: null trains without a teacher (supervised fine-tuning): set "
+                      f"loss.kd_coef=0 and loss.ce_coef=1 (now {config.loss.kd_coef} and "
+                      f"{config.loss.ce_coef}), or give a teacher")
+  if config.onpolicy.ratio:
+    raise ConfigError("onpolicy.ratio > 0 needs a teacher to score the student's answers; set "
+                      "onpolicy.ratio=0 for supervised fine-tuning (teacher: null)")
 
 
 def _check_onpolicy(config: Config) -> None:

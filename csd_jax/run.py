@@ -101,20 +101,30 @@ def check_same_tokenizer(teacher_dir: str | None, student_dir: str | None) -> No
 
 @dataclasses.dataclass
 class Models:
-  """The frozen teacher and the trained student, on one mesh."""
+  """The frozen teacher (None: supervised fine-tuning) and the trained student, on one mesh."""
 
-  teacher: CausalLM
+  teacher: CausalLM | None
   student: CausalLM
-  vocab_size: int  # the vocabulary both heads are cut to
+  vocab_size: int  # the vocabulary both heads are cut to (SFT: the student's)
+
+
+def build_teacher(config: Config, mesh: Mesh) -> CausalLM | None:
+  """The run's frozen teacher, born sharded over `mesh`; None for `teacher: null` (SFT)."""
+  if config.teacher is None:
+    return None
+  return build_model(config.teacher, mesh, trainable=False,
+                     rules=resolve_rules(config.mesh.rules))
 
 
 def build_models(config: Config, mesh: Mesh) -> Models:
   """Teacher and student of a run, born sharded over `mesh`."""
-  check_same_tokenizer(config.teacher.path, config.student.path)
-  teacher = build_model(config.teacher, mesh, trainable=False,
-                        rules=resolve_rules(config.mesh.rules))
+  if config.teacher is not None:
+    check_same_tokenizer(config.teacher.path, config.student.path)
+  teacher = build_teacher(config, mesh)
   student = build_student(config, mesh)
-  return Models(teacher, student, common_vocab_size(teacher, student))
+  vocab = (student.cfg.vocab_size if teacher is None
+           else common_vocab_size(teacher, student))
+  return Models(teacher, student, vocab)
 
 
 def resolve_tokenizer(config: Config) -> Any | None:
@@ -126,7 +136,8 @@ def resolve_tokenizer(config: Config) -> Any | None:
       raise UserError(f"data.tokenizer={config.data.tokenizer}: no tokenizer there; point it "
                       "at a directory with tokenizer files (or a hub id)")
     return tokenizer
-  for path in (config.teacher.path, config.student.path):
+  teacher_path = config.teacher.path if config.teacher is not None else None
+  for path in (teacher_path, config.student.path):
     if path and (tokenizer := _tokenizer_at(path)) is not None:
       return tokenizer
   return None
@@ -164,7 +175,7 @@ def train_state_template(config: Config, student: CausalLM, mesh: Mesh, *, pad_i
 @dataclasses.dataclass
 class Run:
   """A run directory, opened: its config and tokenizer, the student of its latest checkpoint
-  (step `step`), and its teacher when asked for."""
+  (step `step`), and its teacher when asked for (None for a run without one: SFT)."""
 
   workdir: pathlib.Path
   config: Config
@@ -196,8 +207,7 @@ def open_run(workdir: str | pathlib.Path, *, teacher: bool = False,
                     "wait for the run's first checkpoint (checkpoint.every)")
   step, state, _ = restored
   student = state.student(graphdef)
-  teacher_model = (build_model(config.teacher, mesh, trainable=False,
-                               rules=resolve_rules(config.mesh.rules)) if teacher else None)
+  teacher_model = build_teacher(config, mesh) if teacher else None
   vocab = (common_vocab_size(teacher_model, student) if teacher_model is not None
            else student.cfg.vocab_size)
   return Run(workdir, config, resolve_tokenizer(config), student, teacher_model, vocab, step,

@@ -54,3 +54,20 @@ def gpt2_tokenizer():
     pytest.fail(f"GPT-2 BPE files missing: python tests/fetch_gpt2_bpe.py {assets}")
   # from_pretrained on the directory: transformers 5 ignores vocab_file / merges_file arguments.
   return transformers.GPT2TokenizerFast.from_pretrained(str(assets))
+
+
+
+@pytest.fixture(scope="session")
+def instruction_files(tmp_path_factory, gpt2_tokenizer) -> pathlib.Path:
+  """A directory with the GPT-2 tokenizer (`tokenizer/`) and `train.jsonl` (32 records),
+  `test.jsonl` (3), `valid.jsonl` (8) of `instruction_data.colour_records`."""
+  import json
+
+  from instruction_data import colour_records
+
+  directory = tmp_path_factory.mktemp("instruction_data")
+  gpt2_tokenizer.save_pretrained(directory / "tokenizer")   # a directory AutoTokenizer reads
+  for name, count in (("train", 32), ("test", 3), ("valid", 8)):
+    (directory / f"{name}.jsonl").write_text(
+        "\n".join(json.dumps(r) for r in colour_records(count)))
+  return directory

@@ -9,31 +9,19 @@ import pytest
 from csd_jax.config import ConfigError, load_config
 from csd_jax.metrics import read_metrics
 from csd_jax.train.loop import train
+from instruction_data import instruction_overrides
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs" / "tiny.yaml"
 
 
-def _records(count):
-  return [{"instruction": f"Name colour {i}.", "context": "", "response": f"Colour {i} is blue."}
-          for i in range(count)]
-
-
 @pytest.fixture(scope="module")
-def files(tmp_path_factory, gpt2_tokenizer):
-  directory = tmp_path_factory.mktemp("gen_data")
-  gpt2_tokenizer.save_pretrained(directory / "tokenizer")   # a directory AutoTokenizer reads
-  for name, count in (("train", 32), ("test", 3)):
-    (directory / f"{name}.jsonl").write_text("\n".join(json.dumps(r) for r in _records(count)))
-  return directory
+def files(instruction_files):
+  return instruction_files
 
 
 def _config(files, *overrides):
-  return load_config(TINY, [
-      "teacher.config.vocab_size=50257", "student.config.vocab_size=50257",
-      "data.source=files", f"data.train_files=[{files / 'train.jsonl'}]",
-      f"data.tokenizer={files / 'tokenizer'}", f"data.data_dir={files / 'tfds'}", "train.steps=4",
-      "data.max_prompt_length=12", *overrides])
+  return load_config(TINY, [*instruction_overrides(files), "train.steps=4", *overrides])
 
 
 def test_onpolicy_rows_and_generation_eval_during_training(files, tmp_path):

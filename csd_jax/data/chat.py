@@ -175,4 +175,4 @@ def run_model_stop_ids(config: Any) -> tuple[int, ...]:
   """The eos ids that a run's student and teacher declare (`student.path` / `teacher.path`
   files, or their `config` dicts): the tokenizer-free part of a run's stop ids."""
   return stop_ids(None, *(spec.path if spec.path is not None else spec.config
-                          for spec in (config.student, config.teacher)))
+                          for spec in (config.student, config.teacher) if spec is not None))

@@ -57,9 +57,10 @@ class Log:
   def __init__(self, trainer: Any, *, enabled: bool):
     self.every, self.total = trainer.config.train.log_every, trainer.total_steps
     seq_len = trainer.config.data.max_length
+    teacher = trainer.models.teacher
     self.flops_per_token = (
         model_flops_per_token(trainer.models.student, seq_len, backward=True)
-        + model_flops_per_token(trainer.models.teacher, seq_len, backward=False))
+        + (model_flops_per_token(teacher, seq_len, backward=False) if teacher else 0))
     peak = peak_flops_per_device(jax.devices()[0])
     self.peak = peak * jax.device_count() if peak else None
     self.progress = ProgressBar(self.total) if enabled else None
@@ -115,6 +116,9 @@ class HeldOut:
       out = _fetch(self.trainer.eval_step(state, self.trainer.teacher_state, next(loader)))
       sums = {k: sums.get(k, 0.0) + v for k, v in out.items()}
     count = max(sums["count"], 1.0)
+    if "kd" not in sums:   # supervised fine-tuning: the objective is the cross-entropy
+      self.last = {"eval_loss": sums["ce"] / count}
+      return self.last
     self.last = {"eval_loss": sums["kd"] / count, "eval_kl": sums["kl"] / count,
                  "eval_csd": sums["csd"] / count, "eval_agreement": sums["agree"] / count}
     return self.last

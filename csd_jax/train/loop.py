@@ -52,7 +52,7 @@ class Trainer:
   total_steps: int
   state: TrainState
   student_graphdef: nnx.GraphDef
-  teacher_state: nnx.State
+  teacher_state: nnx.State | None   # None: supervised fine-tuning (teacher: null)
   train_step: Any
   eval_step: Any
   onpolicy: onpolicy_lib.OnPolicy | None = None
@@ -89,12 +89,14 @@ def build_trainer(config: Config, mesh: Mesh | None = None) -> Trainer:
   # ---- the train state -------------------------------------------------------------------
   student_graphdef, state = train_state_template(config, models.student, mesh,
                                                  pad_id=inputs.pad_id)
-  teacher_graphdef, teacher_state = nnx.split(models.teacher)
+  teacher_graphdef, teacher_state = (nnx.split(models.teacher) if models.teacher is not None
+                                     else (None, None))   # SFT: no teacher in memory
   onpolicy = onpolicy_lib.build(config, student_graphdef, inputs.tokenizer, inputs.pad_id,
                                 models.vocab_size)
-  logger.info("student %s parameters trained of %s; teacher %s (frozen)",
+  logger.info("student %s parameters trained of %s; %s",
               f"{count_params(state.params):,}", f"{count_params(nnx.state(models.student)):,}",
-              f"{count_params(teacher_state):,}")
+              "no teacher (supervised fine-tuning)" if teacher_state is None
+              else f"teacher {count_params(teacher_state):,} (frozen)")
 
   # ---- the jitted steps ------------------------------------------------------------------
   tx, schedule = make_optimizer(config.optim, total_steps)

@@ -131,13 +131,14 @@ def make_train_step(student_graphdef: nnx.GraphDef, teacher_graphdef: nnx.GraphD
                     objective: Objective, grad_accum: int) -> Callable:
   """`step(state, teacher_state, batch, lm_batch) -> (state, metrics)` (to be jitted).
 
-  `state` is the `TrainState`; `teacher_state` the teacher's variables; `lm_batch` is None
-  without an LM term.
+  `state` is the `TrainState`; `teacher_state` the teacher's variables (the graph and state
+  are None without a teacher: supervised fine-tuning, `kd_coef` 0); `lm_batch` is None without
+  an LM term.
   """
 
   def micro_loss(params, untrained, teacher_state, batch, lm_batch, counts, lm_counts, key):
     student = nnx.merge(student_graphdef, params, untrained)
-    teacher = nnx.merge(teacher_graphdef, teacher_state)
+    teacher = None if teacher_graphdef is None else nnx.merge(teacher_graphdef, teacher_state)
     total, parts = distill_loss(student, teacher, batch, objective, counts, key)
     if lm_batch is not None and objective.lm_coef:
       parts["lm"] = lm_loss(student, lm_batch, objective, lm_counts)
@@ -184,10 +185,15 @@ def make_eval_step(student_graphdef: nnx.GraphDef, teacher_graphdef: nnx.GraphDe
   """`eval(state, teacher_state, batch) -> sums` of held-out metrics over the valid tokens: the
   objective's distillation loss (`kd`), the forward KL and CSD at T = 1 (`kl`, `csd`), the
   student's cross-entropy (`ce`), the teacher-student top-1 agreement (`agree`) and the
-  count. Through the chunked head path: O(chunk x V) memory, never [N, V] logits."""
+  count; without a teacher (SFT), `ce` and the count only. Through the chunked head path: O(chunk x V) memory, never [N, V] logits."""
 
-  def evaluate(state: TrainState, teacher_state: nnx.State, batch: Batch) -> dict[str, Array]:
+  def evaluate(state: TrainState, teacher_state: nnx.State | None, batch: Batch
+               ) -> dict[str, Array]:
     student = state.student(student_graphdef)
+    if teacher_graphdef is None:   # supervised fine-tuning: the student's cross-entropy only
+      return chunked_token_sums(_forward(student, batch), _head(student, objective.vocab_size),
+                                None, None, batch["labels"], chunk_size=objective.chunk_size,
+                                logit_softcap=student.cfg.final_logit_softcap)
     teacher = nnx.merge(teacher_graphdef, teacher_state)
     return chunked_token_sums(
         _forward(student, batch), _head(student, objective.vocab_size),
