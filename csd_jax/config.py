@@ -120,12 +120,15 @@ class OnPolicyConfig:
 
   imitkd: every step the student answers the batch's prompts into a replay buffer, and a share
   `ratio` of the batch's rows is drawn from the buffer. gkd: with probability `ratio` a step's
-  whole batch is the student's fresh answers, otherwise the dataset's.
+  whole batch is the student's fresh answers, otherwise the dataset's. distillm (the official
+  DistiLLM / CSD `--student-gen` mixing): with probability `ratio` the student answers the
+  batch's prompts into the buffer and the whole batch is drawn from the buffer; otherwise the
+  dataset's batch, nothing generated.
   """
 
   ratio: float = 0.0              # 0: off
   mix: str = "imitkd"             # imitkd | gkd
-  buffer_size: int = 1000         # imitkd: the replay buffer's rows (>= train.batch_size)
+  buffer_size: int = 1000         # imitkd, distillm: the replay buffer's rows (>= batch_size)
   max_new_tokens: int = 0         # 0: data.max_length - data.max_prompt_length
   sampling: Sampling = dataclasses.field(default_factory=Sampling)  # csd_jax/sampling.py
 
@@ -172,7 +175,7 @@ CHOICES = {
     "student.dtype": ("float32", "bfloat16", "float16"),
     "teacher.param_dtype": ("float32", "bfloat16", "float16"),
     "student.param_dtype": ("float32", "bfloat16", "float16"),
-    "onpolicy.mix": ("imitkd", "gkd"),
+    "onpolicy.mix": ("imitkd", "gkd", "distillm"),
 }
 # Dict-valued fields: their keys are free (checked by their users), not config keys.
 FREE_DICTS = ("loss.params", "teacher.config", "student.config", "eval.datasets", "mesh.rules")
