@@ -66,6 +66,13 @@ def _parser() -> argparse.ArgumentParser:
   convert.add_argument("gguf_file")
   convert.add_argument("out_dir")
   convert.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default="float32")
+  report = commands.add_parser(
+      "report", help="the paper's Table 1 (ROUGE-L mean ± std over seeds per set, Avg.) from "
+                     "csd-jax eval results, as Markdown (and CSV with --out)")
+  report.add_argument("runs", nargs="+", metavar="RUN",
+                      help="a run directory, results JSON, or NAME=PATH")
+  report.add_argument("--out", help="write the Markdown here and the CSV beside it (same stem, "
+                                    ".csv; an --out ending in .csv swaps them)")
   return parser
 
 
@@ -73,7 +80,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   args = _parser().parse_args(argv)
   command: Callable[[argparse.Namespace], int] = {
       "demo": _demo, "train": _train, "export": _export, "eval": _eval,
-      "convert-gguf": _convert_gguf}[args.command]
+      "convert-gguf": _convert_gguf, "report": _report}[args.command]
   try:
     return command(args)
   except UserError as error:  # anything else is a bug: its traceback is shown
@@ -148,6 +155,16 @@ def _convert_gguf(args: argparse.Namespace) -> int:
 
   out = convert_gguf(args.gguf_file, args.out_dir, dtype=args.dtype)
   print(f"wrote {out}")
+  return 0
+
+
+def _report(args: argparse.Namespace) -> int:
+  from csd_jax.eval.report import output_paths, run_report
+
+  print(run_report(args.runs, args.out), end="")
+  if args.out:
+    md_path, csv_path = output_paths(args.out)
+    print(f"wrote {md_path} and {csv_path}")
   return 0
 
 
