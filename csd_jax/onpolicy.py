@@ -1,8 +1,21 @@
-"""On-policy distillation: training rows made of the student's own answers (ImitKD, GKD).
+"""On-policy distillation: training rows made of the student's own answers (ImitKD, GKD, DistiLLM).
 
     batch (dataset prompts + responses) -> its prompts, left-padded -> the student samples an
     answer to each (KV cache, inside jit) -> rows in the data's layout -> replay buffer
-    -> a share of the batch's rows replaced by rows drawn from the buffer
+    -> some or all of the batch's rows replaced by rows drawn from the buffer
+
+Three ways (`onpolicy.mix`) to mix the answers into the batch, `ratio` being their knob:
+
+  imitkd    every step: answers to all the batch's prompts are pushed into the replay buffer,
+            and round(ratio x batch) of the batch's rows are replaced by rows drawn from it.
+  gkd       a per-step coin with P(heads) = ratio: heads, every row is the student's fresh
+            answer (no buffer); tails, the dataset's batch, nothing generated.
+  distillm  the official DistiLLM / CSD `--student-gen` "mixed" mode (DistiLLM `finetune.py`,
+            `r < args.mixed_alpha`, with `distillm/buffer.py`'s ReplayBuffer, a FIFO deque of
+            `capacity` rows): the same coin; heads, answers to all the batch's prompts are
+            pushed into the buffer and the WHOLE batch is then drawn from it (uniformly,
+            without replacement, fresh answers included); tails, the dataset's batch, nothing
+            generated and the buffer untouched.
 
 The rows follow the data's convention (pre-shifted labels: `labels[t]` is the token after
 position t), so the teacher scores the student's tokens in the same train step as any other row.
@@ -14,6 +27,9 @@ first answer token and trains one position past the answer. tests/test_onpolicy.
 
 The replay buffer is device arrays inside the train state (replicated: it is small next to the
 models), so it is checkpointed with the state and a resumed run draws exactly what it would have.
+The coin is a function of the run's seed and the step alone (the official code draws it from
+each process's global numpy RNG), so every process takes the same branch and a resumed run
+tosses the coins the uninterrupted one would have.
 """
 
 from __future__ import annotations
@@ -128,18 +144,25 @@ def mix_rows(batch: Mapping[str, Array], drawn: Mapping[str, Array]) -> Batch:
 # ---- the step-side driver -------------------------------------------------------------------
 
 class OnPolicy:
-  """`(state, batch) -> (state, batch)` before each train step: the student's answers mixed in.
+  """`(state, batch, step) -> (state, batch)` before each train step: the student's answers
+  mixed in (the module docstring describes the modes).
 
   imitkd: answers to every row's prompt are pushed into `state.replay`, and
   round(ratio x batch) rows are drawn from it. gkd: with probability `ratio` (a per-step coin
-  seeded by the run's seed) every row is replaced by the student's fresh answer; otherwise the
-  batch is left as it is and nothing is generated.
+  seeded by the run's seed, `coin`) every row is replaced by the student's fresh answer;
+  otherwise the batch is left as it is and nothing is generated. distillm: the same coin;
+  heads, the answers are pushed into `state.replay` and every row is drawn from it; tails,
+  batch and state are returned as they are (no generation, no device work).
   """
 
   def __init__(self, config: OnPolicyConfig, *, student_graphdef: nnx.GraphDef,
                batch_size: int, max_length: int, max_prompt_length: int,
                eos_ids: Sequence[int], pad_id: int, seed: int, vocab_size: int | None = None):
     self.config, self.seed = config, seed
+    if config.mix in ("imitkd", "distillm") and config.buffer_size < batch_size:
+      # draw() would hand back empty rows, and push() write one slot twice
+      raise ValueError(f"onpolicy.buffer_size={config.buffer_size} must hold at least one "
+                       f"batch (train.batch_size={batch_size})")
     self.drawn_rows = (int(config.ratio * batch_size + 0.5) if config.mix == "imitkd"
                        else batch_size)
     self.max_length, self.pad_id = max_length, pad_id
@@ -155,22 +178,26 @@ class OnPolicy:
       return answer_rows(prompt, lengths, answer, eos_ids=eos_ids, pad_id=pad_id,
                          length=batch["input_ids"].shape[1])
 
-    def imitkd(params, untrained, replay, batch, key):
+    def replay(params, untrained, buffer, batch, key):
+      # imitkd, and distillm's heads: with drawn_rows == batch size, mix_rows replaces every
+      # row (row i <- drawn row i), which is the official `replay_buffer.sample()` batch
       generate_key, draw_key = jax.random.split(key)
-      replay = push(replay, answers(params, untrained, batch, generate_key))
-      return replay, mix_rows(batch, draw(replay, draw_key, self.drawn_rows))
+      buffer = push(buffer, answers(params, untrained, batch, generate_key))
+      return buffer, mix_rows(batch, draw(buffer, draw_key, self.drawn_rows))
 
     def gkd(params, untrained, batch, key):
       return mix_rows(batch, answers(params, untrained, batch, key))
 
-    self._imitkd = jax.jit(imitkd, donate_argnums=(2,))
+    self._replay = jax.jit(replay, donate_argnums=(2,))
     self._gkd = jax.jit(gkd)
 
   def _key(self, state: TrainState, step: int) -> Array:
     return jax.random.fold_in(jax.random.fold_in(state.key, ONPOLICY_STREAM), step)
 
-  def gkd_coin(self, step: int) -> bool:
-    """Whether step `step` of a gkd run is on-policy (the same on every process)."""
+  def coin(self, step: int) -> bool:
+    """Whether step `step` of a gkd or distillm run is on-policy: heads with probability
+    `ratio`, a function of the seed and the step alone (the same on every process, and on
+    resume)."""
     seed = self.seed & 0xFFFFFFFF  # numpy seeds are non-negative; JAX's may be negative
     return bool(np.random.default_rng([seed, ONPOLICY_STREAM, step]).random()
                 < self.config.ratio)
@@ -179,18 +206,20 @@ class OnPolicy:
     if batch["input_ids"].shape[1] != self.max_length:
       raise ValueError(f"on-policy rows need batches of data.max_length={self.max_length} "
                        f"tokens, got {batch['input_ids'].shape[1]}")
+    mix = self.config.mix
+    if mix in ("gkd", "distillm") and not self.coin(step):
+      return state, batch
     key = self._key(state, step)
-    if self.config.mix == "gkd":
-      return state, (self._gkd(state.params, state.untrained, batch, key)
-                     if self.gkd_coin(step) else batch)
-    replay, batch = self._imitkd(state.params, state.untrained, state.replay, batch, key)
+    if mix == "gkd":
+      return state, self._gkd(state.params, state.untrained, batch, key)
+    replay, batch = self._replay(state.params, state.untrained, state.replay, batch, key)
     return state.replace(replay=replay), batch
 
 
 def initial_replay(config: Any, pad_id: int = 0) -> dict[str, Any] | None:
   """The empty replay buffer a run's train state holds (and its checkpoints), or None when
-  the run has none (no on-policy data, or gkd)."""
-  if not config.onpolicy.ratio or config.onpolicy.mix != "imitkd":
+  the run has none (no on-policy data, or gkd, which trains on fresh answers only)."""
+  if not config.onpolicy.ratio or config.onpolicy.mix not in ("imitkd", "distillm"):
     return None
   return init_buffer(config.onpolicy.buffer_size, config.data.max_length, pad_id)
 

@@ -1,4 +1,5 @@
-"""On-policy distillation: row layout (and the official off-by-one), replay buffer, tiny runs."""
+"""On-policy distillation: row layout (and the official off-by-one), replay buffer, the mixing
+modes (imitkd, gkd, distillm), tiny runs."""
 
 import pathlib
 
@@ -12,10 +13,11 @@ from csd_jax.config import ConfigError, load_config
 from csd_jax.data.instruct import InstructionTokenizer
 from csd_jax.data.loader import pad_batch
 from csd_jax.metrics import read_metrics
-from csd_jax.train.loop import train
+from csd_jax.train.loop import build_trainer, train
 
 TINY = pathlib.Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
 PAD, EOS = 0, 2
+ONPOLICY = ["onpolicy.ratio=0.5", "onpolicy.buffer_size=16"]   # tiny.yaml: 8 rows a batch
 
 
 def _rows(prompt_tokens, answer_tokens, *, length=8, prompt_width=4):
@@ -131,8 +133,7 @@ def test_mix_rows_spreads_the_replaced_rows(count, replaced):
 
 
 def _tiny(workdir, *overrides):
-  config = load_config(TINY, ["onpolicy.ratio=0.5", "onpolicy.buffer_size=16",
-                              "train.steps=8", *overrides])
+  config = load_config(TINY, [*ONPOLICY, "train.steps=8", *overrides])
   train(config, workdir)
   return read_metrics(workdir)
 
@@ -147,13 +148,20 @@ def test_a_short_onpolicy_run_lowers_the_loss(tmp_path, mix):
   assert max(counts) <= 256 and min(counts) < 256, counts
 
 
-def test_resume_draws_the_same_rows(tmp_path):
-  """Stopped after 4 steps and resumed, an imitkd run repeats the uninterrupted one exactly:
-  the replay buffer (16 rows, 4 drawn per step) is part of the checkpoint."""
-  whole = _tiny(tmp_path / "whole")
-  _tiny(tmp_path / "split", "train.steps=4")
-  resumed = _tiny(tmp_path / "split")
+@pytest.mark.parametrize("mix", ["imitkd", "distillm"])
+def test_resume_draws_the_same_rows(tmp_path, mix):
+  """Stopped after 4 steps and resumed, a run with a replay buffer repeats the uninterrupted one
+  exactly: the buffer (16 rows; imitkd draws 4 a step, distillm's heads steps all 8) is part of
+  the checkpoint."""
+  if mix == "distillm":   # heads on both sides of the split: the resumed steps draw old rows
+    coins = [_driver("onpolicy.mix=distillm").coin(step) for step in range(8)]
+    assert any(coins[:4]) and any(coins[4:]), coins
+  whole = _tiny(tmp_path / "whole", f"onpolicy.mix={mix}")
+  _tiny(tmp_path / "split", f"onpolicy.mix={mix}", "train.steps=4")
+  resumed = _tiny(tmp_path / "split", f"onpolicy.mix={mix}")
   by_step = {r["step"]: r["loss"] for r in whole if "loss" in r}
+  assert min(r["valid_tokens"] for r in whole if "valid_tokens" in r) < 256  # answers trained
+  assert any("loss" in r and r["step"] > 4 for r in resumed)
   for r in resumed:
     if "loss" in r and r["step"] > 4:
       assert r["loss"] == by_step[r["step"]], r["step"]
@@ -169,13 +177,86 @@ def test_resuming_with_another_buffer_is_refused_and_keeps_the_run(tmp_path):
   assert max(r["step"] for r in read_metrics(tmp_path)) == 2
 
 
-def test_gkd_with_a_negative_seed():
-  driver = onpolicy.OnPolicy(load_config(TINY, ["onpolicy.ratio=0.5", "onpolicy.mix=gkd"]
-                                         ).onpolicy, student_graphdef=None,
-                             batch_size=8, max_length=32,
-                             max_prompt_length=8, eos_ids=(), pad_id=0, seed=-3)
-  coins = [driver.gkd_coin(step) for step in range(64)]
-  assert coins == [driver.gkd_coin(step) for step in range(64)] and 16 < sum(coins) < 48
+def _driver(*overrides, seed=0):
+  """A driver for its coin alone: no student (nothing is traced until a heads step runs)."""
+  config = load_config(TINY, [*ONPOLICY, *overrides]).onpolicy
+  return onpolicy.OnPolicy(config, student_graphdef=None, batch_size=8, max_length=32,
+                           max_prompt_length=8, eos_ids=(), pad_id=0, seed=seed)
+
+
+@pytest.mark.parametrize("mix", ["gkd", "distillm"])
+def test_the_coin_with_a_negative_seed(mix):
+  driver = _driver(f"onpolicy.mix={mix}", seed=-3)
+  coins = [driver.coin(step) for step in range(64)]
+  assert coins == [driver.coin(step) for step in range(64)] and 16 < sum(coins) < 48
+
+
+@pytest.mark.parametrize("ratio", [0.2, 0.5, 0.9])
+def test_the_coin_is_heads_a_share_ratio_of_the_steps(ratio):
+  driver = _driver("onpolicy.mix=distillm", f"onpolicy.ratio={ratio}")
+  share = np.mean([driver.coin(step) for step in range(2000)])
+  assert abs(share - ratio) < 0.04, share   # 4 standard deviations at most
+
+
+@pytest.fixture(scope="module")
+def distillm_trainer():
+  """A tiny distillm run's trainer: the student, the train state (its empty buffer) and the
+  batches, for the driver at work without a train step (nothing here changes `trainer.state`)."""
+  return build_trainer(load_config(TINY, [*ONPOLICY, "onpolicy.mix=distillm"]))
+
+
+def _copied(state):
+  """`state` with a buffer of its own: a heads step donates the one it is given."""
+  return state.replace(replay=jax.tree.map(jnp.copy, state.replay))
+
+
+def _row_list(rows, count=None):
+  """The rows (all keys of each) as hashable tuples, the first `count` of them."""
+  columns = [np.asarray(rows[k])[:count] for k in onpolicy.ROW_KEYS]
+  return [tuple(np.concatenate([c[i] for c in columns]).tolist())
+          for i in range(len(columns[0]))]
+
+
+def test_distillm_tails_steps_leave_batch_and_buffer_untouched(distillm_trainer, monkeypatch):
+  driver, state = distillm_trainer.onpolicy, distillm_trainer.state
+  assert int(state.replay["filled"]) == 0   # initial_replay gives distillm a buffer
+
+  def generate(*args):
+    raise AssertionError("a tails step generated")
+  monkeypatch.setattr(driver, "_replay", generate)
+  batch = next(distillm_trainer.inputs.train)
+  tails = [step for step in range(10) if not driver.coin(step)][:3]
+  for step in tails:
+    got_state, got_batch = driver(state, batch, step)
+    assert got_state is state and got_batch is batch
+
+
+def test_distillm_heads_steps_draw_the_whole_batch_from_the_buffer(distillm_trainer):
+  """Official `mixed`: all the fresh answers go into the buffer, then `random.sample(buffer,
+  k=bs)`: every row is a distinct buffer row, fresh answers and older ones alike."""
+  driver, state = distillm_trainer.onpolicy, _copied(distillm_trainer.state)
+  heads = [step for step in range(10) if driver.coin(step)][:2]
+  for n, step in enumerate(heads, 1):
+    batch = next(distillm_trainer.inputs.train)
+    state, got = driver(state, batch, step)
+    assert int(state.replay["filled"]) == 8 * n
+    assert got.keys() == batch.keys() and got["input_ids"].shape == batch["input_ids"].shape
+    buffer = set(_row_list(state.replay["rows"], 8 * n))
+    rows = _row_list(got)
+    assert len(set(rows)) == 8 and set(rows) <= buffer
+    assert not set(rows) & set(_row_list(batch))   # the student's answers, not the data's
+    if n == 1:   # the buffer held only this step's answers: all of them, in a random order
+      assert set(rows) == buffer
+
+
+def test_distillm_is_deterministic_given_state_and_step(distillm_trainer):
+  driver = distillm_trainer.onpolicy
+  step = next(step for step in range(10) if driver.coin(step))
+  batch = next(distillm_trainer.inputs.train)
+  first = driver(_copied(distillm_trainer.state), batch, step)
+  again = driver(_copied(distillm_trainer.state), batch, step)
+  for got, want in [(first[1], again[1]), (first[0].replay, again[0].replay)]:
+    jax.tree.map(np.testing.assert_array_equal, jax.device_get(got), jax.device_get(want))
 
 
 def test_export_reads_an_onpolicy_checkpoint(tmp_path):
