@@ -42,25 +42,47 @@ def _abstract(tree: Any) -> Any:
   return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)
 
 
-class Checkpointer:
-  """A run's `CheckpointManager`: `save(step, ...)`, `restore_latest(template) -> ... | None`."""
+CHECKPOINTS, BEST = "checkpoints", "best"
 
-  def __init__(self, workdir: str | pathlib.Path, *, keep: int = 3, async_save: bool = True):
-    self.directory = pathlib.Path(workdir).absolute() / "checkpoints"
-    options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
-                                           enable_async_checkpointing=async_save,
-                                           cleanup_tmp_directories=True)
+
+class Checkpointer:
+  """A run's `CheckpointManager`: `save(step, ...)`, `restore_latest(template) -> ... | None`.
+
+  `W/checkpoints/` holds the newest `keep`; `W/best/` (`best_metric` set) holds the one
+  checkpoint with the highest value of that metric, stored with it (Orbax writes a step's
+  metrics in the step's own directory, so the record and the weights are committed together)
+  and never touched by `checkpoint.keep`.
+  """
+
+  def __init__(self, workdir: str | pathlib.Path, *, keep: int = 3, async_save: bool = True,
+               best_metric: str | None = None):
+    self.best_metric = best_metric
+    self.directory = pathlib.Path(workdir).absolute() / (BEST if best_metric else CHECKPOINTS)
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=1 if best_metric else keep, create=True,
+        enable_async_checkpointing=async_save, cleanup_tmp_directories=True,
+        best_fn=(lambda metrics: metrics[best_metric]) if best_metric else None,
+        best_mode="max")
     self.manager = ocp.CheckpointManager(self.directory, options=options)
 
   def save(self, step: int, state: TrainState, loader_state: Mapping[str, Any],
-           config: Mapping[str, Any], *, wait: bool = False) -> None:
-    """Start saving `step` (in the background unless `wait`)."""
+           config: Mapping[str, Any], *, wait: bool = False,
+           metrics: Mapping[str, float] | None = None) -> None:
+    """Start saving `step` (in the background unless `wait`), with `metrics` (W/best/)."""
     self.manager.save(step, args=ocp.args.Composite(
         state=ocp.args.StandardSave(_to_tree(state)),
         loader=ocp.args.JsonSave(dict(loader_state)), config=ocp.args.JsonSave(dict(config))),
-        force=True)
+        metrics=dict(metrics) if metrics else None, force=True)
     if wait:
       self.manager.wait_until_finished()
+
+  def best(self) -> tuple[int, float] | None:
+    """(step, value) of the best checkpoint kept in W/best/, or None when there is none."""
+    self.manager.reload()
+    step = self.manager.best_step()
+    if step is None:
+      return None
+    return step, float(self.manager.metrics(step)[self.best_metric])
 
   def restore_latest(self, template: TrainState
                      ) -> tuple[int, TrainState, dict[str, Any]] | None:

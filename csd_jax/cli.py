@@ -37,6 +37,8 @@ def _parser() -> argparse.ArgumentParser:
       "export", help="the student of a run's latest checkpoint as a Hugging Face directory")
   export.add_argument("--workdir", required=True)
   export.add_argument("--out", required=True)
+  export.add_argument("--best", action="store_true",
+                      help="the best checkpoint of model selection (W/best/), not the latest")
   evaluate = commands.add_parser(
       "eval", help="ROUGE-L, Self-BLEU, perplexity (and teacher KL / CSD) by generation")
   source = evaluate.add_mutually_exclusive_group(required=True)
@@ -46,19 +48,33 @@ def _parser() -> argparse.ArgumentParser:
   evaluate.add_argument("--teacher", help="a model directory, for KL and CSD")
   evaluate.add_argument("--data", action="append", required=True, metavar="NAME=FILE",
                         help="an evaluation set (JSONL / JSON / Parquet); repeatable")
-  evaluate.add_argument("--seeds", default="10,20,30,40,50")
+  evaluate.add_argument("--best", action="store_true",
+                        help="with --workdir: the run's best checkpoint (W/best/)")
+  evaluate.add_argument("--protocol", choices=["minillm", "run"], default="minillm",
+                        help="minillm (default): the official evaluation (first 256 prompt "
+                             "tokens, 256 new tokens, no_repeat_ngram_size 6, seeds 10-50); "
+                             "run: the run's own template and lengths; flags below override")
+  evaluate.add_argument("--seeds", default=None, help="default: 10,20,30,40,50")
   evaluate.add_argument("--temperature", type=float, default=1.0)
   evaluate.add_argument("--top-p", type=float, default=1.0)
   evaluate.add_argument("--top-k", type=int, default=0)
-  evaluate.add_argument("--no-repeat-ngram-size", type=int, default=0,
-                        help="forbid repeating any n-gram (the paper's option: 6; 0 = off)")
+  evaluate.add_argument("--no-repeat-ngram-size", type=int, default=None,
+                        help="forbid repeating any n-gram (0 = off; minillm protocol: 6)")
   evaluate.add_argument("--max-prompt-length", type=int, default=None,
-                        help="default: the run's data.max_prompt_length, else 256")
+                        help="default: 256 (run protocol: the run's data.max_prompt_length)")
   evaluate.add_argument("--max-length", type=int, default=None,
-                        help="default: the run's data.max_length, else 512")
+                        help="default: 512 (run protocol: the run's data.max_length)")
+  evaluate.add_argument("--max-new-tokens", type=int, default=None,
+                        help="new tokens per prompt (minillm protocol: 256; run protocol: "
+                             "max length minus the prompt bucket's width)")
+  evaluate.add_argument("--keep-prompt", choices=["start", "end"], default=None,
+                        help="which end of a long prompt is kept (minillm: start, run: end)")
+  evaluate.add_argument("--prompt-special-tokens", action=argparse.BooleanOptionalAction,
+                        default=None, help="encode prompts with the tokenizer's special tokens "
+                                           "(LLaMA's BOS; minillm: yes, run: no)")
   evaluate.add_argument("--max-examples", type=int, default=None)
   evaluate.add_argument("--template", choices=["minillm", "chat", "none"], default=None,
-                        help="default: the run's data.template, else minillm")
+                        help="default: a run's data.template, else minillm")
   evaluate.add_argument("--out", help="results JSON (default: WORKDIR/eval_results.json)")
   convert = commands.add_parser(
       "convert-gguf", help="write a Hugging Face directory from a GGUF file (architectures "
@@ -121,7 +137,7 @@ def _export(args: argparse.Namespace) -> int:
   from csd_jax.train.export import export
 
   setup_logging()
-  out, step = export(args.workdir, args.out)
+  out, step = export(args.workdir, args.out, best=args.best)
   print(f"wrote the student of step {step} to {out}")
   return 0
 
@@ -130,20 +146,21 @@ def _eval(args: argparse.Namespace) -> int:
   from csd_jax.eval.command import EvalRequest, run_eval
   from csd_jax.eval.generation import format_table
   from csd_jax.logs import setup_logging
-  from csd_jax.sampling import Sampling
 
   setup_logging()
   try:
-    seeds = tuple(int(s) for s in args.seeds.split(","))
+    seeds = tuple(int(s) for s in args.seeds.split(",")) if args.seeds else None
   except ValueError:
     raise UserError(f"--seeds {args.seeds!r}: expected integers separated by commas, e.g. "
                     "10,20,30") from None
   request = EvalRequest(
-      data=args.data, workdir=args.workdir, model=args.model, teacher=args.teacher, seeds=seeds,
-      sampling=Sampling(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                        no_repeat_ngram_size=args.no_repeat_ngram_size),
+      data=args.data, workdir=args.workdir, model=args.model, teacher=args.teacher,
+      best=args.best, protocol=args.protocol, seeds=seeds, temperature=args.temperature,
+      top_p=args.top_p, top_k=args.top_k, no_repeat_ngram_size=args.no_repeat_ngram_size,
       template=args.template, max_prompt_length=args.max_prompt_length,
-      max_length=args.max_length, max_examples=args.max_examples, out=args.out)
+      max_length=args.max_length, max_new_tokens=args.max_new_tokens,
+      keep_prompt=args.keep_prompt, prompt_special_tokens=args.prompt_special_tokens,
+      max_examples=args.max_examples, out=args.out)
   results, out = run_eval(request)
   print(format_table(results))
   print(f"results in {out}")

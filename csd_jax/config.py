@@ -23,6 +23,9 @@ from csd_jax.errors import UserError
 from csd_jax.sampling import Sampling
 
 
+VALIDATION_SPLIT = "split:valid"   # eval.datasets.NAME: the run's own validation split
+
+
 class ConfigError(UserError):
   """A bad config file or override; the message is one line that names the key and the fix."""
 
@@ -92,11 +95,13 @@ class MeshConfig:
 
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
-  source: str = "synthetic"       # synthetic | files | dolly
+  source: str = "synthetic"       # synthetic | files | minillm | dolly
   train_files: list = dataclasses.field(default_factory=list)
   eval_files: list = dataclasses.field(default_factory=list)
   lm_files: list = dataclasses.field(default_factory=list)
-  dolly_source: str = "databricks/databricks-dolly-15k"
+  minillm_dolly: str | None = None  # minillm: MiniLLM's Dolly directory (raw.jsonl, valid.jsonl)
+  minillm_dev_num: int = 1000     # minillm: raw.jsonl's first N records are the validation set
+  dolly_source: str = "databricks/databricks-dolly-15k"   # dolly: the hub file, re-split
   data_dir: str = "~/tensorflow_datasets"
   tokenizer: str | None = None    # default: the teacher's directory
   template: str = "minillm"       # minillm | chat | none
@@ -127,7 +132,7 @@ class OnPolicyConfig:
   """
 
   ratio: float = 0.0              # 0: off
-  mix: str = "imitkd"             # imitkd | gkd
+  mix: str = "imitkd"             # imitkd | gkd | distillm
   buffer_size: int = 1000         # imitkd, distillm: the replay buffer's rows (>= batch_size)
   max_new_tokens: int = 0         # 0: data.max_length - data.max_prompt_length
   sampling: Sampling = dataclasses.field(default_factory=Sampling)  # csd_jax/sampling.py
@@ -138,7 +143,10 @@ class GenEvalConfig:
   """Evaluation by generation during training (csd_jax/eval/generation.py)."""
 
   every: int = 0                  # 0: never during training (`csd-jax eval` afterwards)
-  datasets: dict = dataclasses.field(default_factory=dict)  # name: instruction file
+  every_epoch: bool = False       # also after every epoch (the official runs' model selection)
+  datasets: dict = dataclasses.field(default_factory=dict)  # name: file, or split:valid (the run's
+                                                            # validation split)
+  select: str | None = None       # a datasets name: its ROUGE-L keeps the best checkpoint (W/best)
   max_examples: int = 64          # the first N records of each dataset (0: all)
   seeds: list = dataclasses.field(default_factory=lambda: [10])
   batch_size: int = 16
@@ -169,7 +177,7 @@ class Config:
 
 CHOICES = {
     "loss.normalize": ("token", "sequence"), "optim.schedule": ("cosine", "linear", "constant"),
-    "data.source": ("synthetic", "files", "dolly"), "data.template": ("minillm", "chat", "none"),
+    "data.source": ("synthetic", "files", "minillm", "dolly"), "data.template": ("minillm", "chat", "none"),
     "teacher.remat": ("none", "full", "dots"), "student.remat": ("none", "full", "dots"),
     "teacher.dtype": ("float32", "bfloat16", "float16"),
     "student.dtype": ("float32", "bfloat16", "float16"),
@@ -295,7 +303,11 @@ def apply_override(data: dict[str, Any], override: str) -> None:
     raise ConfigError(f"override {override!r}: expected key=value, e.g. train.steps=100")
   key, raw = override.split("=", 1)
   key = key.strip()
-  value = yaml.safe_load(raw) if raw.strip() else ""
+  try:
+    value = yaml.safe_load(raw) if raw.strip() else ""
+  except yaml.YAMLError as error:
+    raise ConfigError(f"override {override!r}: the value is not valid YAML "
+                      f"({str(error).splitlines()[0]}); quote it") from error
   free = next((f for f in FREE_DICTS if key.startswith(f + ".")), None)
   if key in RENAMED:
     raise ConfigError(f"config key {key!r} was renamed {RENAMED[key]}")
@@ -364,8 +376,10 @@ def resolve_paths(config: Config, base: str | pathlib.Path) -> Config:
       student=dataclasses.replace(config.student,
                                   path=local(config.student.path, must_exist=True)),
       data=dataclasses.replace(data, tokenizer=local(data.tokenizer, must_exist=True),
+                               minillm_dolly=local(data.minillm_dolly, must_exist=False),
                                train_files=files(data.train_files),
                                eval_files=files(data.eval_files), lm_files=files(data.lm_files),
                                data_dir=local(data.data_dir, must_exist=False)),
       eval=dataclasses.replace(config.eval, datasets={
-          name: local(path, must_exist=False) for name, path in config.eval.datasets.items()}))
+          name: path if path == VALIDATION_SPLIT else local(path, must_exist=False)
+          for name, path in config.eval.datasets.items()}))

@@ -41,7 +41,8 @@ def check(config: Config) -> None:
     raise ConfigError(f"data.max_prompt_length={config.data.max_prompt_length} must be below "
                       f"data.max_length={config.data.max_length}")
   if config.loss.lm_coef and not config.data.lm_files:
-    raise ConfigError("loss.lm_coef > 0 needs data.lm_files (pre-training text, JSONL of text)")
+    raise ConfigError("loss.lm_coef > 0 needs data.lm_files (pre-training text: JSONL of text, "
+                      "or MiniLLM's token files train_<k>.bin / .idx)")
   from csd_jax.models.lora import LORA_TARGETS
 
   unknown = sorted(set(config.lora.targets) - set(LORA_TARGETS))
@@ -49,6 +50,9 @@ def check(config: Config) -> None:
     raise ConfigError(f"lora.targets: unknown {unknown}; valid: {', '.join(LORA_TARGETS)}")
   if config.data.source == "files" and not config.data.train_files:
     raise ConfigError("data.source=files needs data.train_files")
+  if config.data.source == "minillm" and not config.data.minillm_dolly:
+    raise ConfigError("data.source=minillm needs data.minillm_dolly: the directory of MiniLLM's "
+                      "Dolly files (raw.jsonl, valid.jsonl; hub dataset MiniLLM/dolly)")
   _check_sft(config)
   _check_onpolicy(config)
   _check_eval(config)
@@ -93,7 +97,7 @@ def _check_onpolicy(config: Config) -> None:
     raise ConfigError(f"onpolicy.ratio={onpolicy.ratio} of train.batch_size="
                       f"{config.train.batch_size} rows is no row: raise the ratio to at least "
                       f"{0.5 / config.train.batch_size:.3g}")
-  if onpolicy.mix == "imitkd" and onpolicy.buffer_size < config.train.batch_size:
+  if onpolicy.mix in ("imitkd", "distillm") and onpolicy.buffer_size < config.train.batch_size:
     raise ConfigError(f"onpolicy.buffer_size={onpolicy.buffer_size} must hold at least one "
                       f"batch (train.batch_size={config.train.batch_size})")
   room = config.data.max_length - config.data.max_prompt_length
@@ -105,10 +109,17 @@ def _check_onpolicy(config: Config) -> None:
 def _check_eval(config: Config) -> None:
   if config.eval.every < 0:
     raise ConfigError(f"eval.every={config.eval.every}: must be >= 0")
-  if config.eval.every and not config.eval.datasets:
+  if config.eval.select is not None and config.eval.select not in config.eval.datasets:
+    raise ConfigError(f"eval.select={config.eval.select!r}: not one of eval.datasets "
+                      f"({', '.join(config.eval.datasets) or 'none'}); name the dataset whose "
+                      "ROUGE-L picks the best checkpoint, e.g. eval.datasets.valid=split:valid")
+  if config.eval.select is not None and not (config.eval.every or config.eval.every_epoch):
+    raise ConfigError("eval.select needs evaluations during training: set eval.every_epoch=true "
+                      "(as the official runs) or eval.every=N")
+  if (config.eval.every or config.eval.every_epoch) and not config.eval.datasets:
     raise ConfigError("eval.every > 0 needs eval.datasets (name: instruction file), e.g. "
                       "eval.datasets.dolly=dolly_test.jsonl")
-  if config.eval.every and config.data.source == "synthetic":
+  if (config.eval.every or config.eval.every_epoch) and config.data.source == "synthetic":
     raise ConfigError("eval.every > 0 needs a tokenizer: use data.source files or dolly")
   if config.eval.batch_size < 1 or config.eval.max_examples < 0:
     raise ConfigError(f"eval.batch_size={config.eval.batch_size} must be >= 1 and "

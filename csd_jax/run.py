@@ -145,6 +145,11 @@ def resolve_tokenizer(config: Config) -> Any | None:
 
 # ---- a run directory ---------------------------------------------------------------------------
 
+def selection_metric(config: Config) -> str:
+  """The metric model selection maximises: `{eval.select}/rougeL` (W/best/ is kept by it)."""
+  return f"{config.eval.select}/rougeL"
+
+
 def inference_mesh() -> Mesh:
   """Every local device on the `fsdp` axis: weights sharded (a 7B model need not fit on one
   chip), rows of a batch split over the devices."""
@@ -188,9 +193,9 @@ class Run:
 
 
 def open_run(workdir: str | pathlib.Path, *, teacher: bool = False,
-             mesh: Mesh | None = None) -> Run:
-  """The run in `workdir` at its latest readable checkpoint, its models sharded over `mesh`
-  (default: `inference_mesh()`).
+             mesh: Mesh | None = None, best: bool = False) -> Run:
+  """The run in `workdir` at its latest readable checkpoint (`best`: its best one, kept in
+  W/best/ by model selection), its models sharded over `mesh` (default: `inference_mesh()`).
 
   Raises:
     UserError: no config.yaml, or no readable checkpoint.
@@ -201,9 +206,15 @@ def open_run(workdir: str | pathlib.Path, *, teacher: bool = False,
   config = load_run_config(workdir)
   mesh = mesh or inference_mesh()
   graphdef, template = train_state_template(config, build_student(config, mesh), mesh)
-  restored = Checkpointer(workdir, keep=config.checkpoint.keep).restore_latest(template)
+  checkpointer = (Checkpointer(workdir, best_metric=selection_metric(config)) if best
+                  else Checkpointer(workdir, keep=config.checkpoint.keep))
+  restored = checkpointer.restore_latest(template)
+  if restored is None and best:
+    raise UserError(f"no best checkpoint in {checkpointer.directory}: model selection keeps one "
+                    "when eval.select names an eval.datasets entry; use the latest checkpoint "
+                    "(drop --best)")
   if restored is None:
-    raise UserError(f"no readable checkpoint in {workdir / 'checkpoints'}: train first, or "
+    raise UserError(f"no readable checkpoint in {checkpointer.directory}: train first, or "
                     "wait for the run's first checkpoint (checkpoint.every)")
   step, state, _ = restored
   student = state.student(graphdef)

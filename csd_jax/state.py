@@ -35,7 +35,7 @@ class TrainState:
   opt_state: optax.OptState
   step: jax.Array                  # int32, optimizer steps done
   key: jax.Array                   # the run's typed PRNG key (dropout, on-policy sampling)
-  replay: dict[str, Any] | None = None  # on-policy replay buffer (imitkd), else None
+  replay: dict[str, Any] | None = None  # on-policy replay buffer (imitkd, distillm), else None
 
   def student(self, graphdef: nnx.GraphDef) -> Any:
     """The student model with this state's variables."""

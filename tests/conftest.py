@@ -71,3 +71,20 @@ def instruction_files(tmp_path_factory, gpt2_tokenizer) -> pathlib.Path:
     (directory / f"{name}.jsonl").write_text(
         "\n".join(json.dumps(r) for r in colour_records(count)))
   return directory
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(converted, tmp_path_factory) -> pathlib.Path:
+  """A random 1-layer LLaMA over SmolLM2's real tokenizer (vocabulary 49152)."""
+  import transformers
+
+  from csd_jax.models import init_random, save_pretrained
+
+  directory = tmp_path_factory.mktemp("eval_model")
+  config = {"model_type": "llama", "hidden_size": 32, "num_hidden_layers": 1,
+            "num_attention_heads": 2, "num_key_value_heads": 1, "intermediate_size": 64,
+            "vocab_size": 49152, "tie_word_embeddings": True, "bos_token_id": 1,
+            "eos_token_id": 2}
+  save_pretrained(init_random(config, seed=0), directory,
+                  transformers.AutoTokenizer.from_pretrained(converted))
+  return directory

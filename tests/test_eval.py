@@ -9,23 +9,11 @@ import numpy as np
 import pytest
 import transformers
 
-from csd_jax.eval.generation import EvalConfig, evaluate, load_records
 from csd_jax.models import init_random, save_pretrained
 
+from csd_jax.eval.generation import EvalConfig, evaluate, load_records
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def tiny_model_dir(converted, tmp_path_factory):
-  """A random 1-layer LLaMA over SmolLM2's real tokenizer (vocabulary 49152)."""
-  directory = tmp_path_factory.mktemp("eval_model")
-  config = {"model_type": "llama", "hidden_size": 32, "num_hidden_layers": 1,
-            "num_attention_heads": 2, "num_key_value_heads": 1, "intermediate_size": 64,
-            "vocab_size": 49152, "tie_word_embeddings": True, "bos_token_id": 1,
-            "eos_token_id": 2}
-  save_pretrained(init_random(config, seed=0), directory,
-                  transformers.AutoTokenizer.from_pretrained(converted))
-  return directory
 
 
 @pytest.fixture(scope="module")
@@ -124,7 +112,7 @@ def test_generation_compiles_once_per_prompt_width_and_keeps_the_tokenizer(tiny_
   records = _mixed_records(64)
   cfg = EvalConfig(seeds=(10,), max_prompt_length=160, max_length=192, batch_size=10)
   lengths = [len(ids) for ids in _prompt_ids(tokenizer, [render_prompt(r, cfg.template)
-                                                         for r in records], 160)]
+                                                         for r in records], cfg)]
   longest = [max(lengths[s:s + 10]) for s in range(0, 64, 10)]
   widths = {bucket_length(n, multiple=WIDTH_MULTIPLE, cap=160) for n in longest}
   # the test bites: batches differ in their longest prompt more often than in their width

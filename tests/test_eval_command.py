@@ -45,15 +45,19 @@ def test_a_run_is_judged_on_its_own_format_and_opens_sharded(run_dir, monkeypatc
   from csd_jax.run import open_run
 
   data = [f"set={run_dir / 'set.jsonl'}"]
-  seen, _, out = _settings(monkeypatch, command.EvalRequest(data=data,
-                                                             workdir=str(run_dir / "run")))
+  seen, _, out = _settings(monkeypatch, command.EvalRequest(
+      data=data, workdir=str(run_dir / "run"), protocol="run"))
   config = seen["config"]
   assert (config.template, config.max_prompt_length, config.max_length) == ("chat", 24, 40)
+  seen, _, _ = _settings(monkeypatch, command.EvalRequest(data=data,
+                                                          workdir=str(run_dir / "run")))
+  config = seen["config"]   # the official protocol, with the run's own template
+  assert (config.template, config.max_prompt_length, config.max_new_tokens) == ("chat", 256, 256)
   assert seen["tokenizer"].name_or_path.endswith("tokenizer")
   assert out == run_dir / "run" / "eval_results.json" and out.exists()
 
   seen, _, out = _settings(monkeypatch, command.EvalRequest(
-      data=data, workdir=str(run_dir / "run"), template="minillm", max_length=64,
+      data=data, workdir=str(run_dir / "run"), protocol="run", template="minillm", max_length=64,
       out=str(tmp_path / "r.json")))
   config = seen["config"]
   assert (config.template, config.max_prompt_length, config.max_length) == ("minillm", 24, 64)

@@ -242,3 +242,27 @@ def test_convert_texts_checks_its_arguments_before_writing(tmp_path, gpt2_tokeni
   with pytest.raises(UserError, match="chunk_length must be >= 2"):
     convert_texts(["text"], gpt2_tokenizer, tmp_path / "train_0", chunk_length=1)
   assert not list(tmp_path.iterdir())
+
+
+def test_the_lm_term_trains_on_token_files(instruction_files, tmp_path):
+  """loss.lm_coef=1 over MiniLLM token files: the step logs an LM term, the student's
+  cross-entropy on the chunks (about log V at a random start), and mixing kinds is refused."""
+  import pathlib
+
+  from csd_jax.config import load_config
+  from csd_jax.train.loop import train
+  from instruction_data import instruction_overrides
+
+  tiny = pathlib.Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
+  rng = np.random.default_rng(0)
+  write_token_files(tmp_path / "owt" / "train_0", rng.integers(0, 50257, (16, 25)), np.uint16)
+  base = [*instruction_overrides(instruction_files), "loss.lm_coef=1", "train.steps=2",
+          "data.max_length=24", "train.log_every=1"]
+  result = train(load_config(tiny, [*base, f"data.lm_files=[{tmp_path / 'owt'}]"]),
+                 tmp_path / "run")
+  assert result.metrics["lm"] == pytest.approx(np.log(50257), rel=0.05)
+  text = tmp_path / "text.jsonl"
+  text.write_text('{"text": "hello"}')
+  with pytest.raises(UserError, match="mixes token files"):
+    train(load_config(tiny, [*base, f"data.lm_files=[{tmp_path / 'owt'}, {text}]"]),
+          tmp_path / "mixed")

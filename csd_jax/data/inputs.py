@@ -42,6 +42,48 @@ class SyntheticTokens:
     return {"input_ids": ids[:-1], "labels": ids[1:]}
 
 
+def instruction_splits(config: Config) -> dict[str, Any]:
+  """The run's instruction data as TFDS sources: `train` and, where the source has one, `valid`
+  (data.eval_files; MiniLLM's first data.minillm_dev_num records; Dolly's re-split)."""
+  from csd_jax.data import tfds_builder
+
+  data = config.data
+  data_dir = pathlib.Path(data.data_dir).expanduser()
+  if data.source == "minillm":
+    return tfds_builder.minillm_dolly(data_dir, data.minillm_dolly, data.minillm_dev_num)
+  if data.source == "dolly":
+    splits = tfds_builder.dolly(data_dir, source=data.dolly_source)
+    return {"train": splits["train"], "valid": splits["valid"]}
+  sources = {"train": data.train_files, **({"validation": data.eval_files}
+                                            if data.eval_files else {})}
+  splits = tfds_builder.instruction_files(sources, data_dir)
+  return {"train": splits["train"], **({"valid": splits["validation"]}
+                                       if "validation" in splits else {})}
+
+
+def validation_records(config: Config, limit: int | None = None) -> list[dict[str, Any]]:
+  """The first `limit` records of the run's validation split (model selection), in file order:
+  data.eval_files, MiniLLM's first data.minillm_dev_num records of raw.jsonl, or (dolly) the
+  re-split's validation records."""
+  from csd_jax.data import minillm
+  from csd_jax.data.instruct import load_records
+
+  data = config.data
+  if data.source == "files" and data.eval_files:
+    records = [r for path in data.eval_files for r in load_records(path)]
+  elif data.source == "minillm":
+    pool, rows = minillm.dolly_files(data.minillm_dolly, data.minillm_dev_num)["valid"]
+    records = load_records(pool)[rows]
+  elif data.source == "dolly":
+    source = instruction_splits(config)["valid"]
+    records = [{k: v.decode() if isinstance(v, bytes) else v for k, v in source[i].items()}
+               for i in range(len(source))]
+  else:
+    raise UserError("eval.datasets names split:valid, but the run has no validation split: set "
+                    "data.eval_files (data.source files), or use data.source minillm / dolly")
+  return records[:limit] if limit else records
+
+
 def build_inputs(config: Config, mesh: Mesh, vocab_size: int, tokenizer: Any | None) -> Inputs:
   """Loaders for training, held-out evaluation and (with `loss.lm_coef`) pre-training text,
   tokenised with `tokenizer` (the run's: `csd_jax.run.resolve_tokenizer`; unused by synthetic
@@ -73,21 +115,26 @@ def build_inputs(config: Config, mesh: Mesh, vocab_size: int, tokenizer: Any | N
     raise UserError(f"data.source={data.source} needs a tokenizer: set data.tokenizer or use "
                     "a teacher.path or student.path with tokenizer files")
   data_dir = pathlib.Path(data.data_dir).expanduser()
-  if data.source == "dolly":
-    splits = tfds_builder.dolly(data_dir, source=data.dolly_source)
-    train_source, eval_source = splits["train"], splits["valid"]
-  else:
-    sources = {"train": data.train_files}
-    if data.eval_files:
-      sources["validation"] = data.eval_files
-    splits = tfds_builder.instruction_files(sources, data_dir)
-    train_source, eval_source = splits["train"], splits.get("validation")
+  splits = instruction_splits(config)
+  train_source, eval_source = splits["train"], splits.get("valid")
   encode = InstructionTokenizer(tokenizer, template=data.template, max_length=data.max_length,
                                 max_prompt_length=data.max_prompt_length)
   lm = None
   if config.loss.lm_coef:
-    text = tfds_builder.text_files({"train": data.lm_files}, data_dir)["train"]
-    lm = loader(text, TextTokenizer(tokenizer, max_length=data.max_length), encode.pad_id, 2)
+    from csd_jax.data.token_files import ChunkEncoder, TokenChunks, is_token_file
+
+    token_files = [p for p in data.lm_files if is_token_file(p)]
+    if token_files and len(token_files) < len(data.lm_files):
+      text_files = [p for p in data.lm_files if not is_token_file(p)]
+      raise UserError(f"data.lm_files mixes token files ({token_files[0]}) and text files "
+                      f"({text_files[0]}); use one kind: convert the text with "
+                      "csd_jax.data.token_files.convert_texts, or list only text files")
+    if token_files:  # MiniLLM's pre-tokenised chunks (processed_data/openwebtext/...)
+      lm = loader(TokenChunks(token_files), ChunkEncoder(data.max_length, vocab_size),
+                  encode.pad_id, 2)
+    else:
+      text = tfds_builder.text_files({"train": data.lm_files}, data_dir)["train"]
+      lm = loader(text, TextTokenizer(tokenizer, max_length=data.max_length), encode.pad_id, 2)
   evaluation = (loader(eval_source, encode, encode.pad_id, 1, False)
                 if eval_source is not None else None)
   return Inputs(loader(train_source, encode, encode.pad_id), evaluation, lm, tokenizer,

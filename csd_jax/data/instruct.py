@@ -17,12 +17,14 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
 
 from csd_jax.data.chat import chat_response, end_of_turn
+from csd_jax.data.records import read_json_records
 from csd_jax.errors import UserError
 
 logger = logging.getLogger("csd_jax.data")
@@ -54,6 +56,8 @@ def render_prompt(record: Mapping[str, str], template: str, tokenizer: Any = Non
   """The prompt text for `record` under `template` ("minillm", "chat" or "none")."""
   context = record.get("context") or ""
   if template == "minillm":
+    if record.get("prompt"):   # an official evaluation file's prompt, used as it is
+      return record["prompt"]
     if context:
       return PROMPT_TEMPLATES["with_context"].format(instruction=record["instruction"],
                                                      context=context)
@@ -227,15 +231,38 @@ def _first(obj: Mapping[str, Any], names: tuple[str, ...]) -> str | None:
   return None
 
 
-def records_from_json(obj: Mapping[str, Any]) -> dict[str, str]:
-  """A JSON record with any of the known field aliases, in the Dolly form."""
-  instruction = _first(obj, INSTRUCTION_FIELDS)
+def _references(obj: Mapping[str, Any]) -> list[str] | None:
+  """The response field as a list of references (the official evaluation files may hold a
+  list), or None when the record has none."""
+  for name in RESPONSE_FIELDS:
+    value = obj.get(name) if isinstance(obj, Mapping) else None
+    if isinstance(value, list):
+      if not value or not all(isinstance(v, str) for v in value):
+        raise UserError(f"record field {name!r} is a list of {len(value)} items, expected "
+                        "one or more strings (references)")
+      return list(value)
   response = _first(obj, RESPONSE_FIELDS)
-  if instruction is None or response is None:
+  return None if response is None else [response]
+
+
+def records_from_json(obj: Mapping[str, Any]) -> dict[str, Any]:
+  """A JSON record with any of the known field aliases, in the Dolly form (`instruction`,
+  `context`, `response`). A list of references (`output: [...]`) adds `references` (the first
+  is `response`); a prompt already rendered with the MiniLLM template (the official
+  evaluation files, `csd_jax.data.minillm`) adds `prompt`, used verbatim by that template."""
+  from csd_jax.data import minillm
+
+  instruction = _first(obj, INSTRUCTION_FIELDS)
+  references = _references(obj)
+  if instruction is None or references is None:
     raise UserError(f"record has fields {sorted(obj)}; expected {'/'.join(INSTRUCTION_FIELDS)}"
                     f" and {'/'.join(RESPONSE_FIELDS)}: rename its fields to those")
-  return {"instruction": instruction, "context": _first(obj, CONTEXT_FIELDS) or "",
-          "response": response}
+  prompt = obj.get("prompt")
+  if isinstance(prompt, str) and minillm.is_rendered_prompt(prompt):
+    return minillm.rendered_record(prompt, references, obj)
+  record = {"instruction": instruction, "context": _first(obj, CONTEXT_FIELDS) or "",
+            "response": references[0]}
+  return {**record, "references": references} if len(references) > 1 else record
 
 
 def text_from_json(obj: Mapping[str, Any]) -> dict[str, str]:
@@ -245,3 +272,13 @@ def text_from_json(obj: Mapping[str, Any]) -> dict[str, str]:
     raise UserError(f"record has fields {sorted(obj)}; expected text: put each record's text "
                     "in a 'text' field")
   return {"text": text}
+
+
+def load_records(path: str | os.PathLike, limit: int | None = None) -> list[dict[str, Any]]:
+  """The instruction records of a JSONL / JSON / Parquet file (the first `limit`), in any of
+  the formats `records_from_json` reads (the official evaluation files included: verbatim
+  prompts, lists of references)."""
+  records = [records_from_json(r) for _, r in read_json_records(path)]
+  if not records:
+    raise UserError(f"{path}: no records; pass a file with at least one instruction record")
+  return records[:limit] if limit else records

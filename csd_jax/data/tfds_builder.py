@@ -4,8 +4,11 @@
   response pairs (field aliases in `instruct.records_from_json`), one or more files per split;
   also the evaluation sets (Dolly test, Self-Instruct, Vicuna, S-NI, UnNI) given as local files.
 - `TextFiles`: local JSONL / JSON / Parquet files of `{"text": ...}`, for the LM term.
-- `Dolly`: databricks-dolly-15k from the Hugging Face hub (online) or a local copy, split into
-  train / valid / test as MiniLLM does (a seeded shuffle; 500 valid, 500 test).
+- `MiniLLMDolly`: MiniLLM's own Dolly files (`raw.jsonl`), split as its
+  `process_data_dolly.py`: the first 1000 records for model selection, the rest for training
+  (the official split, `data.source: minillm`).
+- `Dolly`: databricks-dolly-15k from the Hugging Face hub (online) or a local copy, re-split
+  with a seeded shuffle into train / valid / test (500 valid, 500 test; `data.source: dolly`).
 
 `build(...)` prepares a builder once under `data_dir` (a cache keyed by the sources' paths,
 sizes and modification times) and returns a random-access data source per split, which the
@@ -24,6 +27,7 @@ from typing import Any
 import numpy as np
 import tensorflow_datasets as tfds
 
+from csd_jax.data import minillm
 from csd_jax.data.instruct import records_from_json, text_from_json
 from csd_jax.data.records import read_json_records
 from csd_jax.errors import UserError
@@ -119,11 +123,19 @@ class _FilesBuilder(_QuietBuilder):
                       "with at least one record")
 
 
+def training_record(obj: Mapping[str, Any]) -> dict[str, str]:
+  """A record as training stores it: instruction, context and the (first) response. A prompt
+  rendered with the MiniLLM template is stored taken apart (instruction and input), which that
+  template renders back to the same text."""
+  record = records_from_json(obj)
+  return {field: record[field] for field in ("instruction", "context", "response")}
+
+
 class InstructionFiles(_FilesBuilder):
   """Instruction records (Dolly form or prompt / response pairs) from local files."""
 
   _FIELDS = ("instruction", "context", "response")
-  _to_example = staticmethod(records_from_json)
+  _to_example = staticmethod(training_record)
 
 
 class TextFiles(_FilesBuilder):
@@ -133,19 +145,27 @@ class TextFiles(_FilesBuilder):
   _to_example = staticmethod(text_from_json)
 
 
-class Dolly(_QuietBuilder):
-  """databricks-dolly-15k with MiniLLM's train / valid / test split (500 valid, 500 test)."""
+class _SplitRecords(_QuietBuilder):
+  """A builder whose splits are lists of (key, Dolly-form record) made by `_split_generators`."""
 
   VERSION = tfds.core.Version("1.0.0")
+
+  def _info(self) -> tfds.core.DatasetInfo:
+    return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict(
+        {f: tfds.features.Text() for f in ("instruction", "context", "response")}))
+
+  def _generate_examples(self, records: Sequence[tuple[str, dict[str, str]]]
+                         ) -> Iterator[tuple[str, dict[str, str]]]:
+    yield from records
+
+
+class Dolly(_SplitRecords):
+  """databricks-dolly-15k with MiniLLM's train / valid / test split (500 valid, 500 test)."""
 
   def __init__(self, *, source: str = DOLLY_HUB_ID, **kwargs: Any):
     self._source = source
     name = f"src_{_fingerprint({'all': [source]})}"
     super().__init__(config=tfds.core.BuilderConfig(name=name), **kwargs)
-
-  def _info(self) -> tfds.core.DatasetInfo:
-    return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict(
-        {f: tfds.features.Text() for f in ("instruction", "context", "response")}))
 
   def _local_file(self) -> str:
     if pathlib.Path(self._source).exists():
@@ -161,7 +181,7 @@ class Dolly(_QuietBuilder):
 
   def _split_generators(self, dl_manager: Any) -> dict[str, Iterator]:
     del dl_manager
-    records = list(_convert(read_json_records(self._local_file()), records_from_json))
+    records = list(_convert(read_json_records(self._local_file()), training_record))
     if len(records) <= 2 * DOLLY_EVAL_SIZE:
       raise UserError(f"Dolly source has {len(records)} records; expected the ~15k of "
                       "databricks-dolly-15k: pass the full databricks-dolly-15k.jsonl")
@@ -171,9 +191,28 @@ class Dolly(_QuietBuilder):
             "valid": self._generate_examples(shuffled[DOLLY_EVAL_SIZE:2 * DOLLY_EVAL_SIZE]),
             "train": self._generate_examples(shuffled[2 * DOLLY_EVAL_SIZE:])}
 
-  def _generate_examples(self, records: Sequence[tuple[str, dict[str, str]]]
-                         ) -> Iterator[tuple[str, dict[str, str]]]:
-    yield from records
+
+class MiniLLMDolly(_SplitRecords):
+  """MiniLLM's Dolly training pool (`raw.jsonl`) split as its `process_data_dolly.py`: the
+  first `dev_num` records are `valid` (model selection), the rest `train`."""
+
+  def __init__(self, *, directory: str, dev_num: int = minillm.DEV_NUM, **kwargs: Any):
+    self._splits = minillm.dolly_files(directory, dev_num)
+    pool = self._splits["train"][0]
+    name = f"src_{_fingerprint({'raw': [str(pool)]})}_dev{dev_num}"
+    super().__init__(config=tfds.core.BuilderConfig(name=name), **kwargs)
+
+  def _split_generators(self, dl_manager: Any) -> dict[str, Iterator]:
+    del dl_manager
+    pool, _ = self._splits["train"]
+    records = list(_convert(read_json_records(pool), training_record))
+    dev = self._splits["valid"][1].stop
+    if len(records) <= dev:
+      raise UserError(f"{pool} has {len(records)} records, not more than the {dev} of the "
+                      "validation split: pass MiniLLM's full raw.jsonl, or lower "
+                      "data.minillm_dev_num")
+    return {"valid": self._generate_examples(records[:dev]),
+            "train": self._generate_examples(records[dev:])}
 
 
 def build(builder: tfds.core.DatasetBuilder) -> dict[str, Any]:
@@ -197,6 +236,13 @@ def text_files(sources: Mapping[str, Sequence[str | os.PathLike]],
   builder = TextFiles(sources={k: [str(p) for p in v] for k, v in sources.items()},
                       data_dir=str(data_dir), file_format="array_record")
   return build(builder)
+
+
+def minillm_dolly(data_dir: str | os.PathLike, directory: str | os.PathLike,
+                  dev_num: int = minillm.DEV_NUM) -> dict[str, Any]:
+  """MiniLLM's Dolly train / valid sources (its `raw.jsonl`, the first `dev_num` as valid)."""
+  return build(MiniLLMDolly(directory=str(directory), dev_num=dev_num, data_dir=str(data_dir),
+                            file_format="array_record"))
 
 
 def dolly(data_dir: str | os.PathLike, source: str = DOLLY_HUB_ID) -> dict[str, Any]:

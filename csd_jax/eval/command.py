@@ -1,8 +1,9 @@
 """`csd-jax eval`'s orchestration: which model, which tokenizer, which settings, which files.
 
-A run (`--workdir`) is judged on its own prompt format: its template and lengths are the
-defaults, and its tokenizer is the one it trained with. A model directory (`--model`) gets the
-MiniLLM template and 256 / 512 tokens unless told otherwise. Answers end at any stop id: the
+The settings come from the protocol (`eval/protocol.py`; default `minillm`, the official
+evaluation), then from the command line. A run (`--workdir`) keeps its own template under
+either protocol (under `run`, its lengths too) and its tokenizer; `--best` takes its best
+checkpoint (W/best/) instead of its latest. Answers end at any stop id: the
 tokenizer's eos and end-of-turn token, and the eos ids of the model's config.json and
 generation_config.json (a run's student and teacher). Models load sharded over every local
 device (`csd_jax.run.inference_mesh`), so a teacher need not fit on one chip.
@@ -18,31 +19,38 @@ from typing import Any
 from csd_jax.data.chat import run_model_stop_ids, stop_ids
 from csd_jax.errors import UserError
 from csd_jax.eval import generation
+from csd_jax.eval.protocol import protocol_settings
 from csd_jax.sampling import Sampling
-
-# Without a run to take them from: the MiniLLM / DistiLLM evaluation's prompt format and lengths.
-MODEL_DEFAULTS = {"template": "minillm", "max_prompt_length": 256, "max_length": 512}
 
 
 @dataclasses.dataclass(frozen=True)
 class EvalRequest:
-  """What the command line asked for; None means "the run's, else MODEL_DEFAULTS"."""
+  """What the command line asked for; None means "as the protocol says" (`eval/protocol.py`:
+  `minillm`, the official evaluation, or `run`, the run's own template and lengths)."""
 
   data: Sequence[str]                  # NAME=FILE
   workdir: str | None = None
   model: str | None = None
   teacher: str | None = None
-  seeds: Sequence[int] = generation.DEFAULT_SEEDS
-  sampling: Sampling = Sampling()
+  best: bool = False                   # the run's best checkpoint (W/best/), not its latest
+  protocol: str = "minillm"
+  seeds: Sequence[int] | None = None
+  temperature: float = 1.0
+  top_p: float = 1.0
+  top_k: int = 0
+  no_repeat_ngram_size: int | None = None
   template: str | None = None
   max_prompt_length: int | None = None
   max_length: int | None = None
+  max_new_tokens: int | None = None
+  keep_prompt: str | None = None
+  prompt_special_tokens: bool | None = None
   max_examples: int | None = None
   out: str | None = None
 
 
 def parse_datasets(items: Sequence[str], limit: int | None
-                   ) -> dict[str, list[dict[str, str]]]:
+                   ) -> dict[str, list[dict[str, Any]]]:
   """`NAME=FILE` items -> the records of each file (the first `limit`)."""
   datasets = {}
   for item in items:
@@ -53,19 +61,23 @@ def parse_datasets(items: Sequence[str], limit: int | None
   return datasets
 
 
-def _model_and_settings(request: EvalRequest) -> tuple[Any, Any, dict[str, Any], pathlib.Path]:
-  """(model, tokenizer, the settings the request leaves open, default output path)."""
+def _model(request: EvalRequest) -> tuple[Any, Any, dict[str, Any] | None, pathlib.Path]:
+  """(model, tokenizer, the run's own settings or None for a model directory, default output
+  path)."""
   from csd_jax.run import inference_mesh, open_run
 
   if request.workdir:
-    run = open_run(request.workdir)
+    run = open_run(request.workdir, best=request.best)
     data = run.config.data
-    defaults = {"template": data.template, "max_prompt_length": data.max_prompt_length,
-                "max_length": data.max_length, "stop_ids": run_model_stop_ids(run.config)}
+    own = {"template": data.template, "max_prompt_length": data.max_prompt_length,
+           "max_length": data.max_length, "stop_ids": run_model_stop_ids(run.config)}
     if run.tokenizer is None:
       raise UserError(f"{request.workdir}: the run has no tokenizer (data.tokenizer, teacher or "
                       "student directory); evaluation by generation needs one")
-    return run.student, run.tokenizer, defaults, run.workdir / "eval_results.json"
+    name = "eval_results_best.json" if request.best else "eval_results.json"
+    return run.student, run.tokenizer, own, run.workdir / name
+  if request.best:
+    raise UserError("--best picks a run's best checkpoint: use it with --workdir, not --model")
   import transformers
 
   from csd_jax.models import load_pretrained
@@ -76,8 +88,21 @@ def _model_and_settings(request: EvalRequest) -> tuple[Any, Any, dict[str, Any],
   except (OSError, ValueError) as error:
     raise UserError(f"{request.model}: no tokenizer files ({type(error).__name__}); save the "
                     "tokenizer beside the model (csd-jax export does)") from error
-  defaults = {**MODEL_DEFAULTS, "stop_ids": stop_ids(None, request.model)}
-  return model, tokenizer, defaults, pathlib.Path("eval_results.json")
+  return model, tokenizer, {"stop_ids": stop_ids(None, request.model)}, pathlib.Path(
+      "eval_results.json")
+
+
+def eval_config(request: EvalRequest, run: dict[str, Any] | None) -> generation.EvalConfig:
+  """The protocol's settings, the run's where the protocol takes them from it, then every
+  setting the request gives."""
+  settings = protocol_settings(request.protocol, run)
+  given = {k: getattr(request, k) for k in (
+      "seeds", "no_repeat_ngram_size", "template", "max_prompt_length", "max_length",
+      "max_new_tokens", "keep_prompt", "prompt_special_tokens")}
+  settings.update({k: v for k, v in given.items() if v is not None})
+  sampling = Sampling(temperature=request.temperature, top_p=request.top_p, top_k=request.top_k,
+                      no_repeat_ngram_size=settings.pop("no_repeat_ngram_size"))
+  return generation.EvalConfig(sampling=sampling, seeds=tuple(settings.pop("seeds")), **settings)
 
 
 def run_eval(request: EvalRequest) -> tuple[dict[str, dict[str, Any]], pathlib.Path]:
@@ -87,13 +112,9 @@ def run_eval(request: EvalRequest) -> tuple[dict[str, dict[str, Any]], pathlib.P
   from csd_jax.run import inference_mesh
 
   datasets = parse_datasets(request.data, request.max_examples)
-  model, tokenizer, settings, out = _model_and_settings(request)
-  chosen = {"template": request.template, "max_prompt_length": request.max_prompt_length,
-            "max_length": request.max_length}
-  settings.update({k: v for k, v in chosen.items() if v is not None})
+  model, tokenizer, run, out = _model(request)
+  config = eval_config(request, run)
   teacher = load_pretrained(request.teacher, mesh=inference_mesh()) if request.teacher else None
-  config = generation.EvalConfig(seeds=tuple(request.seeds), sampling=request.sampling,
-                                 **settings)
   results = generation.evaluate(model, tokenizer, datasets, teacher=teacher, config=config)
   out = pathlib.Path(request.out) if request.out else out
   generation.write_results(results, out)

@@ -33,9 +33,8 @@ from flax import nnx
 
 from csd_jax.data.batching import bucket_length, pad_batch
 from csd_jax.data.chat import run_model_stop_ids, stop_ids
-from csd_jax.data.instruct import (IGNORE_INDEX, InstructionTokenizer, records_from_json,
+from csd_jax.data.instruct import (IGNORE_INDEX, InstructionTokenizer, load_records,
                                    render_prompt)
-from csd_jax.data.records import read_json_records
 from csd_jax.errors import UserError
 from csd_jax.eval.text_metrics import rouge_l, self_bleu
 from csd_jax.losses import chunked_token_sums
@@ -63,6 +62,11 @@ class EvalConfig:
   batch_size: int = 16
   template: str = "minillm"
   max_examples: int | None = None   # the first N records of each dataset (None: all)
+  # None: a prompt bucket of width w gets max_length - w new tokens; a number: every prompt
+  # gets that many (the official protocol: 256, its prompts all left-padded to 256)
+  max_new_tokens: int | None = None
+  keep_prompt: str = "end"          # a long prompt keeps its "end" (as training) or "start"
+  prompt_special_tokens: bool = False  # the tokenizer's special tokens (BOS) on the prompt
   # Ids that end an answer besides the tokenizer's and the model's own (`evaluate` adds those):
   # a run's student / teacher files' eos ids (`run_settings`), e.g. generation_config.json's.
   stop_ids: tuple[int, ...] = ()
@@ -77,6 +81,11 @@ class EvalConfig:
       raise UserError(f"max_prompt_length={self.max_prompt_length}, max_length="
                       f"{self.max_length}: need 0 < max_prompt_length < max_length, so that an "
                       "answer has room")
+    if self.max_new_tokens is not None and self.max_new_tokens < 1:
+      raise UserError(f"max_new_tokens={self.max_new_tokens}: must be >= 1")
+    if self.keep_prompt not in ("start", "end"):
+      raise UserError(f"keep_prompt={self.keep_prompt!r}: valid: start (the official protocol "
+                      "keeps a prompt's first tokens), end (training keeps the last)")
 
 
 def run_settings(config: Any) -> EvalConfig:
@@ -90,8 +99,14 @@ def run_settings(config: Any) -> EvalConfig:
 
 
 def run_datasets(config: Any) -> dict[str, list[dict[str, str]]]:
-  """The records of a training run's `eval.datasets` (the first `eval.max_examples`)."""
-  return {name: load_records(path, config.eval.max_examples or None)
+  """The records of a training run's `eval.datasets` (the first `eval.max_examples`); the path
+  `split:valid` names the run's own validation split (model selection, as the official runs)."""
+  from csd_jax.config import VALIDATION_SPLIT
+  from csd_jax.data.inputs import validation_records
+
+  limit = config.eval.max_examples or None
+  return {name: (validation_records(config, limit) if path == VALIDATION_SPLIT
+                 else load_records(path, limit))
           for name, path in config.eval.datasets.items()}
 
 
@@ -102,28 +117,22 @@ def flat_metrics(results: Mapping[str, Mapping[str, Any]]) -> dict[str, float]:
           for k in names if k in row}
 
 
-def load_records(path: str | pathlib.Path, limit: int | None = None) -> list[dict[str, str]]:
-  """The instruction records of a JSONL / JSON / Parquet file (the first `limit`)."""
-  records = [records_from_json(r) for _, r in read_json_records(path)]
-  if not records:
-    raise ValueError(f"{path}: no records")
-  return records[:limit] if limit else records
-
-
 def _token_id(tokenizer: Any, name: str) -> int | None:
   value = getattr(tokenizer, f"{name}_token_id", None)
   return None if value is None else int(value)
 
 
-def _prompt_ids(tokenizer: Any, prompts: Sequence[str], max_prompt_length: int
-                ) -> list[list[int]]:
-  """Token ids of each prompt, cut from the left (a long prompt keeps its end, as in training).
+def _prompt_ids(tokenizer: Any, prompts: Sequence[str], cfg: EvalConfig) -> list[list[int]]:
+  """Token ids of each prompt (with the tokenizer's special tokens when
+  `cfg.prompt_special_tokens`), a long one keeping its first or last `cfg.max_prompt_length`.
 
   Truncation and padding are done here, not by the tokenizer, so that the caller's tokenizer
   is never reconfigured (padding side, truncation side, pad token).
   """
-  encoded = tokenizer(list(prompts), add_special_tokens=False)["input_ids"]
-  return [list(ids)[-max_prompt_length:] for ids in encoded]
+  encoded = tokenizer(list(prompts), add_special_tokens=cfg.prompt_special_tokens)["input_ids"]
+  keep = cfg.max_prompt_length
+  return [list(ids)[:keep] if cfg.keep_prompt == "start" else list(ids)[-keep:]
+          for ids in encoded]
 
 
 def _left_padded(rows: Sequence[Sequence[int]], width: int, pad_id: int
@@ -146,8 +155,9 @@ def _answers(model: Any, tokenizer: Any, prompt_ids: Sequence[Sequence[int]], se
              cfg: EvalConfig, stops: Sequence[int]) -> list[str]:
   """One sampled answer per prompt, ended by the first of `stops`. Batches are `batch_size`
   rows (the last one completed with copies of its last prompt, answers dropped) and
-  `WIDTH_MULTIPLE`-wide buckets, with the length budget of the bucket (`max_length - width`
-  new tokens): `generate` compiles once per width used, whatever the number of batches."""
+  `WIDTH_MULTIPLE`-wide buckets, with `cfg.max_new_tokens` new tokens or else the length
+  budget of the bucket (`max_length - width`): `generate` compiles once per width used,
+  whatever the number of batches."""
   pad = _token_id(tokenizer, "pad")
   pad = pad if pad is not None else (stops[0] if stops else 0)  # the mask hides left padding
   answers = []
@@ -157,7 +167,8 @@ def _answers(model: Any, tokenizer: Any, prompt_ids: Sequence[Sequence[int]], se
     width = bucket_length(max(map(len, rows)), multiple=WIDTH_MULTIPLE,
                           cap=cfg.max_prompt_length)
     ids, mask = _left_padded(rows, width, pad)
-    out = np.asarray(generate(model, ids, prompt_mask=mask, max_new_tokens=cfg.max_length - width,
+    new_tokens = cfg.max_new_tokens or cfg.max_length - width
+    out = np.asarray(generate(model, ids, prompt_mask=mask, max_new_tokens=new_tokens,
                               sampling=cfg.sampling,
                               seed=seed * 1_000_003 + start,  # no two (seed, batch) alike
                               eos_id=tuple(stops)))
@@ -246,8 +257,8 @@ def evaluate(model: Any, tokenizer: Any, datasets: Mapping[str, Sequence[Mapping
   results = {}
   for name, records in datasets.items():
     prompts = [render_prompt(r, config.template, tokenizer) for r in records]
-    prompt_ids = _prompt_ids(tokenizer, prompts, config.max_prompt_length)
-    references = [r["response"] for r in records]
+    prompt_ids = _prompt_ids(tokenizer, prompts, config)
+    references = [r.get("references") or [r["response"]] for r in records]
     samples = {}
     for i, seed in enumerate(config.seeds):
       start = time.perf_counter()

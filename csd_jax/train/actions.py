@@ -6,7 +6,8 @@ it did nothing); the loop writes a step's metrics in one row.
 
 - `Log`: the step's metrics, throughput and MFU every `train.log_every` steps, progress bar;
 - `HeldOut`: the held-out loss, KL, CSD and agreement every `train.heldout_every` steps;
-- `GenerationEval`: evaluation by generation every `eval.every` steps (W/eval/step_<N>.json);
+- `GenerationEval`: evaluation by generation every `eval.every` steps or epoch
+  (W/eval/step_<N>.json), and model selection (the best checkpoint in W/best/);
 - `Save`: a checkpoint every `checkpoint.every` steps, and the final one;
 - `Preemption`: SIGTERM or the platform's notice: the loop saves and stops.
 """
@@ -125,26 +126,44 @@ class HeldOut:
 
 
 class GenerationEval:
-  """The student judged by generation every `eval.every` steps and at the end (0: never),
-  with the results (samples included) in W/eval/step_<N>.json. One process only."""
+  """The student judged by generation every `eval.every` steps, after every epoch
+  (`eval.every_epoch`) and at the end (neither set: never), with the results (samples
+  included) in W/eval/step_<N>.json. With `eval.select`, model selection as the official runs:
+  the checkpoint with the best ROUGE-L on that dataset so far is kept in W/best/ (a resumed run
+  goes on comparing with it). One process only."""
 
   def __init__(self, trainer: Any, workdir: pathlib.Path):
     self.trainer, self.workdir = trainer, workdir
     config = trainer.config
-    self.every = config.eval.every
-    if not self.every:
+    self.every, self.total = config.eval.every, trainer.total_steps
+    self.epoch = trainer.inputs.train.steps_per_epoch if config.eval.every_epoch else 0
+    self.best: Save | None = None
+    if not (self.every or self.epoch):
       return
     if jax.process_count() > 1:
-      raise UserError("eval.every > 0 runs on one process only; set eval.every=0 and run "
-                      "`csd-jax eval --workdir W` on the checkpoints")
+      raise UserError("eval.every / eval.every_epoch run on one process only; turn them off and "
+                      "run `csd-jax eval --workdir W` on the checkpoints")
     from csd_jax.eval import generation
+    from csd_jax.run import selection_metric
 
     self.generation = generation
     self.settings = generation.run_settings(config)
     self.datasets = generation.run_datasets(config)
+    if config.eval.select is not None:
+      self.metric = selection_metric(config)
+      self.best = Save(trainer, Checkpointer(workdir, best_metric=self.metric))
+      kept = self.best.checkpointer.best()
+      self.best_value = kept[1] if kept else -float("inf")
+      if kept:
+        logger.info("model selection: the best checkpoint so far is step %d (%s %.4g)", kept[0],
+                    self.metric, kept[1])
+
+  def due(self, done: int) -> bool:
+    return (itstime(done, self.every, self.total, last=False)
+            or itstime(done, self.epoch, self.total, last=bool(self.every or self.epoch)))
 
   def __call__(self, done: int, state: TrainState) -> dict[str, float]:
-    if not self.every or not itstime(done, self.every, self.trainer.total_steps):
+    if not (self.every or self.epoch) or not self.due(done):
       return {}
     start = time.perf_counter()
     results = self.generation.evaluate(
@@ -155,7 +174,16 @@ class GenerationEval:
     metrics = self.generation.flat_metrics(results)
     logger.info("step %d, evaluation by generation (%.0f s): %s", done,
                 time.perf_counter() - start, ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
+    if self.best is not None and metrics[self.metric] > self.best_value:
+      self.best_value = metrics[self.metric]
+      self.best(done, state, wait=True, metrics={self.metric: self.best_value})
+      logger.info("model selection: step %d is the best so far (%s %.4g), kept in %s", done,
+                  self.metric, self.best_value, self.best.checkpointer.directory)
     return metrics
+
+  def close(self) -> None:
+    if self.best is not None:
+      self.best.checkpointer.close()
 
 
 # ---- checkpoints: save, preemption, resume ---------------------------------------------------
@@ -181,12 +209,13 @@ class Save:
     self.trainer, self.checkpointer = trainer, checkpointer
     self.every = trainer.config.checkpoint.every
 
-  def __call__(self, step: int, state: TrainState, *, wait: bool = False) -> None:
+  def __call__(self, step: int, state: TrainState, *, wait: bool = False,
+               metrics: Mapping[str, float] | None = None) -> None:
     inputs = self.trainer.inputs
     mine = {"train": inputs.train.get_state(),
             **({"lm": inputs.lm.get_state()} if inputs.lm is not None else {})}
     self.checkpointer.save(step, state, {"per_process": _from_every_process(mine)},
-                           to_dict(self.trainer.config), wait=wait)
+                           to_dict(self.trainer.config), wait=wait, metrics=metrics)
 
   def preempted(self, done: int, state: TrainState) -> None:
     """The checkpoint of a preempted run, written before the process goes."""

@@ -1,4 +1,5 @@
-"""`csd-jax export`: the student of a run's latest checkpoint as a Hugging Face directory.
+"""`csd-jax export`: the student of a run's latest (or best) checkpoint as a Hugging Face
+directory.
 
 Only the student is built (not the teacher, not the data), sharded over the local devices;
 LoRA adapters are merged into the kernels; the run's tokenizer is saved beside the weights, so
@@ -21,13 +22,15 @@ from csd_jax.run import open_run
 logger = logging.getLogger("csd_jax.export")
 
 
-def export(workdir: str | pathlib.Path, out: str | pathlib.Path) -> tuple[pathlib.Path, int]:
-  """Write the latest checkpoint's student to `out`; returns (out, the checkpoint's step).
+def export(workdir: str | pathlib.Path, out: str | pathlib.Path, *, best: bool = False
+           ) -> tuple[pathlib.Path, int]:
+  """Write the latest checkpoint's student (`best`: the best one's, W/best/) to `out`; returns
+  (out, the checkpoint's step).
 
   Raises:
     UserError: no config.yaml or no readable checkpoint in `workdir`.
   """
-  run = open_run(workdir)
+  run = open_run(workdir, best=best)
   save_pretrained(run.student, out, run.tokenizer)
   _write_generation_config(pathlib.Path(out), run.config, run.tokenizer)
   logger.info("exported the student of step %d to %s", run.step, out)

@@ -149,6 +149,7 @@ def train(config: Config, workdir: str | pathlib.Path) -> RunResult:
         break
       save.periodic(done, state)
     log.close()
+    periodic[2].close()
     if start < total and not preempted:
       save(total, state, wait=True)
     elif start >= total and (row := periodic[1](total, state, force=True)):  # where it stands
