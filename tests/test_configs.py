@@ -62,3 +62,28 @@ def test_overrides_still_apply_to_the_chat_pairs():
                        ["lora.rank=0", "mesh.data=-1", "mesh.fsdp=1", "onpolicy.ratio=0.5"])
   assert config.lora.rank == 0 and config.onpolicy.ratio == 0.5
   assert make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor).devices.size == 8
+
+
+@pytest.mark.parametrize("name", ["gpt2_xl_sft_dolly.yaml", "gpt2_sft_dolly.yaml",
+                                  "openllama2_7b_sft_dolly_lora.yaml"])
+def test_the_sft_configs_train_without_a_teacher(name):
+  config = load_config(ROOT / "configs" / name)
+  assert config.teacher is None and config.loss.kd_coef == 0 and config.loss.ce_coef == 1
+  assert config.data.source == "minillm" and config.eval.select == "valid"
+
+
+@pytest.mark.parametrize("name", ["gpt2_xl_to_gpt2_imitkd_csd_dolly.yaml",
+                                  "gpt2_xl_to_gpt2_medium_imitkd_csd_dolly.yaml",
+                                  "openllama_7b_to_3b_imitkd_csd_dolly_lora.yaml"])
+def test_the_table_2_configs_mix_as_distillm_with_the_lm_term(name):
+  config = load_config(ROOT / "configs" / name)
+  assert (config.onpolicy.mix, config.onpolicy.ratio, config.loss.lm_coef) == ("distillm", 1.0,
+                                                                               1.0)
+  assert config.data.lm_files and config.data.max_length == 512
+
+
+def test_openllama_is_v2_with_lora_on_q_and_v():
+  for name in ("openllama_7b_to_3b_dolly_lora.yaml", "openllama2_7b_sft_dolly_lora.yaml"):
+    config = load_config(ROOT / "configs" / name)
+    assert config.student.path.endswith("_v2") and config.lora.targets == ["q", "v"]
+    assert (config.lora.rank, config.lora.alpha, config.lora.dropout) == (16, 64, 0.1)
