@@ -107,6 +107,7 @@ class DataConfig:
   template: str = "minillm"       # minillm | chat | none
   max_length: int = 512
   max_prompt_length: int = 256
+  keep_prompt: str = "end"        # a long prompt keeps its end, or its start (DistiLLM / CSD)
   pack: bool = False
   synthetic_samples: int = 256    # synthetic: random token sequences of max_length
 
@@ -178,6 +179,7 @@ class Config:
 CHOICES = {
     "loss.normalize": ("token", "sequence"), "optim.schedule": ("cosine", "linear", "constant"),
     "data.source": ("synthetic", "files", "minillm", "dolly"), "data.template": ("minillm", "chat", "none"),
+    "data.keep_prompt": ("start", "end"),
     "teacher.remat": ("none", "full", "dots"), "student.remat": ("none", "full", "dots"),
     "teacher.dtype": ("float32", "bfloat16", "float16"),
     "student.dtype": ("float32", "bfloat16", "float16"),

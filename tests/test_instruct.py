@@ -72,6 +72,9 @@ def test_exact_ids_with_both_sides_truncated(gpt2):
   assert out["labels"].tolist() == [-100, -100, -100, 14573, 318, 257, 4165]
   assert out["input_ids"].dtype == np.int32 and out["labels"].dtype == np.int32
   assert tok.stats == TokenizeStats(samples=1, prompts_truncated=1, responses_truncated=1)
+  # DistiLLM / CSD keep a long prompt's first tokens (data.keep_prompt=start)
+  first = InstructionTokenizer(gpt2, max_length=7, max_prompt_length=4, keep_prompt="start")
+  assert first(RECORD)["input_ids"].tolist() == prompt[:4] + [14573, 318, 257]
 
 
 def test_exact_layout_without_truncation(gpt2):

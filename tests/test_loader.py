@@ -255,7 +255,7 @@ def test_tokenisation_drops_and_truncations_are_logged_once_at_start(tmp_path, g
   loader = BatchLoader(splits["train"], encode, pad_id=encode.pad_id, process_index=0,
                        process_count=1, config=LoaderConfig(global_batch_size=2, max_length=32))
   assert _data_logs(caplog) == [
-      "instruction_files[train]: 4 records: 3 kept, 1 prompts cut from the left, 1 responses"
+      "instruction_files[train]: 4 records: 3 kept, 1 prompts cut to max_prompt_length, 1 responses"
       " cut from the right, 1 dropped with no response token"]
   assert encode.stats == TokenizeStats()  # the scan counted on a copy: training counts alone
   next(loader)

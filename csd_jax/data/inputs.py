@@ -118,7 +118,8 @@ def build_inputs(config: Config, mesh: Mesh, vocab_size: int, tokenizer: Any | N
   splits = instruction_splits(config)
   train_source, eval_source = splits["train"], splits.get("valid")
   encode = InstructionTokenizer(tokenizer, template=data.template, max_length=data.max_length,
-                                max_prompt_length=data.max_prompt_length)
+                                max_prompt_length=data.max_prompt_length,
+                                keep_prompt=data.keep_prompt)
   lm = None
   if config.loss.lm_coef:
     from csd_jax.data.token_files import ChunkEncoder, TokenChunks, is_token_file

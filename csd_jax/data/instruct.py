@@ -7,7 +7,8 @@ the token that follows position `t`, and -100 where that token is still part of 
 A response ends with the tokenizer's eos (minillm, none) or, with the chat template, as the
 template writes the assistant's turn up to its end-of-turn token (`chat.chat_response`: e.g.
 Qwen's `answer<|im_end|>`, without the newline the template writes after it). The
-prompt is cut from the left to `max_prompt_length`, the response from the right so that the
+prompt is cut to `max_prompt_length` (from the left, or keeping its start), the response from
+the right so that the
 whole sample fits `max_length`; what was cut and what was dropped is counted in `stats`.
 `TextTokenizer` cuts a pre-training text into windows with the same label convention.
 Padding, batching and packing are the loader's business, not this module's.
@@ -96,8 +97,8 @@ class TokenizeStats:
 
   def summary(self) -> str:
     """One line for the log."""
-    return (f"{self.samples} records: {self.kept} kept, {self.prompts_truncated} prompts cut from"
-            f" the left, {self.responses_truncated} responses cut from the right,"
+    return (f"{self.samples} records: {self.kept} kept, {self.prompts_truncated} prompts cut to"
+            f" max_prompt_length, {self.responses_truncated} responses cut from the right,"
             f" {self.dropped_no_response} dropped with no response token")
 
 
@@ -136,10 +137,13 @@ class InstructionTokenizer:
 
   `add_eos`: end each response with its end token, which the loss covers: the chat template's
   end-of-turn token with template="chat" (where the template has one), else the eos token.
+  `keep_prompt`: a long prompt keeps its "end" (default: the instruction's last words, next to
+  the response) or its "start" (DistiLLM / CSD's data processing, `data[:max_prompt_length]`).
   """
 
   def __init__(self, tokenizer: Any, *, template: str = "minillm", max_length: int = 512,
-               max_prompt_length: int = 256, add_eos: bool = True, add_bos: bool = False):
+               max_prompt_length: int = 256, add_eos: bool = True, add_bos: bool = False,
+               keep_prompt: str = "end"):
     if not 0 < max_prompt_length < max_length:
       raise UserError(
           f"need 0 < max_prompt_length < max_length, got max_prompt_length={max_prompt_length},"
@@ -147,6 +151,8 @@ class InstructionTokenizer:
           " at least one response token fits")
     if template not in TEMPLATE_NAMES:
       raise UserError(f"unknown prompt template {template!r}; expected one of {TEMPLATE_NAMES}")
+    if keep_prompt not in ("start", "end"):
+      raise UserError(f"keep_prompt={keep_prompt!r}: valid: start, end")
     if template == "chat" and not getattr(tokenizer, "chat_template", None):
       raise UserError(f"template='chat' needs a tokenizer with a chat template"
                       f" ({type(tokenizer).__name__} has none); use template='minillm'")
@@ -155,6 +161,7 @@ class InstructionTokenizer:
     self.max_length = max_length
     self.max_prompt_length = max_prompt_length
     self.add_eos = add_eos
+    self.keep_prompt = keep_prompt
     # chat: the turn ends with the template's end-of-turn token (else, or without one, eos)
     self.end_of_turn = end_of_turn(tokenizer) if template == "chat" else None
     self.eos_id = (_eos_id(tokenizer) if add_eos and self.end_of_turn is None
@@ -173,7 +180,7 @@ class InstructionTokenizer:
     keep = self.max_prompt_length - len(head)
     if len(prompt) > keep:
       self.stats.prompts_truncated += 1
-      prompt = prompt[len(prompt) - keep:]
+      prompt = prompt[:keep] if self.keep_prompt == "start" else prompt[len(prompt) - keep:]
     prompt = head + prompt
     if self.end_of_turn is not None:
       response = _encode(self.tokenizer, chat_response(
