@@ -45,6 +45,22 @@ def test_the_best_checkpoint_is_kept_across_a_resume(instruction_files, tmp_path
   out, step = export(workdir, tmp_path / "best_export", best=True)
   assert step == best_step and (out / "config.json").is_file()
 
+  # The best and the latest student, evaluated with two seeds, side by side in Table 1.
+  import numpy as np
+
+  from csd_jax.eval.command import EvalRequest, run_eval
+  from csd_jax.eval.report import run_report
+
+  data = [f"dolly={instruction_files / 'test.jsonl'}"]
+  for best in (True, False):
+    run_eval(EvalRequest(data=data, workdir=str(workdir), best=best, seeds=(10, 20),
+                         max_new_tokens=8))
+  markdown = run_report([f"best={workdir / 'eval_results_best.json'}", f"last={workdir}"])
+  for name, file in (("best", "eval_results_best.json"), ("last", "eval_results.json")):
+    per_seed = json.loads((workdir / file).read_text())["dolly"]["rougeL_per_seed"]
+    cell = f"{np.mean(per_seed):.2f} ± {np.std(per_seed, ddof=1):.2f}"
+    assert f"| {name} | {cell} | {cell} |" in markdown     # Dolly, and Avg. (one set)
+
 
 def test_the_validation_split_is_the_runs_and_selection_needs_evaluations(instruction_files):
   from csd_jax.eval.generation import run_datasets
