@@ -9,9 +9,8 @@ import numpy as np
 import pytest
 import transformers
 
-from csd_jax.models import init_random, save_pretrained
-
 from csd_jax.eval.generation import EvalConfig, evaluate, load_records
+from csd_jax.models import init_random, save_pretrained
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 

@@ -59,3 +59,12 @@ def test_sft_refuses_what_needs_a_teacher(overrides, message):
 def test_a_teacher_section_can_follow_a_null_one():
   config = load_config(TINY, ["teacher=null", "teacher.path=gpt2"])
   assert config.teacher.path == "gpt2" and config.teacher.config is None
+
+
+def test_the_notebook_backend_refuses_an_sft_run_in_one_line(tmp_path):
+  from csd_jax.errors import UserError
+  from csd_jax.eval.loss_inspection import open_run
+
+  train(load_config(TINY, [*SFT, "train.steps=1"]), tmp_path)
+  with pytest.raises(UserError, match="supervised fine-tuning run"):
+    open_run(tmp_path)

@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from csd_jax.errors import UserError
 from csd_jax.losses import IGNORE_LABEL, per_token_loss
 from csd_jax.metrics import read_metrics
 
@@ -59,6 +60,9 @@ def open_run(workdir: PathLike) -> Run:
   from csd_jax.sharding import make_mesh
 
   opened = run_lib.open_run(workdir, teacher=True)
+  if opened.teacher is None:
+    raise UserError(f"{workdir} is a supervised fine-tuning run (teacher: null): the notebook "
+                    "compares a student with its teacher; open a distillation run")
   one_device = make_mesh(1, 1, 1, devices=jax.local_devices()[:1])  # a batch of any size
   inputs = build_inputs(opened.config, one_device, opened.vocab_size, opened.tokenizer)
   loader = inputs.eval if inputs.eval is not None else inputs.train
