@@ -71,8 +71,10 @@ def test_the_protocols_settings_and_what_overrides_them():
   official = command.eval_config(command.EvalRequest(data=[]), run)
   assert (official.template, official.max_prompt_length, official.max_length) == ("chat", 256,
                                                                                    512)
-  assert (official.max_new_tokens, official.keep_prompt, official.prompt_special_tokens) == (
-      256, "start", True)
+  assert (official.max_new_tokens, official.keep_prompt) == (256, "start")
+  assert not official.prompt_special_tokens    # the chat template writes its own BOS
+  minillm = command.eval_config(command.EvalRequest(data=[], template="minillm"), run)
+  assert minillm.prompt_special_tokens
   assert official.sampling.no_repeat_ngram_size == 6 and official.seeds == (10, 20, 30, 40, 50)
   assert official.sampling.temperature == 1.0 and official.sampling.top_k == 0
   assert official.stop_ids == (7,)

@@ -100,6 +100,8 @@ def eval_config(request: EvalRequest, run: dict[str, Any] | None) -> generation.
       "seeds", "no_repeat_ngram_size", "template", "max_prompt_length", "max_length",
       "max_new_tokens", "keep_prompt", "prompt_special_tokens")}
   settings.update({k: v for k, v in given.items() if v is not None})
+  if settings["template"] == "chat" and request.prompt_special_tokens is None:
+    settings["prompt_special_tokens"] = False   # a chat template writes its own BOS
   sampling = Sampling(temperature=request.temperature, top_p=request.top_p, top_k=request.top_k,
                       no_repeat_ngram_size=settings.pop("no_repeat_ngram_size"))
   return generation.EvalConfig(sampling=sampling, seeds=tuple(settings.pop("seeds")), **settings)

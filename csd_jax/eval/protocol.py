@@ -12,7 +12,8 @@
   `max_length - width` new tokens for a prompt bucket of width w, no n-gram blocking.
 
 A `--workdir` run keeps its own template under either protocol (a chat-trained student is
-prompted with its chat template); everything else follows the protocol unless given.
+prompted with its chat template, which writes its own BOS: no special tokens are added to it);
+everything else follows the protocol unless given.
 """
 
 from __future__ import annotations
