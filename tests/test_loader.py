@@ -277,7 +277,7 @@ def test_tokenisation_stats_of_a_large_set_come_from_a_sample(monkeypatch, gpt2_
               config=config)
   assert _data_logs(caplog) == [
       "data: 10 records; tokenising an evenly spaced sample of 3 records: 3 kept, 0 prompts cut"
-      " from the left, 0 responses cut from the right, 0 dropped with no response token"]
+      " to max_prompt_length, 0 responses cut from the right, 0 dropped with no response token"]
   caplog.clear()
   _loader(n=9)  # an encoder without counts: the record count alone
   assert _data_logs(caplog) == ["data: 9 records"]
