@@ -45,6 +45,9 @@ DEFAULT_SEEDS = (10, 20, 30, 40, 50)
 # Prompts and teacher-forced rows are padded to multiples of this (capped at the maximum
 # length): a handful of shapes, so each jitted function compiles once per width, not per batch.
 WIDTH_MULTIPLE = 64
+# Tokens per chunk of the teacher-forced metrics: each chunk holds a few [chunk, V] float32
+# temporaries per model (0.2 GB each at 1024 x 50257), which a CPU host pays in RAM.
+CHUNK_SIZE = 256
 # The teacher-forced comparisons, as `chunked_token_sums` names them: KL(p||q) and CSD at T = 1.
 _TEACHER_LOSSES = {"fkl": ("fkl", {}), "csd": ("csd", {})}
 logger = logging.getLogger("csd_jax.eval")
@@ -189,7 +192,8 @@ def _token_sums(graphdef: nnx.GraphDef, state: nnx.State, teacher_graphdef: nnx.
                                   batch["positions"])
   head, cap = model.head_weight(), model.cfg.final_logit_softcap
   if teacher_graphdef is None:
-    return chunked_token_sums(hidden, head, None, None, batch["labels"], logit_softcap=cap)
+    return chunked_token_sums(hidden, head, None, None, batch["labels"], logit_softcap=cap,
+                              chunk_size=CHUNK_SIZE)
   teacher = nnx.merge(teacher_graphdef, teacher_state)
   teacher_hidden, _ = teacher.hidden_states(batch["input_ids"], batch["attention_mask"],
                                             batch["positions"])
@@ -197,10 +201,10 @@ def _token_sums(graphdef: nnx.GraphDef, state: nnx.State, teacher_graphdef: nnx.
                             teacher.head_weight()[:, :vocab], batch["labels"],
                             logit_softcap=cap,
                             teacher_logit_softcap=teacher.cfg.final_logit_softcap,
-                            losses=_TEACHER_LOSSES)
+                            losses=_TEACHER_LOSSES, chunk_size=CHUNK_SIZE)
   if separate_ce:   # the student's perplexity is over its own whole vocabulary, teacher or not
     sums["ce"] = chunked_token_sums(hidden, head, None, None, batch["labels"],
-                                    logit_softcap=cap)["ce"]
+                                    logit_softcap=cap, chunk_size=CHUNK_SIZE)["ce"]
   return sums
 
 
