@@ -1,5 +1,5 @@
 #!/bin/bash
-# Table 1 at demo scale, end to end with csd-jax alone (~50 min on a 2-core CPU):
+# Table 1 at demo scale, end to end with csd-jax alone (28 min measured on a 2-core CPU):
 # SmolLM2-135M-Instruct (the embedded demo's teacher) and its 4-layer student, trained by
 # CSD, FKL (`csd-jax demo`, 60 steps each) and SFT on the same data (teacher: null), each
 # judged by the official protocol (csd-jax eval's default: 5 seeds, 256 new tokens,
