@@ -72,8 +72,8 @@ def validation_records(config: Config, limit: int | None = None) -> list[dict[st
   if data.source == "files" and data.eval_files:
     records = [r for path in data.eval_files for r in load_records(path)]
   elif data.source == "minillm":
-    pool, rows = minillm.dolly_files(data.minillm_dolly, data.minillm_dev_num)["valid"]
-    records = load_records(pool)[rows]
+    pool = minillm.dolly_pool(data.minillm_dolly, data.minillm_dev_num)
+    records = load_records(pool)[:data.minillm_dev_num]
   elif data.source == "dolly":
     source = instruction_splits(config)["valid"]
     records = [{k: v.decode() if isinstance(v, bytes) else v for k, v in source[i].items()}

@@ -64,19 +64,14 @@ def rendered_record(prompt: str, references: list[str],
           "response": references[0], "references": references, "prompt": prompt}
 
 
-def dolly_files(directory: str | os.PathLike, dev_num: int = DEV_NUM
-                ) -> dict[str, pathlib.Path | tuple[pathlib.Path, slice]]:
-  """MiniLLM's Dolly directory (`raw.jsonl`, `valid.jsonl`) as splits: `train` and `valid`
-  (lines `dev_num`.. and ..`dev_num` of raw.jsonl) and `test` (valid.jsonl, when there)."""
-  directory = pathlib.Path(directory).expanduser()
-  pool = directory / TRAIN_POOL
+def dolly_pool(directory: str | os.PathLike, dev_num: int = DEV_NUM) -> pathlib.Path:
+  """The training pool (`raw.jsonl`) of MiniLLM's Dolly directory; its first `dev_num`
+  records are the validation set, the rest the training set (`process_data_dolly.py`)."""
+  pool = pathlib.Path(directory).expanduser() / TRAIN_POOL
   if not pool.is_file():
     raise UserError(f"data.minillm_dolly={directory}: no {TRAIN_POOL} there; download the "
                     f"MiniLLM Dolly files (hub dataset MiniLLM/dolly: {TRAIN_POOL}, {EVAL_SET}) "
                     "into that directory")
   if dev_num < 1:
     raise UserError(f"data.minillm_dev_num={dev_num}: must be >= 1 (the official 1000)")
-  splits: dict = {"train": (pool, slice(dev_num, None)), "valid": (pool, slice(0, dev_num))}
-  if (directory / EVAL_SET).is_file():
-    splits["test"] = directory / EVAL_SET
-  return splits
+  return pool

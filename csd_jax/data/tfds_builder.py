@@ -197,18 +197,16 @@ class MiniLLMDolly(_SplitRecords):
   first `dev_num` records are `valid` (model selection), the rest `train`."""
 
   def __init__(self, *, directory: str, dev_num: int = minillm.DEV_NUM, **kwargs: Any):
-    self._splits = minillm.dolly_files(directory, dev_num)
-    pool = self._splits["train"][0]
-    name = f"src_{_fingerprint({'raw': [str(pool)]})}_dev{dev_num}"
+    self._pool, self._dev_num = minillm.dolly_pool(directory, dev_num), dev_num
+    name = f"src_{_fingerprint({'raw': [str(self._pool)]})}_dev{dev_num}"
     super().__init__(config=tfds.core.BuilderConfig(name=name), **kwargs)
 
   def _split_generators(self, dl_manager: Any) -> dict[str, Iterator]:
     del dl_manager
-    pool, _ = self._splits["train"]
-    records = list(_convert(read_json_records(pool), training_record))
-    dev = self._splits["valid"][1].stop
+    records = list(_convert(read_json_records(self._pool), training_record))
+    dev = self._dev_num
     if len(records) <= dev:
-      raise UserError(f"{pool} has {len(records)} records, not more than the {dev} of the "
+      raise UserError(f"{self._pool} has {len(records)} records, not more than the {dev} of the "
                       "validation split: pass MiniLLM's full raw.jsonl, or lower "
                       "data.minillm_dev_num")
     return {"valid": self._generate_examples(records[:dev]),
