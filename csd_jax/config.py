@@ -81,6 +81,9 @@ class TrainConfig:
   log_every: int = 10
   heldout_every: int = 0          # held-out loss every N steps (0: only at the end)
   heldout_batches: int = 4        # batches of the held-out set per evaluation
+  max_nonfinite_steps: int = 3    # skipped non-finite updates in a row before the run stops
+  compile_cache: str = "workdir"  # XLA's persistent cache: workdir (W/xla_cache), a directory,
+                                  # or "" (off)
 
 
 @dataclasses.dataclass(frozen=True)
