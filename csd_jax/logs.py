@@ -22,6 +22,18 @@ _ENV_DEFAULTS = {"TRANSFORMERS_NO_ADVISORY_WARNINGS": "1", "TRANSFORMERS_VERBOSI
 _WARNINGS_ONLY = ("absl", "jax", "orbax")
 
 
+class _OneLineErrors(logging.Filter):
+  """Third-party errors in one line, without their traceback: Orbax logs a failed background
+  save (a full disk) with dozens of lines of stack before csd-jax reports the failure in one
+  line that says which checkpoint is intact."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    if record.exc_info and record.name.split(".")[0] in _WARNINGS_ONLY:
+      record.msg, record.args = record.getMessage().splitlines()[0], ()
+      record.exc_info = record.exc_text = None
+    return True
+
+
 def setup_logging() -> None:
   """INFO lines as `LEVEL name: message` on stderr; third-party banners and chatter silenced."""
   for name, value in _ENV_DEFAULTS.items():
@@ -29,6 +41,9 @@ def setup_logging() -> None:
   logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
   for name in _WARNINGS_ONLY:
     logging.getLogger(name).setLevel(logging.WARNING)
+  for handler in logging.getLogger().handlers:
+    if not any(isinstance(f, _OneLineErrors) for f in handler.filters):
+      handler.addFilter(_OneLineErrors())
   if "transformers" in sys.modules:  # imported already: it read the environment before us
     level = logging.getLevelName(os.environ["TRANSFORMERS_VERBOSITY"].upper())
     logging.getLogger("transformers").setLevel(level if isinstance(level, int) else logging.ERROR)

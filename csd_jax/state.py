@@ -18,6 +18,7 @@ from __future__ import annotations
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx, struct
@@ -40,6 +41,13 @@ class TrainState:
   def student(self, graphdef: nnx.GraphDef) -> Any:
     """The student model with this state's variables."""
     return nnx.merge(graphdef, self.params, self.untrained)
+
+
+def all_finite(tree: Any) -> jax.Array:
+  """Whether every floating-point value of `tree` is finite (a bool scalar, on the device)."""
+  leaves = [x for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)]
+  return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves])) if leaves else (
+      jnp.array(True))
 
 
 def trainable_filter(lora: LoraConfig) -> Any:

@@ -107,12 +107,32 @@ def test_minus_inf_vocabulary_entries_equal_the_cut_vocabulary(name):
 
 
 @pytest.mark.parametrize("name", LOSS_NAMES)
-def test_all_infinite_rows_give_finite_zero(name):
+def test_rows_without_a_vocabulary_entry_give_finite_zero(name):
   z = jnp.full((2, 3, 7), -jnp.inf).at[0, 0].set(jnp.arange(7.0))
-  t = jnp.full((2, 3, 7), jnp.inf)
+  t = jnp.full((2, 3, 7), -jnp.inf)
   target = jnp.zeros((2, 3), jnp.int32) if name == "ce" else t
   value, grad = _grad(name, z, target)
   assert bool(jnp.isfinite(value)) and bool(jnp.all(jnp.isfinite(grad)))
+
+
+@pytest.mark.parametrize("bad", [jnp.nan, jnp.inf])
+@pytest.mark.parametrize("name", LOSS_NAMES)
+def test_nan_or_plus_inf_at_a_counted_position_gives_nan_never_a_silent_zero(name, bad):
+  # A broken model (NaN weights after a bad update) must not look like a masked vocabulary.
+  z, t = _logits(9, (2, 3, 7))
+  mask = jnp.array([[1, 1, 0], [1, 0, 1]], bool)
+  target = jnp.where(mask, 2, -100) if name == "ce" else t
+  cases = [(z.at[0, 1, 3].set(bad), target), (jnp.full_like(z, bad), target)]
+  if name != "ce":
+    cases.append((z, t.at[1, 2, 5].set(bad)))
+  for student, teacher in cases:
+    value, grad = _grad(name, student, teacher, mask)
+    assert bool(jnp.isnan(value)), (student, teacher)
+    assert bool(jnp.all(jnp.isfinite(grad)))   # the loss tells; the update is skipped on it
+  # At a masked position the same entry changes nothing.
+  v_clean, _ = _grad(name, z, target, mask)
+  v_masked, _ = _grad(name, z.at[0, 2, 3].set(bad), target, mask)
+  np.testing.assert_array_equal(v_masked, v_clean)
 
 
 @pytest.mark.parametrize("w1,w2", CSD_WEIGHTINGS)

@@ -216,7 +216,6 @@ def test_record_config_names_every_change_and_never_overwrites(tmp_path):
   assert yaml.safe_load((tmp_path / "config.step-20.1.yaml").read_text())["loss"]["name"] == "fkl"
 
 
-@pytest.mark.skip(reason="integration pending")
 def test_second_train_on_a_busy_workdir_is_refused(tmp_path):
   workdir = tmp_path / "w"
   command = [sys.executable, "-m", "csd_jax.cli", "train", "--config", "configs/tiny.yaml",

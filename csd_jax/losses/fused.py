@@ -29,7 +29,7 @@ from jax import lax
 from jax.sharding import PartitionSpec as P
 
 from csd_jax.losses.reduce import token_weights, weighted_sum
-from csd_jax.losses.registry import IGNORE_LABEL, LossSpec, loss_mask, prepare_logits, resolve
+from csd_jax.losses.registry import IGNORE_LABEL, LossSpec, loss_mask, resolve, spec_loss
 from csd_jax.losses.vocab import VocabAxis
 
 Array = jax.Array
@@ -91,8 +91,7 @@ def _chunked_value_and_grads(
 
   def chunk_loss(z_pre: Array, target_logits: Array, w: Array) -> Array:
     z = jnp.where(in_vocab, softcap(z_pre, student_cap), -jnp.inf)
-    z, tgt, valid = prepare_logits(z, target_logits, spec.takes_labels)
-    return weighted_sum(spec.fn(z, tgt, valid, axis, **params), w)
+    return weighted_sum(spec_loss(spec, z, target_logits, axis, **params), w)
 
   def one_chunk(h: Array, tgt: Array, w: Array) -> tuple[Array, Array, Array]:
     z_pre = _logits(h, ws, student_vm)

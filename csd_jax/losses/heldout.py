@@ -20,7 +20,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from csd_jax.losses.fused import DEFAULT_CHUNK_SIZE, softcap
-from csd_jax.losses.registry import IGNORE_LABEL, LOSSES, prepare_logits, resolve
+from csd_jax.losses.registry import IGNORE_LABEL, LOSSES, resolve, spec_loss
 from csd_jax.losses.vocab import VocabAxis
 
 Array = jax.Array
@@ -117,9 +117,8 @@ def chunked_token_sums(student_hidden: Array, student_head: Array, teacher_hidde
     valid = x["ids"] != IGNORE_LABEL
     z_raw = softcap(jnp.dot(x["h"], student_head, preferred_element_type=jnp.float32),
                      logit_softcap)
-    z, target, ok = prepare_logits(z_raw, x["ids"], takes_labels=True)
     out = {"count": jnp.sum(valid.astype(jnp.float32)),
-           "ce": masked_sum(ce_spec.fn(z, target, ok, axis), valid)}
+           "ce": masked_sum(spec_loss(ce_spec, z_raw, x["ids"], axis), valid)}
     if "ht" not in x:
       return out
     t_raw = softcap(jnp.dot(x["ht"], teacher_head, preferred_element_type=jnp.float32),
@@ -127,9 +126,8 @@ def chunked_token_sums(student_hidden: Array, student_head: Array, teacher_hidde
     agree = jnp.argmax(z_raw, axis=-1) == jnp.argmax(t_raw, axis=-1)
     out["agree"] = jnp.sum((agree & valid).astype(jnp.float32))
     for key, (spec, params) in resolved.items():
-      z, target, ok = prepare_logits(z_raw, x["ids"] if spec.takes_labels else t_raw,
-                                     spec.takes_labels)
-      out[key] = masked_sum(spec.fn(z, target, ok, axis, **params), valid)
+      target = x["ids"] if spec.takes_labels else t_raw
+      out[key] = masked_sum(spec_loss(spec, z_raw, target, axis, **params), valid)
     return out
 
   # Sums per chunk, added once at the end: [N / chunk] scalars, never [N, V].

@@ -105,7 +105,12 @@ def resolve(name: str, params: Mapping[str, Any]) -> tuple[LossSpec, dict[str, A
 
 def prepare_logits(student_logits: Array, target: Array,
                    takes_labels: bool) -> tuple[Array, Array, Array]:
-  """float32 logits with non-finite entries zeroed, the target, and the valid-entry mask."""
+  """float32 logits with non-finite entries zeroed, the target, and the entries to compute on.
+
+  Only the finite entries are computed on, so that no value or gradient sees a NaN; `-inf`
+  marks an entry outside the vocabulary, and `nonfinite_poison` makes a position with a NaN
+  or `+inf` entry give NaN, so that a broken model is never mistaken for a good one.
+  """
   z = jnp.asarray(student_logits).astype(jnp.float32)
   if takes_labels:
     labels = jnp.asarray(target)
@@ -123,6 +128,29 @@ def prepare_logits(student_logits: Array, target: Array,
   return jnp.where(valid, z, 0.0), jnp.where(valid, t, 0.0), valid
 
 
+def nonfinite_poison(logits: Array, axis: VocabAxis) -> Array:
+  """Per position: NaN where an entry of `logits` is NaN or `+inf` (a broken model), else 0.
+
+  Added to a position's loss it makes the loss NaN without touching the gradient (the logits
+  only choose between constants); summed over the vocabulary through `axis`, so that every
+  shard of a split vocabulary agrees.
+  """
+  x = jnp.asarray(logits)
+  broken = jnp.isnan(x) | (x == jnp.inf)
+  return axis.sum(jnp.where(broken, jnp.nan, 0.0).astype(jnp.float32))
+
+
+def spec_loss(spec: LossSpec, student_logits: Array, target: Array, axis: VocabAxis,
+              **params: Any) -> Array:
+  """`spec`'s per-position loss on raw logits (`-inf`: outside the vocabulary), NaN at a
+  position where the student's or the teacher's logits hold a NaN or `+inf`."""
+  z, tgt, valid = prepare_logits(student_logits, target, spec.takes_labels)
+  poison = nonfinite_poison(student_logits, axis)
+  if not spec.takes_labels:
+    poison = poison + nonfinite_poison(target, axis)
+  return spec.fn(z, tgt, valid, axis, **params) + poison
+
+
 def per_token_loss(name: str, student_logits: Array, target: Array, *,
                    vocab_axis: VocabAxis = VocabAxis(), **params: Any) -> Array:
   """Unreduced float32 loss per position: `[...]` for logits `[..., V]`.
@@ -130,8 +158,7 @@ def per_token_loss(name: str, student_logits: Array, target: Array, *,
   `target` is the teacher's logits `[..., V]`, or integer labels `[...]` for `ce`.
   """
   spec, full = resolve(name, params)
-  z, target, valid = prepare_logits(student_logits, target, spec.takes_labels)
-  return spec.fn(z, target, valid, vocab_axis, **full)
+  return spec_loss(spec, student_logits, target, vocab_axis, **full)
 
 
 def loss_mask(name: str, positions: tuple[int, ...], mask: Array | None,

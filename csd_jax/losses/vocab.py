@@ -5,9 +5,11 @@ Unsharded, a reduction is a plain sum / max over the last axis. Inside a `shard_
 vocabulary is split over a mesh axis, the same code reduces its local slice and combines the
 partial results across that axis (psum / pmax), so no device ever needs a full `[N, V]` array.
 
-Entries of the vocabulary that are not finite in the student or the teacher (padded rows of an
-embedding, masked tokens) are *invalid*: they get zero weight, are left out of every sum, and
-never produce a NaN, in the value or in the gradient.
+Entries of the vocabulary that are `-inf` in the student or the teacher (columns past the real
+vocabulary, masked tokens) are *invalid*: they get zero weight, are left out of every sum, and
+never produce a NaN, in the value or in the gradient. A NaN or `+inf` entry is a broken model,
+not a masked one: the position's loss is NaN (`registry.nonfinite_poison`), its gradient stays
+finite, and the train step skips the update.
 """
 
 from __future__ import annotations

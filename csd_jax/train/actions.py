@@ -16,8 +16,10 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import pathlib
 import signal
+import sys
 import threading
 import time
 from collections.abc import Mapping
@@ -30,7 +32,7 @@ from csd_jax.checkpoint import Checkpointer
 from csd_jax.config import to_dict
 from csd_jax.errors import UserError
 from csd_jax.metrics import ProgressBar, mfu, peak_flops_per_device
-from csd_jax.state import TrainState
+from csd_jax.state import TrainState, all_finite
 from csd_jax.train.flops import model_flops_per_token
 
 logger = logging.getLogger("csd_jax.train")
@@ -51,12 +53,60 @@ def _fetch(metrics: Mapping[str, jax.Array]) -> dict[str, float]:
   return {k: float(host_value(v)) for k, v in metrics.items()}
 
 
+class NonFinite:
+  """Updates the step skipped because the loss, the gradients or the result were not finite:
+  counted (`nonfinite_steps`), each streak warned about, and the run stopped with one line
+  after `train.max_nonfinite_steps` in a row.
+
+  A step's flag is read one step late (after the next step is dispatched), so that the loop
+  never waits on the device for it; `settle` reads it at once (before a save, at the end).
+  """
+
+  def __init__(self, trainer: Any, checkpointer: Checkpointer):
+    self.limit = trainer.config.train.max_nonfinite_steps
+    self.config, self.checkpointer = trainer.config, checkpointer
+    self.pending: tuple[int, jax.Array] | None = None
+    self.streak = self.total = 0
+
+  def observe(self, done: int, metrics: Mapping[str, jax.Array]) -> None:
+    previous, self.pending = self.pending, (done, metrics["nonfinite"])
+    if previous is not None:
+      self._count(*previous)
+
+  def settle(self) -> None:
+    if self.pending is not None:
+      pending, self.pending = self.pending, None
+      self._count(*pending)
+
+  def _count(self, step: int, flag: jax.Array) -> None:
+    if not int(host_value(flag)):
+      self.streak = 0
+      return
+    self.streak += 1
+    self.total += 1
+    if self.streak == 1:
+      logger.warning("step %d: the loss or the gradients are not finite (NaN / inf); the update "
+                     "was skipped", step)
+    if self.streak >= self.limit:
+      self.checkpointer.manager.wait_until_finished()   # a save in flight counts
+      saved = self.checkpointer.steps()
+      raise UserError(
+          f"step {step}: {self.streak} updates in a row were not finite and were skipped "
+          f"(train.max_nonfinite_steps={self.limit}); the run stopped. Likely causes: "
+          f"optim.lr={self.config.optim.lr:g} too high, data.max_length="
+          f"{self.config.data.max_length} beyond the model's positions, float16 overflow "
+          f"(use bfloat16); " + (f"the last checkpoint, step {saved[-1]}, is finite: fix the "
+                                 "cause and re-run to resume from it" if saved
+                                 else "no checkpoint was written"))
+
+
 class Log:
   """The train step's metrics, tokens/s and MFU every `train.log_every` steps and at the end
   (fetched from the device only then), and the progress bar."""
 
-  def __init__(self, trainer: Any, *, enabled: bool):
+  def __init__(self, trainer: Any, *, enabled: bool, nonfinite: NonFinite):
     self.every, self.total = trainer.config.train.log_every, trainer.total_steps
+    self.nonfinite = nonfinite
     seq_len = trainer.config.data.max_length
     teacher = trainer.models.teacher
     self.flops_per_token = (
@@ -79,6 +129,8 @@ class Log:
     if not itstime(done, self.every, self.total):
       return {}
     row = _fetch(self.metrics)
+    # The step's own flag (not yet counted: read one step late) -> the run's count so far.
+    row["nonfinite_steps"] = self.nonfinite.total + int(row.pop("nonfinite"))
     elapsed = time.perf_counter() - self.since
     row["tokens_per_s"] = self.tokens / elapsed
     utilisation = mfu(self.flops_per_token * self.tokens, elapsed, self.peak)
@@ -202,6 +254,11 @@ def _from_every_process(obj: Any) -> list[Any]:
   return [json.loads(bytes(gathered[i][:int(sizes[i])]).decode()) for i in range(len(sizes))]
 
 
+@jax.jit
+def _state_is_finite(state: TrainState) -> jax.Array:
+  return all_finite((state.params, state.opt_state))
+
+
 class Save:
   """Checkpoints with every process's data position and the resolved config."""
 
@@ -211,6 +268,10 @@ class Save:
 
   def __call__(self, step: int, state: TrainState, *, wait: bool = False,
                metrics: Mapping[str, float] | None = None) -> None:
+    if not bool(host_value(_state_is_finite(state))):   # a checkpoint is never poisoned
+      logger.warning("step %d: the state holds non-finite values; not saved (the checkpoints "
+                     "in %s are kept as they are)", step, self.checkpointer.directory)
+      return
     inputs = self.trainer.inputs
     mine = {"train": inputs.train.get_state(),
             **({"lm": inputs.lm.get_state()} if inputs.lm is not None else {})}
@@ -223,42 +284,60 @@ class Save:
     logger.warning("preempted: saved the checkpoint of step %d in %s; re-run the same command "
                    "to continue", done, self.checkpointer.directory)
 
-  def periodic(self, done: int, state: TrainState) -> None:
+  def due(self, done: int) -> bool:
     """Every `checkpoint.every` steps before the last (the loop saves the last one itself)."""
-    if done < self.trainer.total_steps and itstime(done, self.every, 0, last=False):
-      self(done, state)
+    return done < self.trainer.total_steps and itstime(done, self.every, 0, last=False)
 
 
 class Preemption:
-  """SIGTERM sets a flag; `requested(step)` is True on every process once any process got it
-  (agreed at log steps: a collective, so not every step) or JAX announced a preemption."""
+  """SIGTERM and Ctrl-C (SIGINT) set a flag; `requested(step)` is True on every process once
+  any process got one (agreed at log steps: a collective, so not every step) or JAX announced
+  a preemption. A second Ctrl-C exits at once (status 130), without a traceback.
 
-  def __init__(self, checkpointer: Checkpointer, log_every: int):
-    self.checkpointer, self.log_every = checkpointer, log_every
-    self.signalled = False
-    self._previous = None
+  Entered before anything compiles: Python's default SIGINT handler raises KeyboardInterrupt
+  wherever the main thread is, and raised while XLA compiles (a call into C++ that may be
+  running Python callbacks) it crashed the process; a handler that only sets a flag is safe.
+  """
+
+  def __init__(self, log_every: int):
+    self.log_every = log_every
+    self.checkpointer: Checkpointer | None = None   # set once the run has one
+    self.signalled: int | None = None   # the first signal received
+    self._previous: dict[int, Any] = {}
 
   def __enter__(self) -> Preemption:
     if threading.current_thread() is threading.main_thread():
-      self._previous = signal.signal(signal.SIGTERM, self._handle)
+      for signum in (signal.SIGTERM, signal.SIGINT):
+        self._previous[signum] = signal.signal(signum, self._handle)
     return self
 
-  def _handle(self, signum, frame) -> None:
-    del signum, frame
-    self.signalled = True
+  def _handle(self, signum: int, frame: Any) -> None:
+    del frame
+    if signum == signal.SIGINT and self.signalled == signal.SIGINT:
+      print("\ninterrupted again: exiting now, without saving", file=sys.stderr, flush=True)
+      os._exit(130)   # at once, wherever the main thread is: no traceback, no clean-up
+    if signum == signal.SIGINT:
+      print("\ninterrupted: saving at the next step boundary, then exiting (Ctrl-C again to "
+            "exit now, without saving)", file=sys.stderr, flush=True)
+    self.signalled = self.signalled or signum
+
+  @property
+  def interrupted(self) -> bool:
+    """Stopped by Ctrl-C (the command exits 130), not by SIGTERM / a preemption (0)."""
+    return self.signalled == signal.SIGINT
 
   def __exit__(self, *exc: object) -> None:
-    if self._previous is not None:
-      signal.signal(signal.SIGTERM, self._previous)
+    for signum, previous in self._previous.items():
+      signal.signal(signum, previous)
 
   def requested(self, step: int) -> bool:
-    stop = self.signalled
+    stop = self.signalled is not None
     if jax.process_count() > 1:
       from jax.experimental import multihost_utils
 
       stop = (bool(np.any(multihost_utils.process_allgather(np.int32(stop))))
               if step % self.log_every == 0 else False)
-    return stop or self.checkpointer.reached_preemption(step)
+    return stop or (self.checkpointer is not None and self.checkpointer.reached_preemption(step))
 
 
 def resume(checkpointer: Checkpointer, trainer: Any) -> TrainState:

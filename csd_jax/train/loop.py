@@ -16,26 +16,27 @@ import logging
 import math
 import os
 import pathlib
+import shutil
 from typing import Any
 
 import jax
-import yaml
 from flax import nnx
 from jax.sharding import Mesh
 
 from csd_jax import onpolicy as onpolicy_lib
-from csd_jax.checkpoint import Checkpointer
+from csd_jax.checkpoint import CHECKPOINTS, Checkpointer
 from csd_jax.config import Config, resolve_paths, to_dict
 from csd_jax.errors import UserError
 from csd_jax.metrics import MetricsWriter
 from csd_jax.data.inputs import Inputs, build_inputs
-from csd_jax.run import (CONFIG_FILE, Models, build_models, resolve_tokenizer,
-                         train_state_template)
+from csd_jax.run import Models, build_models, resolve_tokenizer, train_state_template
 from csd_jax.sharding import data_parallel_size, make_mesh, resolve_rules
 from csd_jax.state import TrainState, make_optimizer
-from csd_jax.train import actions
+from csd_jax.train import actions, compile_cache
+from csd_jax.train.storage import storage_error, storage_failure
 from csd_jax.train.flops import count_params
 from csd_jax.train.step import Objective, make_eval_step, make_train_step
+from csd_jax.workdir import WorkdirLock, record_config
 
 logger = logging.getLogger("csd_jax.train")
 
@@ -66,7 +67,8 @@ class Trainer:
 class RunResult:
   metrics: dict[str, float]   # the last logged step's and the final held-out ones
   student: Any                # the trained student (an NNX model)
-  preempted: bool = False     # stopped early by SIGTERM / a preemption notice, after a save
+  preempted: bool = False     # stopped early by SIGTERM / a preemption notice / Ctrl-C, saved
+  interrupted: bool = False   # stopped by Ctrl-C (the command exits 130)
 
 
 def build_trainer(config: Config, mesh: Mesh | None = None) -> Trainer:
@@ -114,49 +116,122 @@ def build_trainer(config: Config, mesh: Mesh | None = None) -> Trainer:
                  teacher_state, train_step, eval_step, onpolicy)
 
 
+def _check_positions(config: Config, models: Models) -> None:
+  """A model with a learned position table (GPT-2) has no position past it: refuse a
+  `data.max_length` beyond it (it would index garbage, NaN, not an error)."""
+  for role, model in (("teacher", models.teacher), ("student", models.student)):
+    if model is not None and model.cfg.positions == "learned" and (
+        config.data.max_length > model.cfg.max_position_embeddings):
+      raise UserError(f"data.max_length={config.data.max_length} is beyond the {role}'s "
+                      f"{model.cfg.max_position_embeddings} positions (learned position "
+                      f"table); set data.max_length <= {model.cfg.max_position_embeddings}")
+
+
+def _prepare_workdir(workdir: pathlib.Path, is_main: bool) -> bool:
+  """Refuse a workdir that is a file or cannot be made; whether this call created it."""
+  if workdir.exists() and not workdir.is_dir():
+    raise UserError(f"--workdir {workdir} is a file, not a directory; pass a directory (new "
+                    "or a run's own)")
+  if not is_main or workdir.exists():
+    return False
+  try:
+    workdir.mkdir(parents=True)
+  except OSError as error:
+    raise UserError(f"--workdir {workdir} cannot be created ({error.strerror}); pass a "
+                    "writable directory") from None
+  return True
+
+
 def train(config: Config, workdir: str | pathlib.Path) -> RunResult:
   """Run the distillation described by `config` in `workdir`, or continue it from the latest
-  complete checkpoint there. SIGTERM (or the platform's preemption notice) saves at the next
-  step boundary and returns with `preempted` set."""
+  complete checkpoint there. SIGTERM, Ctrl-C (or the platform's preemption notice) save at the
+  next step boundary and return with `preempted` set.
+
+  Raises:
+    UserError: bad input, a run that diverged (non-finite updates in a row), a full or
+      read-only disk (naming the last intact checkpoint).
+  """
   workdir, is_main = pathlib.Path(workdir), jax.process_index() == 0
   config = resolve_paths(config, os.getcwd())  # config.yaml must open from anywhere
-  if is_main:
-    workdir.mkdir(parents=True, exist_ok=True)
-  trainer = build_trainer(config)
-  checkpointer = Checkpointer(workdir, keep=config.checkpoint.keep)
+  created = _prepare_workdir(workdir, is_main)
+  try:
+    return _train(config, workdir, is_main)
+  except UserError:
+    # Refused before it wrote anything but compiled programs: leave no half-made run behind.
+    if created and {p.name for p in workdir.iterdir()} <= {compile_cache.CACHE_DIR}:
+      shutil.rmtree(workdir)
+    raise
+  except Exception as error:
+    if (reason := storage_failure(error)) is None:
+      raise   # a bug: its traceback is shown
+    raise storage_error(reason, workdir, workdir / CHECKPOINTS) from None
+
+
+def _train(config: Config, workdir: pathlib.Path, is_main: bool) -> RunResult:
+  # One run per workdir (W/.lock); signals caught before anything compiles (Preemption).
+  with (WorkdirLock(workdir), actions.Preemption(config.train.log_every) as preemption,
+        compile_cache.enabled(config.train.compile_cache, workdir) as compiled):
+    trainer = build_trainer(config)
+    _check_positions(config, trainer.models)
+    checkpointer = Checkpointer(workdir, keep=config.checkpoint.keep)
+    preemption.checkpointer = checkpointer
+    try:
+      result = _run(trainer, checkpointer, preemption, workdir, is_main)
+    except BaseException:
+      try:   # let the saves in flight end (or fail: the first error is the one to tell)
+        checkpointer.close()
+      except Exception:  # noqa: BLE001
+        pass
+      raise
+    checkpointer.close()
+    logger.info("%s", compiled.summary())
+  return result
+
+
+def _run(trainer: Trainer, checkpointer: Checkpointer, preemption: actions.Preemption,
+         workdir: pathlib.Path, is_main: bool) -> RunResult:
+  """The loop: from the resumed state to the last step (or a preemption), with its actions."""
+  config = trainer.config
   state = actions.resume(checkpointer, trainer)
-  if is_main:  # after the resume: a refused config must not replace the run's own
-    (workdir / CONFIG_FILE).write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
   start, total = int(actions.host_value(state.step)), trainer.total_steps
-  with (jax.set_mesh(trainer.mesh), MetricsWriter(workdir, enabled=is_main) as writer,
-        actions.Preemption(checkpointer, config.train.log_every) as preemption):
-    log = actions.Log(trainer, enabled=is_main)
+  if is_main:  # after the resume: a refused config must not replace the run's own
+    record_config(workdir, to_dict(config), start)   # a changed one: config.step-<start>.yaml
+  with jax.set_mesh(trainer.mesh), MetricsWriter(workdir, enabled=is_main) as writer:
+    nonfinite = actions.NonFinite(trainer, checkpointer)
+    log = actions.Log(trainer, enabled=is_main, nonfinite=nonfinite)
     periodic = [log, actions.HeldOut(trainer), actions.GenerationEval(trainer, workdir)]
     save, preempted = actions.Save(trainer, checkpointer), False
-    for step in range(start, total):
-      batch = next(trainer.inputs.train)
-      lm_batch = next(trainer.inputs.lm) if trainer.inputs.lm is not None else None
-      if trainer.onpolicy is not None:
-        state, batch = trainer.onpolicy(state, batch, step)
-      state, metrics = trainer.train_step(state, trainer.teacher_state, batch, lm_batch)
-      log.observe(metrics, batch)
-      done = step + 1
-      row = {k: v for action in periodic for k, v in action(done, state).items()}
-      if row:
-        writer.write(done, row)
-      if preempted := done < total and preemption.requested(done):
-        save.preempted(done, state)
-        break
-      save.periodic(done, state)
-    log.close()
-    periodic[2].close()
+    try:
+      for step in range(start, total):
+        batch = next(trainer.inputs.train)
+        lm_batch = next(trainer.inputs.lm) if trainer.inputs.lm is not None else None
+        if trainer.onpolicy is not None:
+          state, batch = trainer.onpolicy(state, batch, step)
+        state, metrics = trainer.train_step(state, trainer.teacher_state, batch, lm_batch)
+        nonfinite.observe(step + 1, metrics)
+        log.observe(metrics, batch)
+        done = step + 1
+        row = {k: v for action in periodic for k, v in action(done, state).items()}
+        if row:
+          writer.write(done, row)
+        if preempted := done < total and preemption.requested(done):
+          nonfinite.settle()
+          save.preempted(done, state)
+          break
+        if save.due(done):
+          nonfinite.settle()
+          save(done, state)
+      nonfinite.settle()
+    finally:
+      log.close()
+      periodic[2].close()
     if start < total and not preempted:
       save(total, state, wait=True)
     elif start >= total and (row := periodic[1](total, state, force=True)):  # where it stands
       writer.write(total, row)
-  checkpointer.close()
   if preempted:
-    return RunResult(log.last, trainer.student(state), preempted=True)
+    return RunResult(log.last, trainer.student(state), preempted=True,
+                     interrupted=preemption.interrupted)
   final = {**log.last, **periodic[1].last}
   logger.info("done: %d steps; %s", total, ", ".join(f"{k} {v:.4g}" for k, v in final.items()))
   return RunResult(final, trainer.student(state))

@@ -19,7 +19,7 @@ from flax import nnx
 
 from csd_jax.losses import IGNORE_LABEL, chunked_token_sums, fused_logit_loss, logit_loss
 from csd_jax.sharding import loss_axes
-from csd_jax.state import TrainState
+from csd_jax.state import TrainState, all_finite
 
 Array = jax.Array
 Batch = Mapping[str, Array]
@@ -165,11 +165,22 @@ def make_train_step(student_graphdef: nnx.GraphDef, teacher_graphdef: nnx.GraphD
     grads, (totals, parts) = jax.lax.scan(
         accumulate, zeros, (jnp.arange(grad_accum), micro, lm_micro))
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    metrics = {"loss": jnp.sum(totals), "grad_norm": optax.tree.norm(grads),
+    params = optax.apply_updates(state.params, updates)
+    loss, grad_norm = jnp.sum(totals), optax.tree.norm(grads)
+    # A non-finite loss, gradient or result is skipped: the weights and the optimizer stay as
+    # they were (the step still counts: it consumed its batch), so that no NaN ever reaches
+    # the state, a checkpoint or the next step; the loop stops after a few in a row.
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & all_finite(params)
+
+    def keep(new: Any, old: Any) -> Any:
+      return jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
+
+    metrics = {"loss": loss, "grad_norm": grad_norm,
                "lr": schedule(state.step), "valid_tokens": jnp.sum(batch["labels"] != -100),
+               "nonfinite": jnp.logical_not(finite).astype(jnp.int32),
                **{k: jnp.sum(v) for k, v in parts.items()}}
-    new_state = state.replace(params=optax.apply_updates(state.params, updates),
-                              opt_state=opt_state, step=state.step + 1)
+    new_state = state.replace(params=keep(params, state.params),
+                              opt_state=keep(opt_state, state.opt_state), step=state.step + 1)
     return new_state, metrics
 
   return step
