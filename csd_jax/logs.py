@@ -23,12 +23,12 @@ _WARNINGS_ONLY = ("absl", "jax", "orbax")
 
 
 class _OneLineErrors(logging.Filter):
-  """Third-party errors in one line, without their traceback: Orbax logs a failed background
-  save (a full disk) with dozens of lines of stack before csd-jax reports the failure in one
-  line that says which checkpoint is intact."""
+  """Third-party errors in one line, without their traceback: Orbax (and asyncio, for its
+  futures) log a failed background save (a full disk) with dozens of lines of stack before
+  csd-jax reports the failure in one line that says which checkpoint is intact."""
 
   def filter(self, record: logging.LogRecord) -> bool:
-    if record.exc_info and record.name.split(".")[0] in _WARNINGS_ONLY:
+    if record.exc_info and record.name.split(".")[0] in (*_WARNINGS_ONLY, "asyncio"):
       record.msg, record.args = record.getMessage().splitlines()[0], ()
       record.exc_info = record.exc_text = None
     return True
