@@ -169,7 +169,9 @@ def _eval(args: argparse.Namespace) -> int:
 
 def _convert_gguf(args: argparse.Namespace) -> int:
   from csd_jax.models.io.gguf import convert_gguf
+  from csd_jax.train.export import check_out_dir
 
+  check_out_dir(args.out_dir, "out_dir")
   out = convert_gguf(args.gguf_file, args.out_dir, dtype=args.dtype)
   print(f"wrote {out}")
   return 0

@@ -1,23 +1,110 @@
-"""The config's cross-field checks: each a one-line `ConfigError` that names the keys and the fix.
+"""The config's value checks: each a one-line `ConfigError` that names the keys and the fix.
 
-`csd_jax.config.load_config` runs `check` on every config it builds; single keys (types, choices,
-unknown names) are checked while the config is built.
+`csd_jax.config.load_config` runs `check` on every config it builds; types, choices and unknown
+names are checked while the config is built. Here: the range of each number (`BOUNDS`, then the
+few that need more than a lower bound), the models' transformers configs, and the rules that
+tie keys together. They run before a run touches its workdir, so a refused config leaves
+nothing behind.
 """
 
 from __future__ import annotations
 
+import functools
+import json
+import pathlib
+from typing import Any
+
 from csd_jax.config import Config, ConfigError
 from csd_jax.errors import UserError
 
+# key, the smallest valid value, what the key means (the hint the error gives).
+BOUNDS: tuple[tuple[str, float, str], ...] = (
+    ("train.steps", 0, "optimizer steps; 0: train.epochs decides"),
+    ("train.epochs", 0, "passes over the data, used when train.steps is 0"),
+    ("train.batch_size", 1, "rows per optimizer step"),
+    ("train.grad_accum", 1, "micro-batches per step; 1: none"),
+    ("train.log_every", 1, "log the metrics every N steps; the last step is always logged"),
+    ("train.heldout_every", 0, "0: the held-out loss only at the end"),
+    ("train.heldout_batches", 0, "batches of the held-out set per evaluation"),
+    ("train.max_nonfinite_steps", 1, "skipped non-finite updates in a row before the run stops"),
+    ("train.seed", 0, "the seed of the data order and dropout"),
+    ("optim.end_lr", 0, "the learning rate the schedule ends at"),
+    ("optim.warmup_steps", 0, "steps of linear warm-up; 0: none"),
+    ("optim.weight_decay", 0, "AdamW's decoupled weight decay; 0: none"),
+    ("optim.clip_norm", 0, "the global gradient-norm clip; 0: no clipping"),
+    ("optim.eps", 0, "Adam's epsilon, e.g. 1e-8"),
+    ("loss.kd_coef", 0, "the weight of the distillation term"),
+    ("loss.ce_coef", 0, "the weight of the cross-entropy term on the responses"),
+    ("loss.lm_coef", 0, "the weight of the LM term on data.lm_files"),
+    ("loss.chunk_size", 1, "tokens per chunk of the fused loss"),
+    ("data.max_length", 1, "tokens per training row"),
+    ("data.minillm_dev_num", 0, "raw.jsonl's first N records are the validation set"),
+    ("data.synthetic_samples", 1, "random sequences of the synthetic source"),
+    ("lora.rank", 0, "the adapters' rank; 0: full fine-tuning"),
+    ("checkpoint.every", 0, "save every N steps; 0: only at the end"),
+    ("checkpoint.keep", 1, "the newest N checkpoints are kept; 0 would delete every one"),
+    ("onpolicy.buffer_size", 1, "rows of the replay buffer"),
+)
+# key: what the key means, for the keys that must be above 0 (0 is no default there).
+POSITIVE = {"optim.lr": "the peak learning rate, e.g. 1e-4"}
+# key: what the key means, for the keys that must lie in [0, 1).
+FRACTIONS = {"optim.b1": "Adam's first-moment decay, e.g. 0.9",
+             "optim.b2": "Adam's second-moment decay, e.g. 0.999",
+             "lora.dropout": "the adapters' dropout rate; 0: none"}
+
+
+def _value(config: Config, key: str) -> Any:
+  return functools.reduce(getattr, key.split("."), config)
+
 
 def check(config: Config) -> None:
-  """Cross-field checks, each a one-line error naming the keys."""
-  from csd_jax.losses import resolve
+  """Every check, each a one-line error naming the keys."""
+  _check_numbers(config)
+  _check_models(config)
+  _check_rules(config)
+  _check_sft(config)
+  _check_onpolicy(config)
+  _check_eval(config)
+  _check_mesh(config)
 
-  try:
-    resolve(config.loss.name, config.loss.params)
-  except ValueError as error:
-    raise ConfigError(f"loss: {error}") from error
+
+def _check_numbers(config: Config) -> None:
+  """Each number within its range (`BOUNDS`, `POSITIVE`, `FRACTIONS`, the seed, the mesh sizes)."""
+  for key, low, hint in BOUNDS:
+    if _value(config, key) < low:
+      raise ConfigError(f"{key}={_value(config, key)}: must be >= {low} ({hint})")
+  for key, hint in POSITIVE.items():
+    if not _value(config, key) > 0:
+      raise ConfigError(f"{key}={_value(config, key)}: must be > 0 ({hint})")
+  for key, hint in FRACTIONS.items():
+    if not 0.0 <= _value(config, key) < 1.0:
+      raise ConfigError(f"{key}={_value(config, key)}: must be in [0, 1) ({hint})")
+  train, data = config.train, config.data
+  if train.seed >= 2**32:   # Grain's shuffle takes 32 bits
+    raise ConfigError(f"train.seed={train.seed}: must be below 2**32 ({2**32})")
+  if train.steps == 0 and train.epochs == 0:
+    raise ConfigError("train.steps=0 and train.epochs=0: set train.steps or train.epochs to a "
+                      "positive number")
+  heldout = data.source != "files" or data.eval_files   # which runs have a held-out set
+  if heldout and train.heldout_batches < 1:
+    raise ConfigError(f"train.heldout_batches={train.heldout_batches}: must be >= 1 (batches of "
+                      "the held-out set per evaluation)")
+  if data.source != "synthetic" and data.max_prompt_length < 1:
+    raise ConfigError(f"data.max_prompt_length={data.max_prompt_length}: must be >= 1 (prompt "
+                      "tokens kept per record)")
+  sizes = {f"mesh.{axis}": getattr(config.mesh, axis) for axis in ("data", "fsdp", "tensor")}
+  for key, size in sizes.items():
+    if size < 1 and size != -1:
+      raise ConfigError(f"{key}={size}: must be >= 1, or -1 (the devices the other sizes leave)")
+  if list(sizes.values()).count(-1) > 1:
+    raise ConfigError(f"{', '.join(f'{k}={v}' for k, v in sizes.items())}: at most one mesh "
+                      "size may be -1; give the others")
+
+
+def _check_models(config: Config) -> None:
+  """Teacher and student: exactly one of path and config, and a transformers config the port
+  reads (`student.config`, or `config.json` of a local `path`): supported family, heads that
+  divide the hidden size, key / value heads that divide the heads."""
   for role in ("teacher", "student"):
     spec = getattr(config, role)
     if spec is None:   # teacher: null, checked by _check_sft
@@ -25,18 +112,50 @@ def check(config: Config) -> None:
     if (spec.path is None) == (spec.config is None):
       raise ConfigError(f"{role}: set exactly one of {role}.path (a model directory or hub id) "
                         f"and {role}.config (a transformers config to initialise randomly)")
+    if spec.config is not None:
+      _check_model_config(spec.config, f"{role}.config")
+    elif (pathlib.Path(spec.path) / "config.json").is_file():   # a hub id: checked on loading
+      try:
+        hf = json.loads((pathlib.Path(spec.path) / "config.json").read_text())
+      except (OSError, ValueError):   # unreadable: the model loader says so, naming the file
+        continue
+      _check_model_config(hf, f"{role}.path: {pathlib.Path(spec.path) / 'config.json'}")
   if config.teacher is not None and config.teacher.dropout is not None:
     raise ConfigError("teacher.dropout: the teacher never drops (it only gives targets); remove "
                       "it, or set student.dropout")
   if config.student.dropout is not None and not 0.0 <= config.student.dropout < 1.0:
     raise ConfigError(f"student.dropout={config.student.dropout}: must be in [0, 1) (null: the "
                       "checkpoint's own rates)")
+
+
+def _check_model_config(hf: Any, where: str) -> None:
+  # Imported here: the models import JAX and Flax, which config must not pull in at import time.
+  from csd_jax.models.families import IncompleteConfig, config_from_hf
+
+  if not isinstance(hf, dict):
+    raise ConfigError(f"{where}: expected a transformers config (a mapping with model_type)")
+  try:
+    config_from_hf(hf)
+  except IncompleteConfig:   # building the model names the key; a config read only for its
+    return                   # settings (stop ids) may leave out the model's shape
+  except UserError as error:
+    message = str(error)
+    prefix = f"{hf.get('model_type')} config: "   # the family's own prefix: `where` says it
+    raise ConfigError(f"{where}: {message.removeprefix(prefix)}") from error
+
+
+def _check_rules(config: Config) -> None:
+  """Rules that tie keys together."""
+  from csd_jax.losses import resolve
+
+  try:
+    resolve(config.loss.name, config.loss.params)
+  except ValueError as error:
+    raise ConfigError(f"loss: {error}") from error
   train = config.train
   if train.batch_size % train.grad_accum:
     raise ConfigError(f"train.batch_size={train.batch_size} does not divide into "
                       f"train.grad_accum={train.grad_accum} micro-batches")
-  if train.steps <= 0 and train.epochs <= 0:
-    raise ConfigError("set train.steps or train.epochs to a positive number")
   if config.data.max_prompt_length >= config.data.max_length:
     raise ConfigError(f"data.max_prompt_length={config.data.max_prompt_length} must be below "
                       f"data.max_length={config.data.max_length}")
@@ -53,10 +172,6 @@ def check(config: Config) -> None:
   if config.data.source == "minillm" and not config.data.minillm_dolly:
     raise ConfigError("data.source=minillm needs data.minillm_dolly: the directory of MiniLLM's "
                       "Dolly files (raw.jsonl, valid.jsonl; hub dataset MiniLLM/dolly)")
-  _check_sft(config)
-  _check_onpolicy(config)
-  _check_eval(config)
-  _check_mesh(config)
 
 
 def _check_mesh(config: Config) -> None:

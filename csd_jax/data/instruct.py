@@ -6,10 +6,10 @@ rendered with the MiniLLM / DistiLLM template, the tokenizer's chat template, or
 the token that follows position `t`, and -100 where that token is still part of the prompt.
 A response ends with the tokenizer's eos (minillm, none) or, with the chat template, as the
 template writes the assistant's turn up to its end-of-turn token (`chat.chat_response`: e.g.
-Qwen's `answer<|im_end|>`, without the newline the template writes after it). The
-prompt is cut to `max_prompt_length` (from the left, or keeping its start), the response from
-the right so that the
-whole sample fits `max_length`; what was cut and what was dropped is counted in `stats`.
+Qwen's `answer<|im_end|>`, without the newline the template writes after it). The prompt is cut
+to `max_prompt_length` (from the left, or keeping its start), the response from the right so
+that the whole sample fits `max_length`; what was cut, dropped or empty is counted in `stats`,
+and `truncation_warning` says which length to raise when much of it was cut.
 `TextTokenizer` cuts a pre-training text into windows with the same label convention.
 Padding, batching and packing are the loader's business, not this module's.
 """
@@ -75,14 +75,20 @@ def render_prompt(record: Mapping[str, str], template: str, tokenizer: Any = Non
   raise UserError(f"unknown prompt template {template!r}; expected one of {TEMPLATE_NAMES}")
 
 
+# A share of cut prompts (or responses) above which the data report warns.
+TRUNCATION_WARN_SHARE = 0.1
+
+
 @dataclasses.dataclass
 class TokenizeStats:
-  """Counts over the records seen: `samples` counts every record, dropped ones included."""
+  """Counts over the records seen: `samples` counts every record, dropped ones included;
+  `empty_responses` the kept ones whose response is empty (the end token is the only target)."""
 
   samples: int = 0
   prompts_truncated: int = 0
   responses_truncated: int = 0
   dropped_no_response: int = 0
+  empty_responses: int = 0
 
   def __add__(self, other: TokenizeStats) -> TokenizeStats:
     if not isinstance(other, TokenizeStats):
@@ -97,9 +103,33 @@ class TokenizeStats:
 
   def summary(self) -> str:
     """One line for the log."""
+    empty = (f", {self.empty_responses} with an empty response" if self.empty_responses
+             else "")
     return (f"{self.samples} records: {self.kept} kept, {self.prompts_truncated} prompts cut to"
             f" max_prompt_length, {self.responses_truncated} responses cut from the right,"
-            f" {self.dropped_no_response} dropped with no response token")
+            f" {self.dropped_no_response} dropped with no response token{empty}")
+
+  def warning(self, *, max_prompt_length: int, max_length: int) -> str | None:
+    """One line on what to fix, or None: more than `TRUNCATION_WARN_SHARE` of the prompts or
+    of the responses cut (the config key to raise), or any empty response."""
+    if not self.samples:
+      return None
+
+    def share(count: int) -> str:
+      return f"{count} of {self.samples} ({count / self.samples:.0%})"
+
+    problems = []
+    if self.prompts_truncated > TRUNCATION_WARN_SHARE * self.samples:
+      problems.append(f"{share(self.prompts_truncated)} prompts cut to {max_prompt_length} "
+                      "tokens: raise data.max_prompt_length (and data.max_length with it)")
+    if self.responses_truncated > TRUNCATION_WARN_SHARE * self.samples:
+      problems.append(f"{share(self.responses_truncated)} responses cut to fit {max_length} "
+                      "tokens: raise data.max_length")
+    empty = self.empty_responses + self.dropped_no_response
+    if empty:
+      problems.append(f"{share(empty)} records have an empty response (the student learns to "
+                      "stop at once): remove them from the data")
+    return "; ".join(problems) or None
 
 
 def _token_id(tokenizer: Any, name: str) -> int | None:
@@ -197,10 +227,17 @@ class InstructionTokenizer:
     if not response:
       self.stats.dropped_no_response += 1
       return None
+    if not record["response"].strip():
+      self.stats.empty_responses += 1
     full = np.asarray(prompt + response, dtype=np.int32)
     labels = full[1:].copy()
     labels[:max(len(prompt) - 1, 0)] = IGNORE_INDEX   # targets still inside the prompt
     return {"input_ids": full[:-1], "labels": labels}
+
+  def truncation_warning(self) -> str | None:
+    """`stats.warning` with this tokenizer's lengths (see `TokenizeStats.warning`)."""
+    return self.stats.warning(max_prompt_length=self.max_prompt_length,
+                              max_length=self.max_length)
 
 
 class TextTokenizer:

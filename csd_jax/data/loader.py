@@ -12,7 +12,8 @@ rounded up to a multiple of `bucket_multiple` (capped at `max_length`), or `max_
 packing. `get_state()` / `set_state()` save and restore the position exactly: the restored
 loader yields the same next batches. At construction the loader logs (logger "csd_jax.data") how
 many records it has and, for an encoder that counts (`instruct.InstructionTokenizer.stats`), how
-many are dropped or truncated by tokenisation.
+many are dropped, truncated or empty after tokenisation: one info line, and a warning naming the
+config key to raise when many are cut (`InstructionTokenizer.truncation_warning`).
 """
 
 from __future__ import annotations
@@ -225,6 +226,9 @@ def _log_tokenize_stats(source: Sequence[Any], encode: Callable[[Mapping[str, st
   else:
     logger.info("%s: %d records; tokenising an evenly spaced sample of %s", name, total,
                 scan.stats.summary())
+  warning = getattr(scan, "truncation_warning", None)
+  if warning is not None and (text := warning()):
+    logger.warning("%s: %s", name, text)
 
 
 def _jsonable(value: Any) -> Any:

@@ -29,15 +29,22 @@ def read_json_records(path: str | os.PathLike) -> Iterator[tuple[str, Mapping[st
   suffix = path.suffix.lower()
   if suffix == ".parquet":
     try:
+      import pyarrow
       import pyarrow.parquet as pq
     except ImportError as error:
       raise UserError(f"{path}: reading Parquet needs pyarrow (pip install pyarrow)") from error
-    for i, row in enumerate(pq.read_table(path).to_pylist()):
+    try:
+      table = pq.read_table(path)
+    except (pyarrow.ArrowException, OSError) as error:
+      raise UserError(f"{path}: not a readable Parquet file ({_first_line(error)}); it is "
+                      "corrupt or cut short: write or download it again") from error
+    for i, row in enumerate(table.to_pylist()):
       yield f"{path.name}:{i}", row
     return
   if suffix == ".json":
+    raw = path.read_bytes()
     try:
-      data = json.loads(path.read_text(encoding="utf-8"))
+      data = json.loads(_utf8(raw, path, 1))
     except json.JSONDecodeError as error:
       raise UserError(f"{path}:{error.lineno}: not valid JSON ({error.msg}); fix the file, or "
                       "name it .jsonl if it holds one record a line") from error
@@ -48,11 +55,31 @@ def read_json_records(path: str | os.PathLike) -> Iterator[tuple[str, Mapping[st
     for i, row in enumerate(rows):
       yield f"{path.name}:{i}", row
     return
-  with open(path, encoding="utf-8") as f:
-    for line_number, line in enumerate(f, 1):
+  # Bytes, decoded a line at a time: a bad byte's error names its line.
+  with open(path, "rb") as f:
+    for line_number, raw_line in enumerate(f, 1):
+      line = _utf8(raw_line, path, line_number)
       if line.strip():
         try:
           yield f"{path.name}:{line_number}", json.loads(line)
         except json.JSONDecodeError as error:
           raise UserError(f"{path}:{line_number}: not valid JSON ({error.msg}); write one JSON "
                           "object a line") from error
+
+
+def _utf8(raw: bytes, path: pathlib.Path, line_number: int) -> str:
+  """`raw` (the text from line `line_number` on) as UTF-8, without a byte-order mark.
+
+  Raises:
+    UserError: naming the file, the line and the byte, when `raw` is not UTF-8.
+  """
+  try:
+    return raw.decode("utf-8-sig" if line_number == 1 else "utf-8")
+  except UnicodeDecodeError as error:
+    line = line_number + raw[:error.start].count(b"\n")
+    raise UserError(f"{path}:{line}: not UTF-8 (byte 0x{raw[error.start]:02x}); convert the "
+                    "file to UTF-8, e.g. iconv -f latin1 -t utf-8") from None
+
+
+def _first_line(error: Exception) -> str:
+  return (str(error).strip().splitlines() or [type(error).__name__])[0]

@@ -16,6 +16,7 @@ import pathlib
 from typing import Any
 
 from csd_jax.data.chat import run_model_stop_ids, stop_ids
+from csd_jax.errors import UserError
 from csd_jax.models import save_pretrained
 from csd_jax.run import open_run
 
@@ -28,13 +29,32 @@ def export(workdir: str | pathlib.Path, out: str | pathlib.Path, *, best: bool =
   (out, the checkpoint's step).
 
   Raises:
-    UserError: no config.yaml or no readable checkpoint in `workdir`.
+    UserError: `out` is a file, or a directory of something other than a model; no config.yaml
+      or no readable checkpoint in `workdir`. Checked before anything is written.
   """
+  check_out_dir(out, "--out")
   run = open_run(workdir, best=best)
   save_pretrained(run.student, out, run.tokenizer)
   _write_generation_config(pathlib.Path(out), run.config, run.tokenizer)
   logger.info("exported the student of step %d to %s", run.step, out)
   return pathlib.Path(out), run.step
+
+
+def check_out_dir(out: str | pathlib.Path, option: str) -> None:
+  """`out` can become a model directory: absent, empty, or a model directory already (written
+  over); not a file, and not a directory of other files (a workdir, a home), which an export
+  would litter.
+
+  Raises:
+    UserError: naming `option` and the path.
+  """
+  out = pathlib.Path(out)
+  if out.exists() and not out.is_dir():
+    raise UserError(f"{option} {out}: is a file, not a directory; name a new directory (or a "
+                    "model directory to write over)")
+  if out.is_dir() and any(out.iterdir()) and not (out / "config.json").is_file():
+    raise UserError(f"{option} {out}: a directory that holds other files than a model; name a "
+                    "new or empty directory")
 
 
 def _write_generation_config(out: pathlib.Path, config: Any, tokenizer: Any) -> None:

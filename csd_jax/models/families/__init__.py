@@ -29,6 +29,10 @@ def _discover() -> dict[str, Family]:
   return dict(sorted(found.items()))
 
 
+class IncompleteConfig(UserError):
+  """A transformers config that lacks a key its family needs (named in the message)."""
+
+
 FAMILIES: dict[str, Family] = _discover()
 SUPPORTED_FAMILIES = tuple(FAMILIES)
 
@@ -50,12 +54,19 @@ def config_from_hf(hf_config: Any, *, dtype: Any = jnp.float32, param_dtype: Any
   """A `ModelConfig` from a transformers config (dict, `PretrainedConfig` or its JSON dict).
 
   Raises:
+    IncompleteConfig: a key the family needs is missing.
     UserError: an unsupported `model_type`, or a setting of it the port does not implement.
   """
   hf = dict(hf_config.to_dict() if hasattr(hf_config, "to_dict") else hf_config)
-  fields = family(hf.get("model_type")).config_fields(hf)
+  model = family(hf.get("model_type"))
+  try:   # the readers index the keys every config of the family has
+    fields = model.config_fields(hf)
+    vocab_size = hf["vocab_size"]
+  except KeyError as error:
+    raise IncompleteConfig(f"{model.model_type} config: no {error.args[0]!r}; add it (a "
+                           f"{model.architecture} config.json has it)") from None
   cfg = ModelConfig(
-      family=hf["model_type"], vocab_size=hf["vocab_size"], bos_token_id=hf.get("bos_token_id"),
+      family=hf["model_type"], vocab_size=vocab_size, bos_token_id=hf.get("bos_token_id"),
       eos_token_id=hf.get("eos_token_id"), pad_token_id=hf.get("pad_token_id"),
       final_logit_softcap=hf.get("final_logit_softcapping"), dtype=dtype,
       param_dtype=param_dtype or jnp.float32, hf_config=hf, **fields)

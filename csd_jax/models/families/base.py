@@ -73,6 +73,37 @@ def refuse(hf: HFConfig, message: str) -> UserError:
   return UserError(f"{hf.get('model_type')} config: {message}")
 
 
+def _divisors_near(n: int, near: int) -> str:
+  """The divisors of `n` closest to `near` (at most three, ascending), for a hint."""
+  divisors = sorted((d for d in range(1, n + 1) if n % d == 0), key=lambda d: (abs(d - near), d))
+  return ", ".join(str(d) for d in sorted(divisors[:3]))
+
+
+def check_heads(hf: HFConfig, *, hidden: str, heads: str, kv_heads: str | None = None,
+                head_dim: str | None = None) -> None:
+  """The attention shape adds up: `heads` divides `hidden` (unless the config gives `head_dim`:
+  then heads x head_dim need not equal it), and `kv_heads` (grouped-query attention) divides
+  `heads`. Otherwise the model trains with a cut head and transformers refuses the export.
+
+  Raises:
+    UserError: naming the keys and valid values.
+  """
+  optional = [key for key in (kv_heads, head_dim) if key and hf.get(key) is not None]
+  for key in (hidden, heads, *optional):
+    value = hf[key]   # a missing hidden / heads key: config_from_hf names it
+    if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 1:
+      raise refuse(hf, f"{key}={value!r}: must be a positive integer")
+  n = hf[heads]
+  if head_dim not in optional and hf[hidden] % n:
+    raise refuse(hf, f"{heads}={n} does not divide {hidden}={hf[hidden]} (each head gets "
+                 f"{hidden} / {heads} dimensions); use {heads} = one of "
+                 f"{_divisors_near(hf[hidden], n)}")
+  k = hf.get(kv_heads) if kv_heads else None
+  if k is not None and n % k:
+    raise refuse(hf, f"{kv_heads}={k} does not divide {heads}={n} (each key / value head serves "
+                 f"a group of query heads); use {kv_heads} = one of {_divisors_near(n, k)}")
+
+
 def rope_parameters(hf: HFConfig, layer_type: str = FULL) -> tuple[float | None, dict | None]:
   """(rope_theta or None when unset, rope_scaling or None) of a layer type, in transformers 4
   or 5 layout.
@@ -109,6 +140,8 @@ def layer_types(hf: HFConfig, num_layers: int, default: tuple[str, ...]) -> tupl
 
 def llama_fields(hf: HFConfig) -> dict[str, Any]:
   """The fields every LLaMA-style config spells the same way."""
+  check_heads(hf, hidden="hidden_size", heads="num_attention_heads",
+              kv_heads="num_key_value_heads", head_dim="head_dim")
   heads = hf["num_attention_heads"]
   bias = bool(hf.get("attention_bias", False))
   theta, scaling = rope_parameters(hf)

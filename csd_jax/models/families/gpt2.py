@@ -7,10 +7,12 @@ from typing import Any
 import numpy as np
 
 from csd_jax.models.config import ModelConfig
-from csd_jax.models.families.base import Family, HFConfig, WeightEntry, get, same
+from csd_jax.models.families.base import (Family, HFConfig, WeightEntry, check_heads, get,
+                                          same)
 
 
 def config_fields(hf: HFConfig) -> dict[str, Any]:
+  check_heads(hf, hidden="n_embd", heads="n_head")
   hidden = hf["n_embd"]
   return dict(
       hidden_size=hidden, num_layers=hf["n_layer"], num_heads=hf["n_head"],

@@ -33,18 +33,29 @@ INDEX_FILE = "model.safetensors.index.json"
 def _read_header(path: pathlib.Path) -> tuple[int, dict]:
   with open(path, "rb") as f:
     raw = f.read(8)
+    if raw.startswith(b"version "):   # "version https://git-lfs.github.com/spec/v1"
+      raise UserError(f"{path}: a Git LFS pointer, not the weights; fetch them (git lfs pull) "
+                      "or download the model again")
     if len(raw) != 8:
-      raise UserError(f"{path}: not a safetensors file (too short); replace it with the "
-                      "model's real weights")
+      raise UserError(f"{path}: not a safetensors file ({len(raw)} bytes); it is corrupt or "
+                      "cut short: download or save it again")
     (length,) = struct.unpack("<Q", raw)
-    if length > os.path.getsize(path):
+    if 8 + length > os.path.getsize(path):
       raise UserError(f"{path}: not a safetensors file (bad header length); it is corrupt or"
                       " cut short: download or save it again")
     try:
       header = json.loads(f.read(length))
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
-      raise UserError(f"{path}: not a safetensors file (unreadable header); download or save it"
-                      " again") from error
+      # The largest end offset: the data must reach it (a cut file ends before).
+      end = int(max((info["data_offsets"][1] for name, info in header.items()
+                     if name != "__metadata__"), default=0))
+    except (UnicodeDecodeError, json.JSONDecodeError, AttributeError, KeyError, TypeError,
+            IndexError, ValueError) as error:
+      raise UserError(f"{path}: not a safetensors file (unreadable header); it is corrupt or "
+                      "cut short: download or save it again") from error
+  size = os.path.getsize(path)
+  if 8 + length + end > size:
+    raise UserError(f"{path}: truncated safetensors file ({size} bytes, its header needs "
+                    f"{8 + length + end}); it is corrupt or cut short: download or save it again")
   return 8 + length, header
 
 
