@@ -1,7 +1,8 @@
 """The `csd-jax` command line: parses arguments and dispatches to the sub-commands.
 
 A `UserError` (bad input a user can fix: a config key, a path, a mesh) is printed in one line
-and the command exits with status 2; any other exception is a bug and keeps its traceback.
+and the command exits with status 2; Ctrl-C exits 130 (training saves first); any other
+exception is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
@@ -102,6 +103,9 @@ def main(argv: Sequence[str] | None = None) -> int:
   except UserError as error:  # anything else is a bug: its traceback is shown
     print(f"csd-jax {args.command}: {error}", file=sys.stderr)
     return 2
+  except KeyboardInterrupt:   # Ctrl-C outside training's own handler (start-up, eval, export)
+    print(f"csd-jax {args.command}: interrupted", file=sys.stderr)
+    return 130
 
 
 # The commands import their modules when they run: `csd-jax --help` should not start JAX.
@@ -128,8 +132,8 @@ def _train(args: argparse.Namespace) -> int:
   from csd_jax.train.loop import train
 
   distributed.initialize()
-  train(config, args.workdir)
-  return 0
+  result = train(config, args.workdir)
+  return 130 if result.interrupted else 0   # Ctrl-C: saved, and told as the shell expects
 
 
 def _export(args: argparse.Namespace) -> int:

@@ -199,7 +199,8 @@ def run(workdir: str | pathlib.Path = "workdirs/demo", *, teacher: str = "smollm
       f"data.data_dir={workdir / 'tfds'}", *([f"train.steps={steps}"] if steps else []),
       *overrides])
   run_dir = workdir / f"run_{loss}"
-  train(config, run_dir)
+  if train(config, run_dir).interrupted:   # Ctrl-C: saved; `csd-jax demo` again continues
+    raise KeyboardInterrupt
   results["after"] = measure(open_run(run_dir).student)  # as export and eval will see it
   print(f"\n{'student':<10}{'ROUGE-L':>10}{'CSD':>10}{'KL(p||q)':>10}   (held-out, "
         f"{num_eval} prompts; ROUGE-L against the teacher's answers)")
