@@ -1,0 +1,202 @@
+"""Checksums of a checkpoint's files: written once a step is committed, checked before a restore.
+
+Orbax notices a checkpoint whose files are missing or unparseable, but not one whose array bytes
+changed: a byte flipped inside an OCDBT data file restores, without a word, into a wrong weight
+or optimizer moment. So every process lists, in `<step>/checksums.process_<i>.json`, the size
+and CRC-32 of the files it wrote; a restore first checks them.
+
+Who wrote what follows Orbax's layout: a path with a component named `process_<i>` or
+`*.process_<i>` (`state/ocdbt.process_1/...`, `state/array_metadatas/process_1`) is process i's
+shards; everything else (the step and item metadata, the merged OCDBT root, the JSON items) is
+written by the primary process, 0. Each file is hashed once, by the process that wrote it and
+has it in its page cache.
+
+The lists are plain files at the top of the step directory: Orbax's composite handler takes
+only directories for items, and a step's name and commit never depend on them. Each is written
+to a dot-named temporary file, flushed to disk and renamed, so a list is whole or absent.
+
+CRC-32 (zlib) is chosen by `bench/checkpoint_checksums.py`: on a 0.9 GB checkpoint it hashes
+2.2 GB/s from the page cache (sha256 1.2, blake2b 0.6), 0.13x the time Orbax takes to restore
+it. It catches what happens to files at rest (truncation, torn writes, flipped bits), missing a
+random change with a 2^-32 chance; there is no adversary to resist.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import pathlib
+import re
+import zlib
+from collections.abc import Callable
+from typing import Any
+
+LIST_PREFIX, LIST_SUFFIX = "checksums.process_", ".json"
+ALGORITHM = "crc32"
+FORMAT = 1
+_CHUNK = 8 << 20      # large reads: zlib and hashlib release the GIL on big buffers
+_OWNER = re.compile(r"(?:^|\.)process_(\d+)$")
+
+
+class _Crc32:
+  """zlib.crc32 behind hashlib's update/hexdigest."""
+
+  def __init__(self) -> None:
+    self.value = 0
+
+  def update(self, data: Any) -> None:
+    self.value = zlib.crc32(data, self.value)
+
+  def hexdigest(self) -> str:
+    return f"{self.value:08x}"
+
+
+ALGORITHMS: dict[str, Callable[[], Any]] = {
+    "crc32": _Crc32, "sha256": hashlib.sha256, "blake2b": hashlib.blake2b}
+
+
+def hash_file(path: pathlib.Path, algorithm: str = ALGORITHM) -> str:
+  """The hex digest of the file's bytes."""
+  hasher = ALGORITHMS[algorithm]()
+  buffer = bytearray(_CHUNK)
+  view = memoryview(buffer)
+  with open(path, "rb", buffering=0) as f:
+    while n := f.readinto(buffer):
+      hasher.update(view[:n])
+  return hasher.hexdigest()
+
+
+def owner(relative: str) -> int:
+  """The process that writes the file at `relative` (a path inside the step directory)."""
+  for part in reversed(pathlib.PurePosixPath(relative).parts):
+    if m := _OWNER.search(part):
+      return int(m.group(1))
+  return 0
+
+
+def _list_name(process: int) -> str:
+  return f"{LIST_PREFIX}{process}{LIST_SUFFIX}"
+
+
+def _is_list(name: str) -> bool:
+  """Our lists and their temporaries: never hashed themselves."""
+  return name.lstrip(".").startswith(LIST_PREFIX)
+
+
+def step_files(step_dir: pathlib.Path) -> list[str]:
+  """Every file in the step directory (relative POSIX paths), our lists left out."""
+  found = []
+  for root, _, names in os.walk(step_dir):
+    for name in names:
+      if not _is_list(name):
+        found.append(pathlib.Path(root, name).relative_to(step_dir).as_posix())
+  return sorted(found)
+
+
+def write_checksums(step_dir: pathlib.Path, process: int, process_count: int,
+                    algorithm: str = ALGORITHM) -> pathlib.Path:
+  """Hash the files of the committed step `step_dir` that `process` wrote, and write their
+  list atomically. Returns the list's path."""
+  files = {rel: [(step_dir / rel).stat().st_size, hash_file(step_dir / rel, algorithm)]
+           for rel in step_files(step_dir) if owner(rel) == process}
+  document = {"format": FORMAT, "algorithm": algorithm, "process": process,
+              "process_count": process_count, "files": files}
+  final = step_dir / _list_name(process)
+  temporary = step_dir / f".{final.name}.tmp-{os.getpid()}"
+  with open(temporary, "w") as f:
+    json.dump(document, f)
+    f.flush()
+    os.fsync(f.fileno())  # a power cut must not leave a list that names no file
+  os.replace(temporary, final)
+  try:  # the rename itself, on disk
+    directory = os.open(step_dir, os.O_RDONLY)
+    try:
+      os.fsync(directory)
+    finally:
+      os.close(directory)
+  except OSError:
+    pass
+  return final
+
+
+@dataclasses.dataclass(frozen=True)
+class Verdict:
+  """What the checksums say about a step. `damage`: why it must not be restored (one line);
+  `unverified`: why some or all of it could not be checked (it may still be restored)."""
+  damage: str | None = None
+  unverified: str | None = None
+
+
+def _read_lists(step_dir: pathlib.Path) -> tuple[dict[str, tuple[int, str, str]], str | None]:
+  """{file: (bytes, algorithm, digest)} from every list in the step, and what is not covered."""
+  lists = sorted(p for p in step_dir.glob(f"{LIST_PREFIX}*{LIST_SUFFIX}"))
+  if not lists:
+    return {}, ("it has no checksums (saved by an older csd-jax, or the run stopped between the "
+                "checkpoint's commit and its checksums)")
+  entries: dict[str, tuple[int, str, str]] = {}
+  present, expected, unreadable = set(), 1, []
+  for path in lists:
+    present.add(path.name[len(LIST_PREFIX):-len(LIST_SUFFIX)])
+    try:  # a list is renamed into place whole; one that does not parse checks nothing
+      document = json.loads(path.read_text())
+      for rel, (size, digest) in document["files"].items():
+        entries[rel] = (int(size), document["algorithm"], str(digest))
+      expected = max(expected, int(document["process_count"]))
+    except (OSError, ValueError, KeyError, TypeError):
+      unreadable.append(path.name)
+  gaps = [f"unreadable checksum lists {', '.join(unreadable)}"] if unreadable else []
+  if missing := [str(i) for i in range(expected) if str(i) not in present]:
+    gaps.append(f"no checksums from process(es) {', '.join(missing)}")
+  return entries, ("; ".join(gaps) or None)
+
+
+def _check(step_dir: pathlib.Path, rel: str, size: int, algorithm: str, digest: str
+           ) -> str | None:
+  path = step_dir / rel
+  try:
+    actual = path.stat().st_size
+    if actual != size:
+      return f"{rel} has {actual} bytes, {size} were saved"
+    if algorithm not in ALGORITHMS:
+      return None  # a newer csd-jax's hash: not checkable here, not evidence of damage
+    if hash_file(path, algorithm) != digest:
+      return f"{rel} does not match its {algorithm} checksum"
+  except FileNotFoundError:
+    return f"{rel} is missing"
+  except OSError as error:
+    return f"{rel} cannot be read ({error.strerror or error})"
+  return None
+
+
+def gather(obj: Any) -> list[Any]:
+  """`obj` (JSON-able) of every process, in process order (a host-level all-gather)."""
+  import jax
+
+  if jax.process_count() == 1:
+    return [obj]
+  import numpy as np
+  from jax.experimental import multihost_utils
+
+  data = np.frombuffer(json.dumps(obj).encode(), np.uint8)
+  sizes = multihost_utils.process_allgather(np.int32(data.size))
+  padded = np.zeros(int(np.max(sizes)), np.uint8)
+  padded[:data.size] = data
+  gathered = multihost_utils.process_allgather(padded)
+  return [json.loads(bytes(gathered[i][:int(sizes[i])]).decode()) for i in range(len(sizes))]
+
+
+def verify(step_dir: pathlib.Path, process: int = 0, process_count: int = 1,
+           gather: Callable[[Any], list[Any]] = gather) -> Verdict:
+  """Check the step's files against its lists. With several processes, each checks every
+  `process_count`-th file (the checkpoint is read once in all) and `gather` (an all-gather of
+  JSON-able values, in process order) gives every process the same verdict."""
+  entries, unverified = _read_lists(step_dir)
+  damage = None
+  for rel in sorted(entries)[process::process_count]:
+    if damage := _check(step_dir, rel, *entries[rel]):
+      break
+  if process_count > 1:
+    damage = next((d for d in gather(damage) if d), None)
+  return Verdict(damage, unverified)
