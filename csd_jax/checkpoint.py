@@ -35,6 +35,7 @@ import jax
 import orbax.checkpoint as ocp
 
 from csd_jax import checkpoint_integrity as integrity
+from csd_jax.distributed import from_every_process
 from csd_jax.state import TrainState
 
 logger = logging.getLogger("csd_jax.checkpoint")
@@ -161,8 +162,12 @@ class Checkpointer:
                                        name=f"checksums-{step}")
     self._checksums.start()
     if wait:
-      self.manager.wait_until_finished()
-      self._wait_for_checksums()
+      self.wait()
+
+  def wait(self) -> None:
+    """Until the save in flight is committed and its checksums are written."""
+    self.manager.wait_until_finished()
+    self._wait_for_checksums()
 
   def _write_checksums(self, step: int) -> None:
     """Once `step` is committed on every process (the manager's finalize: commit, rename,
@@ -225,7 +230,7 @@ class Checkpointer:
       except Exception as exc:  # noqa: BLE001 (any unreadable checkpoint: fall back)
         error = _one_line(exc)
         _filter_closed_loop_errors()
-      if error := next((e for e in integrity.gather(error) if e), None):
+      if error := next((e for e in from_every_process(error) if e), None):
         failed.append((step, error))
         continue
       self._set_aside(damaged + failed, move_aside)
@@ -255,7 +260,7 @@ class Checkpointer:
       stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
       mine = ({str(step): self._move(step, stamp) for step, _ in unreadable}
               if jax.process_index() == 0 else {})
-      actions = {int(step): action for step, action in integrity.gather(mine)[0].items()}
+      actions = {int(step): action for step, action in from_every_process(mine)[0].items()}
       self._reload()  # after process 0's renames: the gather waited for them
     for step, reason in sorted(unreadable, reverse=True):
       then = ("no older checkpoint is left" if step == oldest
@@ -291,6 +296,5 @@ class Checkpointer:
     return self.manager.reached_preemption(step)
 
   def close(self) -> None:
-    self.manager.wait_until_finished()
-    self._wait_for_checksums()
+    self.wait()
     self.manager.close()

@@ -33,6 +33,8 @@ import zlib
 from collections.abc import Callable
 from typing import Any
 
+from csd_jax.distributed import from_every_process
+
 LIST_PREFIX, LIST_SUFFIX = "checksums.process_", ".json"
 ALGORITHM = "crc32"
 FORMAT = 1
@@ -170,25 +172,8 @@ def _check(step_dir: pathlib.Path, rel: str, size: int, algorithm: str, digest: 
   return None
 
 
-def gather(obj: Any) -> list[Any]:
-  """`obj` (JSON-able) of every process, in process order (a host-level all-gather)."""
-  import jax
-
-  if jax.process_count() == 1:
-    return [obj]
-  import numpy as np
-  from jax.experimental import multihost_utils
-
-  data = np.frombuffer(json.dumps(obj).encode(), np.uint8)
-  sizes = multihost_utils.process_allgather(np.int32(data.size))
-  padded = np.zeros(int(np.max(sizes)), np.uint8)
-  padded[:data.size] = data
-  gathered = multihost_utils.process_allgather(padded)
-  return [json.loads(bytes(gathered[i][:int(sizes[i])]).decode()) for i in range(len(sizes))]
-
-
 def verify(step_dir: pathlib.Path, process: int = 0, process_count: int = 1,
-           gather: Callable[[Any], list[Any]] = gather) -> Verdict:
+           gather: Callable[[Any], list[Any]] = from_every_process) -> Verdict:
   """Check the step's files against its lists. With several processes, each checks every
   `process_count`-th file (the checkpoint is read once in all) and `gather` (an all-gather of
   JSON-able values, in process order) gives every process the same verdict."""

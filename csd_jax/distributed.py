@@ -10,10 +10,13 @@ On CPU, collectives between processes go through gloo.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+from typing import Any
 
 import jax
+import numpy as np
 
 from csd_jax.errors import UserError
 
@@ -48,3 +51,17 @@ def initialize() -> None:
     return
   logger.info("process %d of %d, %d local / %d global devices", jax.process_index(),
               jax.process_count(), jax.local_device_count(), jax.device_count())
+
+
+def from_every_process(obj: Any) -> list[Any]:
+  """`obj` (JSON-able) of every process, in process order (a host-level all-gather)."""
+  if jax.process_count() == 1:
+    return [obj]
+  from jax.experimental import multihost_utils
+
+  data = np.frombuffer(json.dumps(obj).encode(), np.uint8)
+  sizes = multihost_utils.process_allgather(np.int32(data.size))
+  padded = np.zeros(int(np.max(sizes)), np.uint8)
+  padded[:data.size] = data
+  gathered = multihost_utils.process_allgather(padded)
+  return [json.loads(bytes(gathered[i][:int(sizes[i])]).decode()) for i in range(len(sizes))]

@@ -208,7 +208,7 @@ def open_run(workdir: str | pathlib.Path, *, teacher: bool = False,
   graphdef, template = train_state_template(config, build_student(config, mesh), mesh)
   checkpointer = (Checkpointer(workdir, best_metric=selection_metric(config)) if best
                   else Checkpointer(workdir, keep=config.checkpoint.keep))
-  restored = checkpointer.restore_latest(template)
+  restored = checkpointer.restore_latest(template, move_aside=False)  # read-only: never moves
   if restored is None and best:
     raise UserError(f"no best checkpoint in {checkpointer.directory}: model selection keeps one "
                     "when eval.select names an eval.datasets entry; use the latest checkpoint "

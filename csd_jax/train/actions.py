@@ -30,6 +30,7 @@ import numpy as np
 
 from csd_jax.checkpoint import Checkpointer
 from csd_jax.config import to_dict
+from csd_jax.distributed import from_every_process
 from csd_jax.errors import UserError
 from csd_jax.metrics import ProgressBar, mfu, peak_flops_per_device
 from csd_jax.state import TrainState, all_finite
@@ -88,7 +89,7 @@ class NonFinite:
       logger.warning("step %d: the loss or the gradients are not finite (NaN / inf); the update "
                      "was skipped", step)
     if self.streak >= self.limit:
-      self.checkpointer.manager.wait_until_finished()   # a save in flight counts
+      self.checkpointer.wait()   # a save in flight counts
       saved = self.checkpointer.steps()
       raise UserError(
           f"step {step}: {self.streak} updates in a row were not finite and were skipped "
@@ -240,20 +241,6 @@ class GenerationEval:
 
 # ---- checkpoints: save, preemption, resume ---------------------------------------------------
 
-def _from_every_process(obj: Any) -> list[Any]:
-  """`obj` (JSON-able) of every process, in process order (a host-level all-gather)."""
-  if jax.process_count() == 1:
-    return [obj]
-  from jax.experimental import multihost_utils
-
-  data = np.frombuffer(json.dumps(obj).encode(), np.uint8)
-  sizes = multihost_utils.process_allgather(np.int32(data.size))
-  padded = np.zeros(int(np.max(sizes)), np.uint8)
-  padded[:data.size] = data
-  gathered = multihost_utils.process_allgather(padded)
-  return [json.loads(bytes(gathered[i][:int(sizes[i])]).decode()) for i in range(len(sizes))]
-
-
 @jax.jit
 def _state_is_finite(state: TrainState) -> jax.Array:
   return all_finite((state.params, state.opt_state))
@@ -275,7 +262,7 @@ class Save:
     inputs = self.trainer.inputs
     mine = {"train": inputs.train.get_state(),
             **({"lm": inputs.lm.get_state()} if inputs.lm is not None else {})}
-    self.checkpointer.save(step, state, {"per_process": _from_every_process(mine)},
+    self.checkpointer.save(step, state, {"per_process": from_every_process(mine)},
                            to_dict(self.trainer.config), wait=wait, metrics=metrics)
 
   def preempted(self, done: int, state: TrainState) -> None:
