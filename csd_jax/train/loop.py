@@ -11,12 +11,14 @@ files.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import math
 import os
 import pathlib
 import shutil
+from collections.abc import Iterator
 from typing import Any
 
 import jax
@@ -29,6 +31,7 @@ from csd_jax.config import Config, resolve_paths, to_dict
 from csd_jax.errors import UserError
 from csd_jax.metrics import MetricsWriter
 from csd_jax.data.inputs import Inputs, build_inputs
+from csd_jax.distributed import from_every_process
 from csd_jax.run import Models, build_models, resolve_tokenizer, train_state_template
 from csd_jax.sharding import data_parallel_size, make_mesh, resolve_rules
 from csd_jax.state import TrainState, make_optimizer
@@ -167,9 +170,29 @@ def train(config: Config, workdir: str | pathlib.Path) -> RunResult:
     raise storage_error(reason, workdir, workdir / CHECKPOINTS) from None
 
 
+@contextlib.contextmanager
+def _one_run(workdir: pathlib.Path) -> Iterator[None]:
+  """W/.lock, held by process 0 for the run. Every process learns whether process 0 was
+  refused (the others would otherwise wait for it in their first collective, for ever)."""
+  lock, refused = WorkdirLock(workdir), None
+  try:
+    lock.__enter__()
+  except UserError as error:
+    refused = str(error)
+  if jax.process_count() > 1:
+    refused = next((r for r in from_every_process(refused) if r), None)
+  if refused:
+    lock.release()
+    raise UserError(refused)
+  try:
+    yield
+  finally:
+    lock.__exit__(None, None, None)
+
+
 def _train(config: Config, workdir: pathlib.Path, is_main: bool) -> RunResult:
   # One run per workdir (W/.lock); signals caught before anything compiles (Preemption).
-  with (WorkdirLock(workdir), actions.Preemption(config.train.log_every) as preemption,
+  with (_one_run(workdir), actions.Preemption(config.train.log_every) as preemption,
         compile_cache.enabled(config.train.compile_cache, workdir) as compiled):
     trainer = build_trainer(config)
     _check_positions(config, trainer.models)
