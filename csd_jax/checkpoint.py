@@ -36,6 +36,7 @@ import orbax.checkpoint as ocp
 
 from csd_jax import checkpoint_integrity as integrity
 from csd_jax.distributed import from_every_process
+from csd_jax.logs import quiet_closed_loop_errors
 from csd_jax.state import TrainState
 
 logger = logging.getLogger("csd_jax.checkpoint")
@@ -99,27 +100,6 @@ def _quiet_orbax(what: str) -> Iterator[None]:
       noisy.handlers, noisy.propagate = handlers, propagate
     if text := buffer.getvalue():
       logger.debug("Orbax's output while %s:\n%s", what, text)
-
-
-class _ClosedLoopFilter:
-  """An `sys.unraisablehook` that sends the "Event loop is closed" errors to the debug log and
-  everything else to the hook it wraps. A failed restore leaves TensorStore reads in flight;
-  their callbacks can land after `_quiet_orbax` has ended, on a loop that no longer exists.
-  Such an error never means anything to the user, so the filter stays once installed."""
-
-  def __init__(self, wrapped: Any):
-    self.wrapped = wrapped
-
-  def __call__(self, args: Any) -> None:
-    if isinstance(args.exc_value, RuntimeError) and str(args.exc_value) == "Event loop is closed":
-      logger.debug("a late TensorStore callback after a failed restore: %s", args.exc_value)
-      return
-    self.wrapped(args)
-
-
-def _filter_closed_loop_errors() -> None:
-  if not isinstance(sys.unraisablehook, _ClosedLoopFilter):
-    sys.unraisablehook = _ClosedLoopFilter(sys.unraisablehook)
 
 
 class Checkpointer:
@@ -229,7 +209,7 @@ class Checkpointer:
               state=ocp.args.StandardRestore(target), loader=ocp.args.JsonRestore()))
       except Exception as exc:  # noqa: BLE001 (any unreadable checkpoint: fall back)
         error = _one_line(exc)
-        _filter_closed_loop_errors()
+        quiet_closed_loop_errors()
       if error := next((e for e in from_every_process(error) if e), None):
         failed.append((step, error))
         continue

@@ -40,3 +40,40 @@ def test_no_third_party_banners(tmp_path):
   assert result.returncode == 0, output
   assert result.stdout.splitlines() == ["records 2", "records 2"], output
   assert not [banner for banner in _BANNERS if banner in output], output
+
+
+_WAKEUP_SCRIPT = textwrap.dedent("""
+    import asyncio, gc
+    from csd_jax.logs import setup_logging
+
+    class Wakeup:  # Python reports an error raised in __del__ as unraisable, as it does an
+      def __init__(self, call):  # error raised in TensorStore's C++ callbacks
+        self.call = call
+      def __del__(self):
+        self.call()
+
+    setup_logging()
+    loop = asyncio.new_event_loop()
+    loop.close()
+    Wakeup(lambda: loop.call_soon_threadsafe(print))  # after a failed save closed Orbax's loop
+    def real_error():
+      raise ValueError("a real error keeps its traceback")
+    Wakeup(real_error)
+    gc.collect()
+    import errno, logging
+    full = OSError(errno.ENOSPC, "No space left on device")
+    logging.getLogger("asyncio").error("Task exception was never retrieved",
+                                       exc_info=(OSError, full, None))
+    logging.getLogger("asyncio").error("Task exception was never retrieved",
+                                       exc_info=(KeyError, KeyError("a bug"), None))
+""")
+
+
+def test_a_closed_event_loop_woken_after_a_failed_save_prints_nothing():
+  result = subprocess.run([sys.executable, "-c", _WAKEUP_SCRIPT], cwd=ROOT, capture_output=True,
+                          text=True, timeout=120)
+  assert "Event loop is closed" not in result.stderr, result.stderr
+  assert result.stderr.count("Traceback") == 1, result.stderr
+  assert "ValueError: a real error keeps its traceback" in result.stderr
+  # a save that failed for want of space is csd-jax's own one line; any other stays, in one line
+  assert result.stderr.count("never retrieved") == 1, result.stderr

@@ -129,6 +129,8 @@ def small_disk(tmp_path):
 
 def test_a_full_disk_names_the_intact_checkpoint_without_a_traceback(small_disk):
   workdir = small_disk / "run"
+  filler_path = small_disk / "filler"
+  filler_path.touch()   # made first: the run's own checkpoints may fill the disk before we do
   env = {**os.environ, "PYTHONPATH": str(ROOT)}
   proc = subprocess.Popen(
       [sys.executable, "-m", "csd_jax.cli", "train", "--config", TINY, "--workdir",
@@ -139,7 +141,7 @@ def test_a_full_disk_names_the_intact_checkpoint_without_a_traceback(small_disk)
   while not (workdir / "checkpoints" / "2").is_dir():
     assert proc.poll() is None and time.time() < deadline, proc.stdout.read()
     time.sleep(0.05)
-  with open(small_disk / "filler", "wb") as filler:   # the disk fills up under the run
+  with open(filler_path, "ab") as filler:   # the disk fills up under the run
     with pytest.raises(OSError):
       while True:
         filler.write(b"\0" * 65536)
@@ -151,7 +153,7 @@ def test_a_full_disk_names_the_intact_checkpoint_without_a_traceback(small_disk)
   match = re.search(r"no space left on the device; the checkpoint of step (\d+) in \S+ is intact",
                     last)
   assert match, last
-  (small_disk / "filler").unlink()
+  filler_path.unlink()
   trainer = build_trainer(load_config(TINY, ["train.steps=100000"]))
   restored = Checkpointer(workdir).restore_latest(trainer.state)
   assert restored is not None and restored[0] == int(match.group(1))
