@@ -12,6 +12,8 @@ import sys
 from collections.abc import Callable, Sequence
 
 from csd_jax.errors import UserError
+from csd_jax.eval.tasks import ALIASES as TASK_ALIASES
+from csd_jax.eval.tasks import TASK_NAMES
 from csd_jax.losses import LOSS_NAMES
 
 
@@ -77,6 +79,14 @@ def _parser() -> argparse.ArgumentParser:
   evaluate.add_argument("--template", choices=["minillm", "chat", "none"], default=None,
                         help="default: a run's data.template, else minillm")
   evaluate.add_argument("--out", help="results JSON (default: WORKDIR/eval_results.json)")
+  evaluate.add_argument("--task", choices=[*TASK_NAMES, *TASK_ALIASES], default=None,
+                        help="a task judged as its official evaluator does, greedily through "
+                             "the chat template: gsm8k (accuracy), summarization (ROUGE-1/2/L), "
+                             "translation (BLEU, chrF, COMET); --data: speculative_kd's files")
+  evaluate.add_argument("--comet-model", help="--task translation: a COMET checkpoint on disk "
+                                              "(model.ckpt; never downloaded)")
+  evaluate.add_argument("--batch-size", type=int, default=None,
+                        help="--task: rows per generation batch (default 16)")
   convert = commands.add_parser(
       "convert-gguf", help="write a Hugging Face directory from a GGUF file (architectures "
                            "llama, gemma3)")
@@ -152,6 +162,10 @@ def _eval(args: argparse.Namespace) -> int:
   from csd_jax.logs import setup_logging
 
   setup_logging()
+  if args.task:
+    return _eval_task(args)
+  if args.comet_model or args.batch_size is not None:
+    raise UserError("--comet-model and --batch-size go with --task")
   try:
     seeds = tuple(int(s) for s in args.seeds.split(",")) if args.seeds else None
   except ValueError:
@@ -167,6 +181,28 @@ def _eval(args: argparse.Namespace) -> int:
       max_examples=args.max_examples, out=args.out)
   results, out = run_eval(request)
   print(format_table(results))
+  print(f"results in {out}")
+  return 0
+
+
+def _eval_task(args: argparse.Namespace) -> int:
+  from csd_jax.eval.generation import format_table
+  from csd_jax.eval.tasks.runner import TaskRequest, run_task
+
+  for flag, value in (("--teacher", args.teacher), ("--seeds", args.seeds),
+                      ("--template", args.template), ("--max-length", args.max_length),
+                      ("--keep-prompt", args.keep_prompt),
+                      ("--no-repeat-ngram-size", args.no_repeat_ngram_size)):
+    if value is not None:
+      raise UserError(f"{flag} does not apply to --task: a task decodes greedily through the "
+                      "chat template, as its official evaluator (see --max-new-tokens)")
+  results, out, task = run_task(TaskRequest(
+      task=args.task, data=args.data, workdir=args.workdir, model=args.model, best=args.best,
+      max_new_tokens=args.max_new_tokens, max_prompt_length=args.max_prompt_length,
+      max_examples=args.max_examples, prompt_special_tokens=bool(args.prompt_special_tokens),
+      batch_size=16 if args.batch_size is None else args.batch_size,
+      comet_model=args.comet_model, out=args.out))
+  print(format_table(results, task.COLUMNS))
   print(f"results in {out}")
   return 0
 

@@ -99,7 +99,7 @@ def test_generation_compiles_once_per_prompt_width_and_keeps_the_tokenizer(tiny_
   pass; the tokenizer given comes back as it was."""
   from csd_jax.data.batching import bucket_length
   from csd_jax.data.instruct import render_prompt
-  from csd_jax.eval.generation import WIDTH_MULTIPLE, _prompt_ids, _token_sums
+  from csd_jax.eval.generation import WIDTH_MULTIPLE, _token_sums, encode_prompts
   from csd_jax.models import load_pretrained
   from csd_jax.models.generate import _generate
 
@@ -110,8 +110,8 @@ def test_generation_compiles_once_per_prompt_width_and_keeps_the_tokenizer(tiny_
   before = {name: getattr(tokenizer, name) for name in settings}
   records = _mixed_records(64)
   cfg = EvalConfig(seeds=(10,), max_prompt_length=160, max_length=192, batch_size=10)
-  lengths = [len(ids) for ids in _prompt_ids(tokenizer, [render_prompt(r, cfg.template)
-                                                         for r in records], cfg)]
+  lengths = [len(ids) for ids in encode_prompts(tokenizer, [render_prompt(r, cfg.template)
+                                                            for r in records], cfg)]
   longest = [max(lengths[s:s + 10]) for s in range(0, 64, 10)]
   widths = {bucket_length(n, multiple=WIDTH_MULTIPLE, cap=160) for n in longest}
   # the test bites: batches differ in their longest prompt more often than in their width

@@ -200,6 +200,7 @@ def test_add_bos_survives_left_truncation(smol):
     ({"question": "i", "answer": "r", "category": "qa"}, ("i", "", "r")),
     ({"instruction": "i", "input": "c", "output": "r"}, ("i", "c", "r")),
     ({"instruction": "i", "context": None, "response": "r"}, ("i", "", "r")),
+    ({"id": "d0", "dialogue": "i", "summary": "r", "topic": "t"}, ("i", "", "r")),
 ])
 def test_records_from_json_aliases(obj, expected):
   assert records_from_json(obj) == dict(zip(("instruction", "context", "response"), expected))
@@ -209,7 +210,8 @@ def test_records_from_json_missing_fields():
   with pytest.raises(UserError) as error:
     records_from_json({"query": "q", "reply": "r"})
   assert str(error.value) == ("record has fields ['query', 'reply']; expected"
-                              " instruction/prompt/question and response/output/completion/answer"
+                              " instruction/prompt/question/dialogue and"
+                              " response/output/completion/answer/summary"
                               ": rename its fields to those")
   with pytest.raises(UserError, match=r"\['instruction'\]"):
     records_from_json({"instruction": "only"})

@@ -107,12 +107,12 @@ def test_prompts_keep_their_first_tokens_with_the_tokenizers_bos(gpt2_tokenizer)
   prompt = "".join(f"word{i} " for i in range(200))          # byte-level: ~1400 tokens
   plain = tokenizer(prompt, add_special_tokens=False)["input_ids"]
   official = command.eval_config(command.EvalRequest(data=[]), None)
-  [ids] = generation._prompt_ids(tokenizer, [prompt], official)
+  [ids] = generation.encode_prompts(tokenizer, [prompt], official)
   assert ids == ([bos] + plain)[:256] and len(ids) == 256
   own = command.eval_config(command.EvalRequest(data=[], protocol="run"), None)
-  [ids] = generation._prompt_ids(tokenizer, [prompt], own)
+  [ids] = generation.encode_prompts(tokenizer, [prompt], own)
   assert ids == plain[-256:]
-  gpt2 = generation._prompt_ids(gpt2_tokenizer, ["Hello there."], official)
+  gpt2 = generation.encode_prompts(gpt2_tokenizer, ["Hello there."], official)
   assert gpt2 == [[15496, 612, 13]]                         # GPT-2: no BOS, as officially
 
 

@@ -202,8 +202,8 @@ def test_eval_answers_end_at_the_first_stop_id(monkeypatch):
 
   monkeypatch.setattr(generation, "generate", fake_generate)
   stops = stop_ids(tok, {"eos_token_id": [1, 107]})
-  answers = generation._answers(None, tok, [[5, 6], [7]], 10,
-                                generation.EvalConfig(batch_size=2), stops)
+  answers = generation.generate_answers(None, tok, [[5, 6], [7]], 10,
+                                        generation.EvalConfig(batch_size=2), stops)
   assert answers == ["Blue", "Blue"] and seen["eos_id"] == stops
   assert set(stops) == {tok.eos_token_id, eot, 1, 107}
 

@@ -43,9 +43,11 @@ PROMPT_TEMPLATES: dict[str, str] = {
 }
 TEMPLATE_NAMES = ("minillm", "chat", "none")
 
-INSTRUCTION_FIELDS = ("instruction", "prompt", "question")
+# The aliases of each field, first found first used; `dialogue` / `summary` are DialogSum's
+# (speculative_kd's summ_*.json), the others cover Dolly, Alpaca, GSM8K and prompt pairs.
+INSTRUCTION_FIELDS = ("instruction", "prompt", "question", "dialogue")
 CONTEXT_FIELDS = ("context", "input")
-RESPONSE_FIELDS = ("response", "output", "completion", "answer")
+RESPONSE_FIELDS = ("response", "output", "completion", "answer", "summary")
 
 
 def _user_text(record: Mapping[str, str]) -> str:

@@ -1,4 +1,7 @@
-"""Reading record files: JSONL, JSON (a list, or {"data": [...]}) and Parquet, one dict a record.
+"""Reading record files: JSONL, JSON (a list, {"data": [...]} or {"instances": [...]}) and
+Parquet, one dict a record. `{"instances": [...]}` is the layout of google-research
+`speculative_kd`'s task files (gsm_1k_train.json, summ_1k_train.json, mt_test.json, ...), which
+its scripts read with `load_dataset("json", field="instances")`.
 
 Pure Python (Parquet through pyarrow, imported only for a Parquet file): the TFDS builders
 and evaluation both read files through here, so evaluation needs neither grain nor
@@ -17,7 +20,8 @@ from csd_jax.errors import UserError
 
 
 def read_json_records(path: str | os.PathLike) -> Iterator[tuple[str, Mapping[str, Any]]]:
-  """(key, record) for every record of a JSONL, JSON (a list, or {"data": [...]}) or Parquet file.
+  """(key, record) for every record of a JSONL, JSON (a list, {"data": [...]} or
+  {"instances": [...]}) or Parquet file.
 
   Raises:
     UserError: the file does not exist or cannot be parsed.
@@ -48,10 +52,10 @@ def read_json_records(path: str | os.PathLike) -> Iterator[tuple[str, Mapping[st
     except json.JSONDecodeError as error:
       raise UserError(f"{path}:{error.lineno}: not valid JSON ({error.msg}); fix the file, or "
                       "name it .jsonl if it holds one record a line") from error
-    rows = data.get("data") if isinstance(data, dict) else data
+    rows = (data.get("data", data.get("instances")) if isinstance(data, dict) else data)
     if not isinstance(rows, list):
-      raise UserError(f"{path}: expected a JSON list of records (or {{'data': [...]}}); write "
-                      "the records in such a list")
+      raise UserError(f"{path}: expected a JSON list of records (or {{'data': [...]}}, "
+                      "{'instances': [...]}); write the records in such a list")
     for i, row in enumerate(rows):
       yield f"{path.name}:{i}", row
     return

@@ -24,7 +24,7 @@ import json
 import logging
 import pathlib
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -125,7 +125,7 @@ def _token_id(tokenizer: Any, name: str) -> int | None:
   return None if value is None else int(value)
 
 
-def _prompt_ids(tokenizer: Any, prompts: Sequence[str], cfg: EvalConfig) -> list[list[int]]:
+def encode_prompts(tokenizer: Any, prompts: Sequence[str], cfg: EvalConfig) -> list[list[int]]:
   """Token ids of each prompt (with the tokenizer's special tokens when
   `cfg.prompt_special_tokens`), a long one keeping its first or last `cfg.max_prompt_length`.
 
@@ -154,12 +154,14 @@ def _until_stop(row: np.ndarray, stops: Sequence[int]) -> np.ndarray:
   return row[:hits[0]] if len(hits) else row
 
 
-def _answers(model: Any, tokenizer: Any, prompt_ids: Sequence[Sequence[int]], seed: int,
-             cfg: EvalConfig, stops: Sequence[int]) -> list[str]:
-  """One sampled answer per prompt, ended by the first of `stops`. Batches are `batch_size`
-  rows (the last one completed with copies of its last prompt, answers dropped) and
-  `WIDTH_MULTIPLE`-wide buckets, with `cfg.max_new_tokens` new tokens or else the length
-  budget of the bucket (`max_length - width`): `generate` compiles once per width used,
+def generate_answers(model: Any, tokenizer: Any, prompt_ids: Sequence[Sequence[int]],
+                     seed: int, cfg: EvalConfig, stops: Sequence[int], *,
+                     decode: Callable[[np.ndarray], str] | None = None) -> list[str]:
+  """One sampled answer per prompt, ended by the first of `stops` (`decode`, given, turns a
+  row of new token ids into the answer instead: the task evaluators cut at stop strings too).
+  Batches are `batch_size` rows (the last one completed with copies of its last prompt, answers
+  dropped) and `WIDTH_MULTIPLE`-wide buckets, with `cfg.max_new_tokens` new tokens or else the
+  length budget of the bucket (`max_length - width`): `generate` compiles once per width used,
   whatever the number of batches."""
   pad = _token_id(tokenizer, "pad")
   pad = pad if pad is not None else (stops[0] if stops else 0)  # the mask hides left padding
@@ -175,7 +177,8 @@ def _answers(model: Any, tokenizer: Any, prompt_ids: Sequence[Sequence[int]], se
                               sampling=cfg.sampling,
                               seed=seed * 1_000_003 + start,  # no two (seed, batch) alike
                               eos_id=tuple(stops)))
-    answers += [tokenizer.decode(_until_stop(row, stops), skip_special_tokens=True).strip()
+    answers += [decode(row) if decode is not None else
+                tokenizer.decode(_until_stop(row, stops), skip_special_tokens=True).strip()
                 for row in out[:len(chunk)]]
   return answers
 
@@ -261,12 +264,12 @@ def evaluate(model: Any, tokenizer: Any, datasets: Mapping[str, Sequence[Mapping
   results = {}
   for name, records in datasets.items():
     prompts = [render_prompt(r, config.template, tokenizer) for r in records]
-    prompt_ids = _prompt_ids(tokenizer, prompts, config)
+    prompt_ids = encode_prompts(tokenizer, prompts, config)
     references = [r.get("references") or [r["response"]] for r in records]
     samples = {}
     for i, seed in enumerate(config.seeds):
       start = time.perf_counter()
-      samples[seed] = _answers(model, tokenizer, prompt_ids, seed, config, stops)
+      samples[seed] = generate_answers(model, tokenizer, prompt_ids, seed, config, stops)
       logger.info("%s: seed %d (%d/%d), %d answers in %.0f s", name, seed, i + 1,
                   len(config.seeds), len(prompts), time.perf_counter() - start)
     rouge = [rouge_l(samples[s], references) for s in config.seeds]
@@ -280,18 +283,30 @@ def evaluate(model: Any, tokenizer: Any, datasets: Mapping[str, Sequence[Mapping
   return results
 
 
-def _cell(value: float | None) -> str:
-  """A 12-wide column: 3 decimals, or scientific notation where that would not fit."""
+# `csd-jax eval`'s columns; the task evaluators (csd_jax/eval/tasks) pass their own.
+TABLE_COLUMNS = ("rougeL", "self_bleu", "perplexity", "kl", "csd", "agreement")
+
+
+def _cell(value: float | str | None) -> str:
+  """A 12-wide column: 3 decimals, or scientific notation where that would not fit; a text
+  (a metric "not computed") as it is, with one space before it."""
   if value is None:
     return f"{'-':>12}"
+  if isinstance(value, str):
+    return f"{value:>12}" if len(value) < 12 else " " + value
   return f"{value:>12.3f}" if abs(value) < 1e7 else f"{value:>12.3e}"
 
 
-def format_table(results: Mapping[str, Mapping[str, Any]]) -> str:
-  columns = ("rougeL", "self_bleu", "perplexity", "kl", "csd", "agreement")
-  lines = [f"{'dataset':<16}" + "".join(f"{c:>12}" for c in columns)]
-  for name, row in results.items():
-    lines.append(f"{name:<16}" + "".join(_cell(row.get(c)) for c in columns))
+def format_table(results: Mapping[str, Mapping[str, Any]],
+                 columns: Sequence[str] = TABLE_COLUMNS) -> str:
+  """One row per dataset, one column per metric of `columns` ("-" where a row lacks it)."""
+  rows = [(name, [_cell(row.get(c)) for c in columns]) for name, row in results.items()]
+  # a column is as wide as its widest cell (12, or a longer text): the rows stay aligned
+  widths = [max([12, len(c) + 1] + [len(cells[i]) for _, cells in rows])
+            for i, c in enumerate(columns)]
+  lines = [f"{'dataset':<16}" + "".join(f"{c:>{w}}" for c, w in zip(columns, widths))]
+  for name, cells in rows:
+    lines.append(f"{name:<16}" + "".join(f"{cell:>{w}}" for cell, w in zip(cells, widths)))
   return "\n".join(lines)
 
 
