@@ -2,7 +2,7 @@
 # Every benchmark at the paper's sizes in ONE command, for one H100 / H200 with JAX (CUDA),
 # flax, optax, orbax, torch and transformers installed (nothing is installed here; grain,
 # tensorflow-datasets and rouge-score are not needed). Prints one table per bench; meant to fit
-# in about 5 minutes. Each bench has its own time limit, and a failed or timed-out bench is
+# in about 8 minutes. Each bench has its own time limit, and a failed or timed-out bench is
 # reported and skipped, so that one call always prints what the others measured.
 #
 #   bash bench/gpu.sh            # from the repository root
@@ -32,6 +32,9 @@ run 130 python bench/step.py --sizes paper --repeats 5 --torch-compile \
 echo "== bench/step.py: Qwen2.5-7B -> 1.5B (4 x 1024), Gemma-2-9B -> 2B (2 x 1024), csd-jax =="
 run 60 python bench/step.py --sizes paper --repeats 3 --no-torch \
   --only "qwen2.5-7b->1.5b,gemma-2-9b->2b"
+# generating chat pairs (csd-jax generate): decoding's tokens/s against the same model's forward
+echo "== bench/generate.py: KV-cache sampling vs the batched forward (Qwen2.5-1.5B / 7B shapes) =="
+run 180 python bench/generate.py --sizes paper --repeats 3 --greedy
 if [ "${LEVERS:-0}" = 1 ]; then
   echo "== bench/levers.py: one lever at a time against the trainer's defaults =="
   run 200 python bench/levers.py --repeats 5

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Callable, Sequence
+from typing import Any
 
 from csd_jax.errors import UserError
 from csd_jax.eval.tasks import ALIASES as TASK_ALIASES
@@ -93,6 +94,7 @@ def _parser() -> argparse.ArgumentParser:
   convert.add_argument("gguf_file")
   convert.add_argument("out_dir")
   convert.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default="float32")
+  _add_generate(commands)
   report = commands.add_parser(
       "report", help="the paper's Table 1 (ROUGE-L mean ± std over seeds per set, Avg.) from "
                      "csd-jax eval results, as Markdown (and CSV with --out)")
@@ -103,11 +105,50 @@ def _parser() -> argparse.ArgumentParser:
   return parser
 
 
+def _add_generate(commands: Any) -> None:
+  generate = commands.add_parser(
+      "generate", help="a model's sampled responses to a prompt set, as JSONL or AlpacaEval / "
+                       "MT-Bench answer files; re-running resumes where it stopped")
+  source = generate.add_mutually_exclusive_group(required=True)
+  source.add_argument("--model", help="a Hugging Face model directory")
+  source.add_argument("--workdir", help="a run: its latest checkpoint's student")
+  generate.add_argument("--best", action="store_true",
+                        help="with --workdir: the run's best checkpoint (W/best/)")
+  generate.add_argument("--prompts", required=True,
+                        help="JSONL / JSON / Parquet: instruction / prompt / question (+ context "
+                             "/ input), chat messages, or MT-Bench turns")
+  generate.add_argument("--out", required=True, help="the output file (jsonl: resumable)")
+  generate.add_argument("--format", choices=["jsonl", "alpaca_eval", "mt_bench"],
+                        default="jsonl", help="alpaca_eval: AlpacaEval's model outputs JSON; "
+                                              "mt_bench: FastChat's answer JSONL")
+  generate.add_argument("--model-id", help="the name written as model / generator / model_id "
+                                           "(default: the directory's name)")
+  generate.add_argument("--n", type=int, default=1, help="responses per prompt")
+  generate.add_argument("--seed", type=int, default=42)
+  generate.add_argument("--temperature", type=float, default=0.8)
+  generate.add_argument("--top-p", type=float, default=0.95)
+  generate.add_argument("--top-k", type=int, default=0, help="0 = off")
+  generate.add_argument("--mt-bench-temperatures", action="store_true",
+                        help="FastChat's temperature per MT-Bench category (math, coding, "
+                             "reasoning, extraction greedy; stem, humanities 0.1; others 0.7)")
+  generate.add_argument("--max-new-tokens", type=int, default=1024)
+  generate.add_argument("--max-prompt-length", type=int, default=2048,
+                        help="a longer prompt keeps its last tokens")
+  generate.add_argument("--batch-size", type=int, default=32,
+                        help="rows per batch (keep it when resuming: bit-identical responses)")
+  generate.add_argument("--template", choices=["chat", "minillm", "none"], default=None,
+                        help="default: a run's data.template, else chat")
+  generate.add_argument("--max-examples", type=int, default=None)
+  generate.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto",
+                        help="a model directory's weights and compute (auto: bfloat16 on "
+                             "GPU / TPU, float32 on CPU)")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
   args = _parser().parse_args(argv)
   command: Callable[[argparse.Namespace], int] = {
       "demo": _demo, "train": _train, "export": _export, "eval": _eval,
-      "convert-gguf": _convert_gguf, "report": _report}[args.command]
+      "convert-gguf": _convert_gguf, "report": _report, "generate": _generate}[args.command]
   try:
     return command(args)
   except UserError as error:  # anything else is a bug: its traceback is shown
@@ -214,6 +255,24 @@ def _convert_gguf(args: argparse.Namespace) -> int:
   check_out_dir(args.out_dir, "out_dir")
   out = convert_gguf(args.gguf_file, args.out_dir, dtype=args.dtype)
   print(f"wrote {out}")
+  return 0
+
+
+def _generate(args: argparse.Namespace) -> int:
+  from csd_jax.eval.generate_command import GenerateRequest, run_generate
+  from csd_jax.logs import setup_logging
+
+  setup_logging()
+  out, summary = run_generate(GenerateRequest(
+      prompts=args.prompts, out=args.out, workdir=args.workdir, model=args.model,
+      best=args.best, output_format=args.format, model_id=args.model_id, n=args.n,
+      seed=args.seed, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+      max_new_tokens=args.max_new_tokens, max_prompt_length=args.max_prompt_length,
+      batch_size=args.batch_size, template=args.template,
+      mt_bench_temperatures=args.mt_bench_temperatures, max_examples=args.max_examples,
+      dtype=args.dtype))
+  print(f"{summary['responses']} responses of {summary['model_id']} ({summary['new_tokens']} "
+        f"new tokens, {summary['unfinished']} cut at --max-new-tokens) in {out}")
   return 0
 
 

@@ -61,34 +61,38 @@ def parse_datasets(items: Sequence[str], limit: int | None
   return datasets
 
 
-def _model(request: EvalRequest) -> tuple[Any, Any, dict[str, Any] | None, pathlib.Path]:
+def load_model(workdir: str | None, model_dir: str | None, *, best: bool = False,
+               dtype: Any = None) -> tuple[Any, Any, dict[str, Any] | None, pathlib.Path]:
   """(model, tokenizer, the run's own settings or None for a model directory, default output
-  path)."""
+  path) of a run's student (`workdir`; `best`: its best checkpoint) or of a Hugging Face
+  directory (`model_dir`, loaded in `dtype`, default float32), sharded over every local device.
+  Shared by `csd-jax eval` and `csd-jax generate`."""
   from csd_jax.run import inference_mesh, open_run
 
-  if request.workdir:
-    run = open_run(request.workdir, best=request.best)
+  if workdir:
+    run = open_run(workdir, best=best)
     data = run.config.data
     own = {"template": data.template, "max_prompt_length": data.max_prompt_length,
            "max_length": data.max_length, "stop_ids": run_model_stop_ids(run.config)}
     if run.tokenizer is None:
-      raise UserError(f"{request.workdir}: the run has no tokenizer (data.tokenizer, teacher or "
-                      "student directory); evaluation by generation needs one")
-    name = "eval_results_best.json" if request.best else "eval_results.json"
+      raise UserError(f"{workdir}: the run has no tokenizer (data.tokenizer, teacher or "
+                      "student directory); generation needs one")
+    name = "eval_results_best.json" if best else "eval_results.json"
     return run.student, run.tokenizer, own, run.workdir / name
-  if request.best:
+  if best:
     raise UserError("--best picks a run's best checkpoint: use it with --workdir, not --model")
   import transformers
 
   from csd_jax.models import load_pretrained
 
-  model = load_pretrained(request.model, mesh=inference_mesh())
+  dtypes = {"dtype": dtype, "param_dtype": dtype} if dtype is not None else {}
+  model = load_pretrained(model_dir, mesh=inference_mesh(), **dtypes)
   try:
-    tokenizer = transformers.AutoTokenizer.from_pretrained(request.model)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir)
   except (OSError, ValueError) as error:
-    raise UserError(f"{request.model}: no tokenizer files ({type(error).__name__}); save the "
+    raise UserError(f"{model_dir}: no tokenizer files ({type(error).__name__}); save the "
                     "tokenizer beside the model (csd-jax export does)") from error
-  return model, tokenizer, {"stop_ids": stop_ids(None, request.model)}, pathlib.Path(
+  return model, tokenizer, {"stop_ids": stop_ids(None, model_dir)}, pathlib.Path(
       "eval_results.json")
 
 
@@ -114,7 +118,7 @@ def run_eval(request: EvalRequest) -> tuple[dict[str, dict[str, Any]], pathlib.P
   from csd_jax.run import inference_mesh
 
   datasets = parse_datasets(request.data, request.max_examples)
-  model, tokenizer, run, out = _model(request)
+  model, tokenizer, run, out = load_model(request.workdir, request.model, best=request.best)
   config = eval_config(request, run)
   teacher = load_pretrained(request.teacher, mesh=inference_mesh()) if request.teacher else None
   results = generation.evaluate(model, tokenizer, datasets, teacher=teacher, config=config)

@@ -11,6 +11,11 @@ eos ids and a chat template's end-of-turn token; `csd_jax.data.chat.stop_ids` ga
 keeps that token and is padded with `pad_id` after it; the loop ends when every sequence has
 stopped.
 
+Randomness: one key for the batch (`seed`), split at every step; or one key per row
+(`row_keys`), split per row, so that a row's tokens depend on its own key and prompt only, never
+on which rows share its batch (`csd-jax generate` derives a row's key from its prompt and sample
+index, which makes a resumed run draw what an uninterrupted one draws).
+
 `sample_loop` is the un-jitted core, for callers that generate inside their own jitted function
 (on-policy distillation); `generate` is the jitted entry point.
 """
@@ -55,10 +60,23 @@ def filter_logits(logits: Array, sampling: Sampling) -> Array:
 
 
 def sample_token(logits: Array, key: Array, sampling: Sampling) -> Array:
-  """One token per row of `logits` [B, V]: greedy at temperature 0."""
+  """One token per row of `logits` [B, V]: greedy at temperature 0. `key` is one key, or one
+  per row ([B])."""
   if sampling.greedy:
     return jnp.argmax(logits, axis=-1).astype(jnp.int32)
-  return jax.random.categorical(key, filter_logits(logits, sampling), axis=-1).astype(jnp.int32)
+  logits = filter_logits(logits, sampling)
+  if key.ndim:   # a key per row: each row's draw uses its own key alone
+    return jax.vmap(jax.random.categorical)(key, logits).astype(jnp.int32)
+  return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
+
+
+def _split(key: Array) -> tuple[Array, Array]:
+  """(the next step's key, this step's key): of one key, or row by row of a key per row."""
+  if key.ndim:
+    pairs = jax.vmap(jax.random.split)(key)
+    return pairs[:, 0], pairs[:, 1]
+  key, sub = jax.random.split(key)
+  return key, sub
 
 
 def ban_repeated_ngrams(logits: Array, tokens: Array, real: Array, length: Array | int,
@@ -102,8 +120,9 @@ def sample_loop(model: CausalLM, prompt: Array, prompt_mask: Array, key: Array, 
                 max_new_tokens: int, sampling: Sampling, eos_ids: tuple[int, ...],
                 pad_id: int, vocab_size: int | None = None) -> Array:
   """New tokens [B, max_new_tokens] after left-padded prompts [B, P] (traceable: call it
-  under jit). `vocab_size` limits the tokens drawn to the first ones (a teacher with fewer
-  embedding rows than the student must be able to read every sampled token)."""
+  under jit). `key`: one key, or one per row ([B]). `vocab_size` limits the tokens drawn to
+  the first ones (a teacher with fewer embedding rows than the student must be able to read
+  every sampled token)."""
   batch, prompt_len = prompt.shape
   total = prompt_len + max_new_tokens
   kv_valid = jnp.concatenate([prompt_mask, jnp.ones((batch, max_new_tokens), jnp.int32)], 1)
@@ -123,7 +142,7 @@ def sample_loop(model: CausalLM, prompt: Array, prompt_mask: Array, key: Array, 
 
   def body(carry: _Decoding) -> _Decoding:
     i, logits, done = carry.step, carry.logits, carry.done
-    key, sub = jax.random.split(carry.key)
+    key, sub = _split(carry.key)
     if n:
       logits = ban_repeated_ngrams(logits.astype(jnp.float32), carry.tokens, kv_valid,
                                    prompt_len + i, n)
@@ -146,6 +165,8 @@ def sample_loop(model: CausalLM, prompt: Array, prompt_mask: Array, key: Array, 
 def _generate(graphdef: nnx.GraphDef, state: nnx.State, prompt: Array, prompt_mask: Array,
               key: Array, *, max_new_tokens: int, sampling: Sampling,
               eos_ids: tuple[int, ...], pad_id: int) -> Array:
+  if not jnp.issubdtype(key.dtype, jax.dtypes.prng_key):   # raw data of a key per row
+    key = jax.random.wrap_key_data(key)
   return sample_loop(nnx.merge(graphdef, state), prompt, prompt_mask, key,
                      max_new_tokens=max_new_tokens, sampling=sampling, eos_ids=eos_ids,
                      pad_id=pad_id)
@@ -154,7 +175,8 @@ def _generate(graphdef: nnx.GraphDef, state: nnx.State, prompt: Array, prompt_ma
 def generate(model: CausalLM, prompt_ids: Array, *, max_new_tokens: int,
              sampling: Sampling = GREEDY, seed: int = 0,
              eos_id: int | Sequence[int] | None = None, prompt_mask: Array | None = None,
-             pad_id: int | None = None, **sampling_fields: float) -> Array:
+             pad_id: int | None = None, row_keys: Array | None = None,
+             **sampling_fields: float) -> Array:
   """Continue left-padded prompts [B, P]: returns the new tokens [B, max_new_tokens].
 
   The jitted loop compiles once per (batch, prompt width, max_new_tokens, sampling): callers
@@ -164,6 +186,8 @@ def generate(model: CausalLM, prompt_ids: Array, *, max_new_tokens: int,
     sampling: how tokens are drawn (default greedy); `Sampling`'s fields given as keywords
       (`temperature=1.0, top_p=0.9`) replace those of `sampling`.
     seed: the sampling seed (the same seed gives the same samples).
+    row_keys: instead of `seed`, one PRNG key per prompt ([B], `jax.random.key` typed): a
+      row's tokens then depend on its key and prompt only, not on the other rows.
     eos_id: the token id, or ids, that end a sequence: pass `csd_jax.data.chat.stop_ids(
       tokenizer, model)` (every eos id and the chat end-of-turn token), not the tokenizer's
       eos alone. pad_id: what follows the end (default: the first of them, or 0).
@@ -190,24 +214,33 @@ def generate(model: CausalLM, prompt_ids: Array, *, max_new_tokens: int,
     pad_id = eos_ids[0] if eos_ids else 0
   graphdef, state = nnx.split(model)
   rows = prompt_ids.shape[0]
-  prompt_ids, prompt_mask = _shard_rows(state, prompt_ids, prompt_mask)
-  out = _generate(graphdef, state, prompt_ids, prompt_mask, jax.random.key(seed),
+  if row_keys is None:
+    prompt_ids, prompt_mask = _shard_rows(state, prompt_ids, prompt_mask)
+    key = jax.random.key(seed)
+  else:
+    if row_keys.shape != (rows,):
+      raise ValueError(f"row_keys of shape {row_keys.shape}: expected one key per prompt "
+                       f"({rows},)")
+    # raw key data: padded and sharded like the rows, wrapped again inside the jitted loop
+    prompt_ids, prompt_mask, key = _shard_rows(state, prompt_ids, prompt_mask,
+                                               jax.random.key_data(row_keys))
+  out = _generate(graphdef, state, prompt_ids, prompt_mask, key,
                   max_new_tokens=max_new_tokens, sampling=sampling, eos_ids=eos_ids,
                   pad_id=int(pad_id))
   return out[:rows]
 
 
-def _shard_rows(state: nnx.State, prompt_ids: Array, prompt_mask: Array) -> tuple[Array, Array]:
-  """For a model on a mesh: the prompts' rows split over its data-parallel axes (padded with
-  copies of the last row to a multiple of them), so that each device decodes its own rows."""
+def _shard_rows(state: nnx.State, *arrays: Array) -> tuple[Array, ...]:
+  """For a model on a mesh: the rows of `arrays` (prompts, masks, keys) split over its
+  data-parallel axes (padded with copies of the last row to a multiple of them), so that each
+  device decodes its own rows."""
   sharding = next((x.sharding for x in jax.tree.leaves(state)
                    if isinstance(getattr(x, "sharding", None), NamedSharding)), None)
   if sharding is None:
-    return prompt_ids, prompt_mask
+    return arrays
   mesh = sharding.mesh
-  extra = -prompt_ids.shape[0] % data_parallel_size(mesh)
+  extra = -arrays[0].shape[0] % data_parallel_size(mesh)
   if extra:
-    prompt_ids = jnp.concatenate([prompt_ids, jnp.repeat(prompt_ids[-1:], extra, 0)])
-    prompt_mask = jnp.concatenate([prompt_mask, jnp.repeat(prompt_mask[-1:], extra, 0)])
+    arrays = tuple(jnp.concatenate([a, jnp.repeat(a[-1:], extra, 0)]) for a in arrays)
   rows = batch_sharding(mesh)
-  return jax.device_put(prompt_ids, rows), jax.device_put(prompt_mask, rows)
+  return tuple(jax.device_put(a, rows) for a in arrays)
