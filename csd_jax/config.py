@@ -56,6 +56,11 @@ class LossConfig:
   fused: bool = True
   chunk_size: int = 1024
   normalize: str = "token"
+  # Chat pairs: (2 - beta) KD(teacher's response) + beta KD(student's); beta from pair_beta to
+  # pair_beta_end (null: constant) over the first pair_beta_ramp of the steps (official 1.5, 0.5)
+  pair_beta: float = 1.0
+  pair_beta_end: float | None = None
+  pair_beta_ramp: float = 0.5
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,6 +68,7 @@ class OptimConfig:
   lr: float = 1e-4
   schedule: str = "cosine"        # cosine | linear | constant
   warmup_steps: int = 0
+  warmup_ratio: float = 0.0       # warm-up as a share of the steps (Hugging Face's), if no steps
   end_lr: float = 0.0
   weight_decay: float = 0.01
   clip_norm: float = 1.0          # 0 = no clipping
@@ -98,7 +104,7 @@ class MeshConfig:
 
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
-  source: str = "synthetic"       # synthetic | files | minillm | dolly
+  source: str = "synthetic"       # synthetic | files | minillm | dolly | pairs (chat pairs)
   train_files: list = dataclasses.field(default_factory=list)
   eval_files: list = dataclasses.field(default_factory=list)
   lm_files: list = dataclasses.field(default_factory=list)
@@ -181,7 +187,8 @@ class Config:
 
 CHOICES = {
     "loss.normalize": ("token", "sequence"), "optim.schedule": ("cosine", "linear", "constant"),
-    "data.source": ("synthetic", "files", "minillm", "dolly"), "data.template": ("minillm", "chat", "none"),
+    "data.source": ("synthetic", "files", "minillm", "dolly", "pairs"),
+    "data.template": ("minillm", "chat", "none"),
     "data.keep_prompt": ("start", "end"),
     "teacher.remat": ("none", "full", "dots"), "student.remat": ("none", "full", "dots"),
     "teacher.dtype": ("float32", "bfloat16", "float16"),

@@ -50,7 +50,8 @@ POSITIVE = {"optim.lr": "the peak learning rate, e.g. 1e-4"}
 # key: what the key means, for the keys that must lie in [0, 1).
 FRACTIONS = {"optim.b1": "Adam's first-moment decay, e.g. 0.9",
              "optim.b2": "Adam's second-moment decay, e.g. 0.999",
-             "lora.dropout": "the adapters' dropout rate; 0: none"}
+             "lora.dropout": "the adapters' dropout rate; 0: none",
+             "optim.warmup_ratio": "warm-up as a share of the steps, e.g. 0.1; 0: none"}
 
 
 def _value(config: Config, key: str) -> Any:
@@ -64,6 +65,7 @@ def check(config: Config) -> None:
   _check_rules(config)
   _check_sft(config)
   _check_onpolicy(config)
+  _check_pairs(config)
   _check_eval(config)
   _check_mesh(config)
 
@@ -85,7 +87,7 @@ def _check_numbers(config: Config) -> None:
   if train.steps == 0 and train.epochs == 0:
     raise ConfigError("train.steps=0 and train.epochs=0: set train.steps or train.epochs to a "
                       "positive number")
-  heldout = data.source != "files" or data.eval_files   # which runs have a held-out set
+  heldout = data.source not in ("files", "pairs") or data.eval_files   # runs with a held-out set
   if heldout and train.heldout_batches < 1:
     raise ConfigError(f"train.heldout_batches={train.heldout_batches}: must be >= 1 (batches of "
                       "the held-out set per evaluation)")
@@ -169,6 +171,9 @@ def _check_rules(config: Config) -> None:
     raise ConfigError(f"lora.targets: unknown {unknown}; valid: {', '.join(LORA_TARGETS)}")
   if config.data.source == "files" and not config.data.train_files:
     raise ConfigError("data.source=files needs data.train_files")
+  if config.optim.warmup_steps and config.optim.warmup_ratio:
+    raise ConfigError(f"optim.warmup_steps={config.optim.warmup_steps} and optim.warmup_ratio="
+                      f"{config.optim.warmup_ratio}: set one of them (the other 0)")
   if config.data.source == "minillm" and not config.data.minillm_dolly:
     raise ConfigError("data.source=minillm needs data.minillm_dolly: the directory of MiniLLM's "
                       "Dolly files (raw.jsonl, valid.jsonl; hub dataset MiniLLM/dolly)")
@@ -219,6 +224,37 @@ def _check_onpolicy(config: Config) -> None:
   if not 0 <= onpolicy.max_new_tokens <= room:
     raise ConfigError(f"onpolicy.max_new_tokens={onpolicy.max_new_tokens}: must be within "
                       f"0..{room} (data.max_length - data.max_prompt_length; 0 = all of it)")
+
+
+def _check_pairs(config: Config) -> None:
+  """Chat pairs (data.source pairs) and the pair objective's beta."""
+  loss, data = config.loss, config.data
+  for key, value in (("loss.pair_beta", loss.pair_beta),
+                     ("loss.pair_beta_end", loss.pair_beta_end)):
+    if value is not None and not 0.0 <= value <= 2.0:
+      raise ConfigError(f"{key}={value}: must be within 0..2 (the teacher's response weighs "
+                        "2 - beta, the student's beta)")
+  if not 0.0 < loss.pair_beta_ramp <= 1.0:
+    raise ConfigError(f"loss.pair_beta_ramp={loss.pair_beta_ramp}: must be in (0, 1] (the share "
+                      "of the steps over which beta moves to loss.pair_beta_end)")
+  if data.source != "pairs":
+    if loss.pair_beta != 1.0 or loss.pair_beta_end is not None:
+      raise ConfigError("loss.pair_beta / loss.pair_beta_end weigh chat pairs: they need "
+                        "data.source=pairs")
+    return
+  if not data.train_files:
+    raise ConfigError("data.source=pairs needs data.train_files (the official reformat.py's "
+                      "train.json, or JSONL of prompt / teacher / student)")
+  if loss.normalize != "sequence":
+    raise ConfigError("data.source=pairs: the pair objective is per sequence (token means per "
+                      "response, averaged over pairs, as the official); set "
+                      "loss.normalize=sequence")
+  if data.pack or config.onpolicy.ratio:
+    raise ConfigError("data.source=pairs keeps each pair's two rows whole: set data.pack=false "
+                      "and onpolicy.ratio=0")
+  if config.train.batch_size % 2:
+    raise ConfigError(f"train.batch_size={config.train.batch_size}: chat pairs are two rows "
+                      "each; use an even number of rows (2 x pairs per step)")
 
 
 def _check_eval(config: Config) -> None:

@@ -15,6 +15,7 @@ parameter), a warm-up + cosine / linear / constant schedule and global-norm clip
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import jax
@@ -92,8 +93,10 @@ def init_train_state(student: Any, optimizer: optax.GradientTransformation, mesh
 
 
 def learning_rate_schedule(optim: OptimConfig, total_steps: int) -> optax.Schedule:
-  """Linear warm-up from 0, then cosine / linear decay to `end_lr`, or constant."""
-  warmup = min(optim.warmup_steps, max(total_steps - 1, 0))
+  """Linear warm-up from 0 (`warmup_steps`, else `ceil(warmup_ratio x total_steps)` as Hugging
+  Face's trainer counts it), then cosine / linear decay to `end_lr`, or constant."""
+  warmup = optim.warmup_steps or math.ceil(optim.warmup_ratio * total_steps)
+  warmup = min(warmup, max(total_steps - 1, 0))
   decay_steps = max(total_steps - warmup, 1)
   if optim.schedule == "cosine":
     decay = optax.cosine_decay_schedule(optim.lr, decay_steps, alpha=optim.end_lr / optim.lr)

@@ -3,6 +3,8 @@
 - `instruct`: records -> `input_ids` and pre-shifted `labels` (MiniLLM template or chat template).
 - `chat`: where a chat template ends an assistant turn, and `stop_ids`: every token id that ends
   a generation (eos ids of the tokenizer, config.json and generation_config.json; end-of-turn).
+- `pairs`: chat pairs (a prompt, the teacher's and the student's response; the official
+  reformat.py's file) -> two rows a pair, labelled on the responses, with their `pair_role`.
 - `tfds_builder`: local JSONL / JSON / Parquet files and Dolly -> cached ArrayRecord sources.
 - `loader`: `BatchLoader`, shuffled per epoch, sharded per process, bucketed or packed,
   resumable, yielding global batches.

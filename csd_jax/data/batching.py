@@ -1,8 +1,9 @@
 """Examples -> a padded batch, in NumPy: shared by the Grain loader and evaluation.
 
 A batch is a dict of `[B, T]` int32 arrays: `input_ids`, `labels` (pre-shifted next-token
-targets, -100 where no loss), `attention_mask` (1 real, 0 padding) and `positions`. This module
-imports neither grain nor tensorflow-datasets, so evaluation can batch without them.
+targets, -100 where no loss), `attention_mask` (1 real, 0 padding) and `positions`, plus any
+other per-token field the examples carry (the chat pairs' `pair_role`), 0 on padding. This
+module imports neither grain nor tensorflow-datasets, so evaluation can batch without them.
 """
 
 from __future__ import annotations
@@ -34,10 +35,14 @@ def pad_batch(examples: Sequence[Example], *, pad_id: int, max_length: int,
            "labels": np.full((rows, length), IGNORE_INDEX, np.int32),
            "attention_mask": np.zeros((rows, length), np.int32),
            "positions": np.zeros((rows, length), np.int32)}
+  extra = [k for k in examples[0] if k not in ("input_ids", "labels")]
+  batch.update({k: np.zeros((rows, length), np.int32) for k in extra})
   for i, example in enumerate(examples):
     n = len(example["input_ids"])
     batch["input_ids"][i, :n] = example["input_ids"]
     batch["labels"][i, :n] = example["labels"]
     batch["attention_mask"][i, :n] = 1
     batch["positions"][i, :n] = np.arange(n)
+    for k in extra:
+      batch[k][i, :n] = example[k]
   return batch

@@ -73,18 +73,18 @@ def end_of_turn(tokenizer: Any) -> tuple[str, int] | None:
   return token, int(ids[0])
 
 
-def chat_response(tokenizer: Any, user: str, response: str, *,
+def chat_response(tokenizer: Any, user: str | Sequence[Mapping[str, str]], response: str, *,
                   end: tuple[str, int] | None = None, with_end: bool = True) -> str:
-  """`response` as the chat template writes it after the generation prompt of `user`'s turn,
-  up to and including its end-of-turn token `end` (default: `end_of_turn(tokenizer)`);
-  `with_end=False`: up to it, not including it.
+  """`response` as the chat template writes it after the generation prompt of `user`'s turn
+  (or of a conversation: `user` a list of messages), up to and including its end-of-turn token
+  `end` (default: `end_of_turn(tokenizer)`); `with_end=False`: up to it, not including it.
 
   Falls back to `response` followed by the end-of-turn token where the template does not
   start a two-message conversation with the one-message prompt.
   """
-  user_turn = {"role": "user", "content": user}
-  prompt = render_chat(tokenizer, [user_turn], add_generation_prompt=True)
-  full = render_chat(tokenizer, [user_turn, {"role": "assistant", "content": response}])
+  turns = [{"role": "user", "content": user}] if isinstance(user, str) else list(user)
+  prompt = render_chat(tokenizer, turns, add_generation_prompt=True)
+  full = render_chat(tokenizer, [*turns, {"role": "assistant", "content": response}])
   end = end if end is not None else end_of_turn(tokenizer)
   if not full.startswith(prompt):
     logger.warning("the chat template writes a conversation's start differently with the "

@@ -2,7 +2,9 @@
 
 `synthetic` data is random token sequences of `data.max_length` (every position a target),
 for smoke tests and benchmarks; `files` and `dolly` are instruction data through the TFDS
-builders and the Grain loader, tokenised with the run's tokenizer.
+builders and the Grain loader, tokenised with the run's tokenizer; `pairs` is chat pairs (a
+prompt with the teacher's and the student's response, `csd_jax.data.pairs`), two rows a pair,
+kept together in a batch.
 """
 
 from __future__ import annotations
@@ -56,7 +58,8 @@ def instruction_splits(config: Config) -> dict[str, Any]:
     return {"train": splits["train"], "valid": splits["valid"]}
   sources = {"train": data.train_files, **({"validation": data.eval_files}
                                             if data.eval_files else {})}
-  splits = tfds_builder.instruction_files(sources, data_dir)
+  build = tfds_builder.pair_files if data.source == "pairs" else tfds_builder.instruction_files
+  splits = build(sources, data_dir)
   return {"train": splits["train"], **({"valid": splits["validation"]}
                                        if "validation" in splits else {})}
 
@@ -71,6 +74,12 @@ def validation_records(config: Config, limit: int | None = None) -> list[dict[st
   data = config.data
   if data.source == "files" and data.eval_files:
     records = [r for path in data.eval_files for r in load_records(path)]
+  elif data.source == "pairs" and data.eval_files:   # the prompt, the teacher's as reference
+    from csd_jax.data.pairs import pair_record, validation_record
+    from csd_jax.data.records import read_json_records
+
+    records = [validation_record(pair_record(r)) for path in data.eval_files
+               for _, r in read_json_records(path)]
   elif data.source == "minillm":
     pool = minillm.dolly_pool(data.minillm_dolly, data.minillm_dev_num)
     records = load_records(pool)[:data.minillm_dev_num]
@@ -80,7 +89,8 @@ def validation_records(config: Config, limit: int | None = None) -> list[dict[st
                for i in range(len(source))]
   else:
     raise UserError("eval.datasets names split:valid, but the run has no validation split: set "
-                    "data.eval_files (data.source files), or use data.source minillm / dolly")
+                    "data.eval_files (data.source files or pairs), or use data.source minillm / "
+                    "dolly")
   return records[:limit] if limit else records
 
 
@@ -117,9 +127,14 @@ def build_inputs(config: Config, mesh: Mesh, vocab_size: int, tokenizer: Any | N
   data_dir = pathlib.Path(data.data_dir).expanduser()
   splits = instruction_splits(config)
   train_source, eval_source = splits["train"], splits.get("valid")
-  encode = InstructionTokenizer(tokenizer, template=data.template, max_length=data.max_length,
-                                max_prompt_length=data.max_prompt_length,
-                                keep_prompt=data.keep_prompt)
+  lengths = {"template": data.template, "max_length": data.max_length,
+             "max_prompt_length": data.max_prompt_length, "keep_prompt": data.keep_prompt}
+  if data.source == "pairs":   # a record is two rows, the teacher's response and the student's
+    from csd_jax.data.pairs import PairTokenizer
+
+    encode = PairTokenizer(tokenizer, **lengths)
+  else:
+    encode = InstructionTokenizer(tokenizer, **lengths)
   lm = None
   if config.loss.lm_coef:
     from csd_jax.data.token_files import ChunkEncoder, TokenChunks, is_token_file

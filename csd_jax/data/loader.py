@@ -5,7 +5,8 @@
     -> prefetch -> a global `jax.Array` batch under the batch sharding
 
 Every process runs the same shuffle and takes every `process_count`-th record, so the processes
-see disjoint slices that together cover the data. A batch is a dict of `[B, T]` int32 arrays:
+see disjoint slices that together cover the data; a record's rows stay together (a chat
+pair's two rows: an encoder's `rows_per_record`). A batch is a dict of `[B, T]` int32 arrays:
 `input_ids`, `labels` (pre-shifted next-token targets, -100 where no loss), `attention_mask`
 (0 padding; 1, 2, ... the packed samples of a row) and `positions`. `T` is the longest sample
 rounded up to a multiple of `bucket_multiple` (capped at `max_length`), or `max_length` when
@@ -105,7 +106,10 @@ class BatchLoader:
   Args:
     source: a random-access sequence of records (a TFDS data source, a list of dicts).
     encode: record (text fields as str) -> example dict(input_ids, labels), a list of them, or
-      None (dropped); e.g. `instruct.InstructionTokenizer` or `instruct.TextTokenizer`.
+      None (dropped); e.g. `instruct.InstructionTokenizer` or `instruct.TextTokenizer`. An
+      encoder with `rows_per_record` = n (chat pairs: 2) gives n examples or none per record:
+      a local batch then holds a multiple of n rows, so no record is split between batches or
+      processes.
     pad_id: the token that fills padding.
     config: batch size, lengths, seed, packing.
     sharding: the global batch's `NamedSharding` (batch axis over the data axes); None gives
@@ -128,6 +132,12 @@ class BatchLoader:
       raise UserError(f"global batch size {config.global_batch_size} does not divide over "
                       f"{self.process_count} processes; use a multiple of {self.process_count}")
     self.local_batch_size = config.global_batch_size // self.process_count
+    self.rows_per_record = int(getattr(encode, "rows_per_record", 1))
+    if self.local_batch_size % self.rows_per_record:
+      raise UserError(f"global batch size {config.global_batch_size} over {self.process_count} "
+                      f"processes leaves {self.local_batch_size} rows per process, not whole "
+                      f"records of {self.rows_per_record} rows (chat pairs); use a multiple "
+                      f"of {self.rows_per_record * self.process_count}")
     self.num_records = len(source)
     if self.process_index == 0:  # every process reads the same records: one report is enough
       _log_tokenize_stats(source, encode)
@@ -156,7 +166,8 @@ class BatchLoader:
   @property
   def steps_per_epoch(self) -> int:
     """Global batches per pass over the records (before samples dropped by the encoder)."""
-    return max(1, self.num_records // self.config.global_batch_size)
+    rows = self.num_records * self.rows_per_record
+    return max(1, rows // self.config.global_batch_size)
 
   def __iter__(self) -> Iterator[Batch]:
     return self
@@ -179,7 +190,8 @@ class BatchLoader:
     if extra == 0:
       return local
     fill = {"input_ids": self.pad_id, "labels": IGNORE_INDEX, "attention_mask": 0, "positions": 0}
-    return {k: np.pad(v, ((0, 0), (0, extra)), constant_values=fill[k]) for k, v in local.items()}
+    return {k: np.pad(v, ((0, 0), (0, extra)), constant_values=fill.get(k, 0))
+            for k, v in local.items()}
 
   def rewind(self) -> None:
     """Back to the first batch (held-out evaluation reads the same batches every time)."""

@@ -4,6 +4,8 @@
   response pairs (field aliases in `instruct.records_from_json`), one or more files per split;
   also the evaluation sets (Dolly test, Self-Instruct, Vicuna, S-NI, UnNI) given as local files.
 - `TextFiles`: local JSONL / JSON / Parquet files of `{"text": ...}`, for the LM term.
+- `PairFiles`: chat pairs (a prompt, the teacher's and the student's response) in the official
+  reformat.py's `train.json` or the other forms of `pairs.pair_record` (`data.source: pairs`).
 - `MiniLLMDolly`: MiniLLM's own Dolly files (`raw.jsonl`), split as its
   `process_data_dolly.py`: the first 1000 records for model selection, the rest for training
   (the official split, `data.source: minillm`).
@@ -29,6 +31,7 @@ import tensorflow_datasets as tfds
 
 from csd_jax.data import minillm
 from csd_jax.data.instruct import records_from_json, text_from_json
+from csd_jax.data.pairs import PAIR_FIELDS, pair_record
 from csd_jax.data.records import read_json_records
 from csd_jax.errors import UserError
 
@@ -145,6 +148,13 @@ class TextFiles(_FilesBuilder):
   _to_example = staticmethod(text_from_json)
 
 
+class PairFiles(_FilesBuilder):
+  """Chat pairs (prompt messages as JSON text, the teacher's and the student's response)."""
+
+  _FIELDS = PAIR_FIELDS
+  _to_example = staticmethod(pair_record)
+
+
 class _SplitRecords(_QuietBuilder):
   """A builder whose splits are lists of (key, Dolly-form record) made by `_split_generators`."""
 
@@ -232,6 +242,14 @@ def text_files(sources: Mapping[str, Sequence[str | os.PathLike]],
                data_dir: str | os.PathLike) -> dict[str, Any]:
   """Random-access sources per split for local text files, cached under `data_dir`."""
   builder = TextFiles(sources={k: [str(p) for p in v] for k, v in sources.items()},
+                      data_dir=str(data_dir), file_format="array_record")
+  return build(builder)
+
+
+def pair_files(sources: Mapping[str, Sequence[str | os.PathLike]],
+               data_dir: str | os.PathLike) -> dict[str, Any]:
+  """Random-access sources per split for local chat-pair files, cached under `data_dir`."""
+  builder = PairFiles(sources={k: [str(p) for p in v] for k, v in sources.items()},
                       data_dir=str(data_dir), file_format="array_record")
   return build(builder)
 

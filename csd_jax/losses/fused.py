@@ -214,7 +214,8 @@ def fused_logit_loss(
     teacher_logit_softcap: float | None = None, vocab_major: bool = False,
     teacher_vocab_major: bool = False, normalize: str = "token",
     num_valid_tokens: Array | float | None = None, num_sequences: Array | float | None = None,
-    mesh: Any = None, token_axes: Sequence[str] = ("data", "fsdp"), vocab_axis: str = "tensor",
+    row_weights: Array | None = None, mesh: Any = None,
+    token_axes: Sequence[str] = ("data", "fsdp"), vocab_axis: str = "tensor",
     **params: Any) -> Array:
   """`logit_loss(name, hs @ Ws, ht @ Wt, mask)` with O(chunk x V) memory, same value and grads.
 
@@ -237,7 +238,8 @@ def fused_logit_loss(
       tied embedding stores it. Pass each head in the layout it is stored in: the chunk loop
       reads it in place, where the transpose of a stored weight would be a full copy (XLA gives
       a loop's operands its default layout: 1.6 GB for Gemma-7B's head).
-    normalize, num_valid_tokens, num_sequences: the reduction, as in `logit_loss`.
+    normalize, num_valid_tokens, num_sequences, row_weights: the reduction, as in
+      `logit_loss`.
     mesh: a `Mesh` / `AbstractMesh` to split over; default: the ambient mesh (`jax.set_mesh`),
       and none outside one.
     token_axes: mesh axes the tokens are split over (those the mesh has).
@@ -274,7 +276,8 @@ def fused_logit_loss(
     target = jnp.reshape(teacher_hidden, (-1, teacher_hidden.shape[-1]))
     wt = teacher_head
   weights = token_weights(loss_mask(name, positions, mask, labels), normalize=normalize,
-                          num_valid_tokens=num_valid_tokens, num_sequences=num_sequences)
+                          num_valid_tokens=num_valid_tokens, num_sequences=num_sequences,
+                          row_weights=row_weights)
   if mesh is None:
     mesh = jax.sharding.get_abstract_mesh()
   softcaps = (logit_softcap, teacher_logit_softcap)

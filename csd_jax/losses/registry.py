@@ -176,7 +176,8 @@ def loss_mask(name: str, positions: tuple[int, ...], mask: Array | None,
 def logit_loss(name: str, student_logits: Array, teacher_logits: Array,
                mask: Array | None = None, *, normalize: str = "token",
                num_valid_tokens: Array | float | None = None,
-               num_sequences: Array | float | None = None, **params: Any) -> Array:
+               num_sequences: Array | float | None = None, row_weights: Array | None = None,
+               **params: Any) -> Array:
   """A distillation loss on logits, reduced to a float32 scalar.
 
   Args:
@@ -187,12 +188,15 @@ def logit_loss(name: str, student_logits: Array, teacher_logits: Array,
     normalize: "token" (mean over valid positions) or "sequence" (per sequence, then over
       sequences; the mask's last axis is the sequence).
     num_valid_tokens / num_sequences: the global normaliser, for micro-batches and shards.
+    row_weights: a factor per sequence (`mask.shape[:-1]`), e.g. the chat pairs' (see
+      `reduce.pair_row_weights`); None: 1.
     **params: the loss's parameters (see `LOSSES[name].defaults`).
   """
   spec, _ = resolve(name, params)
   positions = jnp.shape(student_logits)[:-1]
   labels = teacher_logits if spec.takes_labels else None
   weights = token_weights(loss_mask(name, positions, mask, labels), normalize=normalize,
-                          num_valid_tokens=num_valid_tokens, num_sequences=num_sequences)
+                          num_valid_tokens=num_valid_tokens, num_sequences=num_sequences,
+                          row_weights=row_weights)
   values = per_token_loss(name, student_logits, teacher_logits, **params)
   return weighted_sum(values, weights)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import logging
 import math
 import os
@@ -32,6 +33,7 @@ from csd_jax.errors import UserError
 from csd_jax.metrics import MetricsWriter
 from csd_jax.data.inputs import Inputs, build_inputs
 from csd_jax.distributed import from_every_process
+from csd_jax.losses import pair_beta
 from csd_jax.run import Models, build_models, resolve_tokenizer, train_state_template
 from csd_jax.sharding import data_parallel_size, make_mesh, resolve_rules
 from csd_jax.state import TrainState, make_optimizer
@@ -106,8 +108,12 @@ def build_trainer(config: Config, mesh: Mesh | None = None) -> Trainer:
   # ---- the jitted steps ------------------------------------------------------------------
   tx, schedule = make_optimizer(config.optim, total_steps)
   loss = config.loss
+  # Chat pairs: beta at each step (constant, or the official gradual schedule).
+  beta = functools.partial(pair_beta, start=loss.pair_beta, end=loss.pair_beta_end,
+                           ramp=loss.pair_beta_ramp, total_steps=total_steps)
   objective = Objective(loss.name, loss.params, loss.kd_coef, loss.ce_coef, loss.lm_coef,
-                        loss.fused, loss.chunk_size, loss.normalize, models.vocab_size, rules)
+                        loss.fused, loss.chunk_size, loss.normalize, models.vocab_size, rules,
+                        beta if config.data.source == "pairs" else None)
   state_shardings = jax.tree.map(lambda x: x.sharding, state)
   train_step = jax.jit(
       make_train_step(student_graphdef, teacher_graphdef, tx, schedule, objective,

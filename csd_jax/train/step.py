@@ -4,6 +4,13 @@ One call does a whole optimizer step over `grad_accum` micro-batches (a `lax.sca
 micro-batch's loss is normalised by the valid-token count of the *whole* global batch, so the
 summed gradients equal those of the batch in one piece, however it is split or sharded. The
 teacher runs under `stop_gradient` and is an input only: it is never updated, never donated.
+
+A batch of chat pairs (`data.source: pairs`) carries `pair_role` (`losses.PAIR_TEACHER` on the
+row of the teacher's response, `PAIR_STUDENT` on the student's): the distillation term is then
+the official pair objective, per sequence `(2 - beta)` x the teacher-response row's token mean
+plus `beta` x the student-response row's, averaged over the global batch's pairs (beta from
+`Objective.pair_beta` at the step); the cross-entropy term covers the teacher's responses only
+(the official `seqkd`: SFT on the teacher's answer, never on the student's own).
 """
 
 from __future__ import annotations
@@ -17,7 +24,8 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from csd_jax.losses import IGNORE_LABEL, chunked_token_sums, fused_logit_loss, logit_loss
+from csd_jax.losses import (IGNORE_LABEL, PAIR_TEACHER, chunked_token_sums, fused_logit_loss,
+                            logit_loss, num_pairs, pair_row_weights)
 from csd_jax.sharding import loss_axes
 from csd_jax.state import TrainState, all_finite
 
@@ -39,11 +47,15 @@ class Objective:
   normalize: str = "token"
   vocab_size: int | None = None  # both heads are cut to this (None: the student's)
   rules: Mapping[str, Any] | None = None  # mesh.rules: where the fused loss splits its work
+  pair_beta: Callable[[Array], Array] | None = None  # chat pairs: step -> beta (None: 1)
 
 
-def _count_kwargs(labels: Array, normalize: str) -> dict[str, Array]:
-  """The global normaliser of a batch: valid tokens, or sequences with one."""
-  valid = labels != IGNORE_LABEL
+def _count_kwargs(batch: Batch, normalize: str) -> dict[str, Array]:
+  """The global normaliser of a batch: valid tokens, or sequences with one (pairs, for a batch
+  of chat pairs: the pair objective averages over pairs)."""
+  valid = batch["labels"] != IGNORE_LABEL
+  if normalize == "sequence" and "pair_role" in batch:
+    return {"num_sequences": num_pairs(batch["pair_role"], valid)}
   if normalize == "sequence":
     return {"num_sequences": jnp.sum(jnp.any(valid, axis=-1))}
   return {"num_valid_tokens": jnp.sum(valid)}
@@ -69,10 +81,15 @@ def _stored_head(model: Any, vocab: int | None) -> tuple[Array, bool]:
 
 
 def distill_loss(student: Any, teacher: Any, batch: Batch, objective: Objective,
-                 counts: Mapping[str, Array], dropout_key: Array | None = None
-                 ) -> tuple[Array, dict[str, Array]]:
-  """The objective on one (micro-)batch, normalised by the global `counts`."""
+                 counts: Mapping[str, Array], dropout_key: Array | None = None,
+                 pair_beta: Array | float = 1.0) -> tuple[Array, dict[str, Array]]:
+  """The objective on one (micro-)batch, normalised by the global `counts`; `pair_beta` weighs
+  a batch of chat pairs (see the module's docstring)."""
   valid = batch["labels"] != IGNORE_LABEL
+  kd_rows = ce_rows = None
+  if "pair_role" in batch:
+    kd_rows = pair_row_weights(batch["pair_role"], pair_beta)
+    ce_rows = (batch["pair_role"][..., 0] == PAIR_TEACHER).astype(jnp.float32)
   hidden = _forward(student, batch, dropout_key)
   head, vocab_major = _stored_head(student, objective.vocab_size)
   token_axes, vocab_axis = loss_axes(objective.rules)
@@ -88,17 +105,19 @@ def distill_loss(student: Any, teacher: Any, batch: Batch, objective: Objective,
           objective.name, hidden, head, teacher_hidden, jax.lax.stop_gradient(teacher_head),
           valid, chunk_size=objective.chunk_size, logit_softcap=student.cfg.final_logit_softcap,
           teacher_logit_softcap=teacher.cfg.final_logit_softcap, vocab_major=vocab_major,
-          teacher_vocab_major=teacher_vocab_major, **fused_axes, **common, **objective.params)
+          teacher_vocab_major=teacher_vocab_major, row_weights=kd_rows, **fused_axes, **common,
+          **objective.params)
     else:
       v = objective.vocab_size
       parts["kd"] = logit_loss(objective.name, student.logits(hidden)[..., :v],
-                               teacher.logits(teacher_hidden)[..., :v], valid, **common,
-                               **objective.params)
+                               teacher.logits(teacher_hidden)[..., :v], valid,
+                               row_weights=kd_rows, **common, **objective.params)
   if objective.ce_coef:
     parts["ce"] = fused_logit_loss("ce", hidden, head, None, None, valid, labels=batch["labels"],
                                    chunk_size=objective.chunk_size,
                                    logit_softcap=student.cfg.final_logit_softcap,
-                                   vocab_major=vocab_major, **fused_axes, **common)
+                                   vocab_major=vocab_major, row_weights=ce_rows, **fused_axes,
+                                   **common)
   total = objective.kd_coef * parts.get("kd", 0.0) + objective.ce_coef * parts.get("ce", 0.0)
   return total, parts
 
@@ -136,10 +155,10 @@ def make_train_step(student_graphdef: nnx.GraphDef, teacher_graphdef: nnx.GraphD
   an LM term.
   """
 
-  def micro_loss(params, untrained, teacher_state, batch, lm_batch, counts, lm_counts, key):
+  def micro_loss(params, untrained, teacher_state, batch, lm_batch, counts, lm_counts, key, beta):
     student = nnx.merge(student_graphdef, params, untrained)
     teacher = None if teacher_graphdef is None else nnx.merge(teacher_graphdef, teacher_state)
-    total, parts = distill_loss(student, teacher, batch, objective, counts, key)
+    total, parts = distill_loss(student, teacher, batch, objective, counts, key, beta)
     if lm_batch is not None and objective.lm_coef:
       parts["lm"] = lm_loss(student, lm_batch, objective, lm_counts)
       total = total + objective.lm_coef * parts["lm"]
@@ -147,9 +166,10 @@ def make_train_step(student_graphdef: nnx.GraphDef, teacher_graphdef: nnx.GraphD
 
   def step(state: TrainState, teacher_state: nnx.State, batch: Batch,
            lm_batch: Batch | None = None) -> tuple[TrainState, dict[str, Array]]:
-    counts = _count_kwargs(batch["labels"], objective.normalize)
-    lm_counts = None if lm_batch is None else _count_kwargs(lm_batch["labels"],
-                                                            objective.normalize)
+    counts = _count_kwargs(batch, objective.normalize)
+    lm_counts = None if lm_batch is None else _count_kwargs(lm_batch, objective.normalize)
+    beta = (jnp.float32(1.0) if objective.pair_beta is None
+            else jnp.asarray(objective.pair_beta(state.step), jnp.float32))
     micro = split_micro_batches(batch, grad_accum)
     lm_micro = None if lm_batch is None else split_micro_batches(lm_batch, grad_accum)
     step_key = jax.random.fold_in(state.key, state.step)
@@ -158,7 +178,7 @@ def make_train_step(student_graphdef: nnx.GraphDef, teacher_graphdef: nnx.GraphD
     def accumulate(grads, inputs):
       index, mb, lm_mb = inputs
       (total, parts), g = grad_fn(state.params, state.untrained, teacher_state, mb, lm_mb,
-                                  counts, lm_counts, jax.random.fold_in(step_key, index))
+                                  counts, lm_counts, jax.random.fold_in(step_key, index), beta)
       return jax.tree.map(jnp.add, grads, g), (total, parts)
 
     zeros = jax.tree.map(jnp.zeros_like, state.params)
@@ -178,7 +198,8 @@ def make_train_step(student_graphdef: nnx.GraphDef, teacher_graphdef: nnx.GraphD
     metrics = {"loss": loss, "grad_norm": grad_norm,
                "lr": schedule(state.step), "valid_tokens": jnp.sum(batch["labels"] != -100),
                "nonfinite": jnp.logical_not(finite).astype(jnp.int32),
-               **{k: jnp.sum(v) for k, v in parts.items()}}
+               **{k: jnp.sum(v) for k, v in parts.items()},
+               **({"pair_beta": beta} if "pair_role" in batch else {})}
     new_state = state.replace(params=keep(params, state.params),
                               opt_state=keep(opt_state, state.opt_state), step=state.step + 1)
     return new_state, metrics
