@@ -95,6 +95,12 @@ def _parser() -> argparse.ArgumentParser:
   convert.add_argument("out_dir")
   convert.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default="float32")
   _add_generate(commands)
+  pairs = commands.add_parser(
+      "pairs", help="join a teacher's and a student's csd-jax generate files into the chat "
+                    "pairs file of data.source: pairs (the official reformat.py's train.json)")
+  pairs.add_argument("--teacher", required=True, help="the teacher's generate JSONL")
+  pairs.add_argument("--student", required=True, help="the student's generate JSONL")
+  pairs.add_argument("--out", required=True, help="train.json")
   report = commands.add_parser(
       "report", help="the paper's Table 1 (ROUGE-L mean ± std over seeds per set, Avg.) from "
                      "csd-jax eval results, as Markdown (and CSV with --out)")
@@ -148,7 +154,8 @@ def main(argv: Sequence[str] | None = None) -> int:
   args = _parser().parse_args(argv)
   command: Callable[[argparse.Namespace], int] = {
       "demo": _demo, "train": _train, "export": _export, "eval": _eval,
-      "convert-gguf": _convert_gguf, "report": _report, "generate": _generate}[args.command]
+      "convert-gguf": _convert_gguf, "report": _report, "generate": _generate,
+      "pairs": _pairs}[args.command]
   try:
     return command(args)
   except UserError as error:  # anything else is a bug: its traceback is shown
@@ -283,6 +290,16 @@ def _report(args: argparse.Namespace) -> int:
   if args.out:
     md_path, csv_path = output_paths(args.out)
     print(f"wrote {md_path} and {csv_path}")
+  return 0
+
+
+
+def _pairs(args: argparse.Namespace) -> int:
+  from csd_jax.data import pair_files
+
+  records = pair_files.join(args.teacher, args.student)
+  pair_files.write(records, args.out)
+  print(f"{len(records)} pairs in {args.out}")
   return 0
 
 

@@ -62,6 +62,8 @@ def test_paper_hyper_parameters():
   llama = load_config(ROOT / "configs" / "openllama_7b_to_3b_dolly_lora.yaml")
   assert (llama.lora.rank, llama.lora.alpha, llama.lora.dropout) == (16, 64, 0.1)
   gemma = load_config(ROOT / "configs" / "gemma_7b_it_to_2b_it_gsm8k.yaml")
-  assert gemma.loss.params["w1"] == "teacher" and gemma.train.grad_accum == 8
+  assert gemma.loss.params["w1"] == "teacher" and gemma.train.batch_size == 8  # grad_acc_size 8
+  assert (gemma.optim.schedule, gemma.data.max_length, gemma.loss.normalize) == (
+      "linear", 768, "sequence")
   with pytest.raises(ConfigError, match="loss.lm_coef > 0 needs data.lm_files"):
     load_config(ROOT / "configs" / "tiny.yaml", ["loss.lm_coef=0.5"])

@@ -311,3 +311,34 @@ def test_a_tiny_pairs_run_learns(tmp_path, qwen_tokenizer):
                              rtol=1e-6)
   assert "16 records: 16 kept" in result.stderr
   assert not math.isnan(losses[-1])
+
+
+def _generate_lines(path, answers, prompts=("Say hi.", "Name a colour.")):
+  with open(path, "w") as f:
+    for index, (prompt, answer) in enumerate(zip(prompts, answers)):
+      for sample in range(2):   # only sample 0 joins, as the official's one response a model
+        f.write(json.dumps({"index": index, "sample": sample, "turn": 0, "prompt": prompt,
+                            "response": f"{answer} #{sample}"}) + "\n")
+
+
+def test_pairs_command_joins_generate_files_into_the_official_layout(tmp_path, capsys):
+  from csd_jax.cli import main
+
+  _generate_lines(tmp_path / "teacher.jsonl", ["Hello there!", "Blue."])
+  _generate_lines(tmp_path / "student.jsonl", ["hi", "red"])
+  out = tmp_path / "train.json"
+  assert main(["pairs", "--teacher", str(tmp_path / "teacher.jsonl"), "--student",
+               str(tmp_path / "student.jsonl"), "--out", str(out)]) == 0
+  records = json.loads(out.read_text())
+  assert records[1] == {
+      "prompt": "Name a colour.",
+      "chosen": [{"content": "Name a colour.", "role": "user"},
+                 {"content": "Blue. #0", "role": "assistant"}],
+      "rejected": [{"content": "Name a colour.", "role": "user"},
+                   {"content": "red #0", "role": "assistant"}]}
+  assert [pair_record(r)["teacher"] for r in records] == ["Hello there! #0", "Blue. #0"]
+  _generate_lines(tmp_path / "short.jsonl", ["hi"], prompts=("Say hi.",))
+  assert main(["pairs", "--teacher", str(tmp_path / "teacher.jsonl"), "--student",
+               str(tmp_path / "short.jsonl"), "--out", str(tmp_path / "x.json")]) == 2
+  assert "answer different prompts (indices [1])" in capsys.readouterr().err
+  assert not (tmp_path / "x.json").exists()

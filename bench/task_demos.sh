@@ -1,0 +1,70 @@
+#!/bin/bash
+# The paper's task-specific and chat-pair recipes at demo scale, end to end with csd-jax alone,
+# offline on a CPU: SmolLM2-135M-Instruct (the embedded demo's teacher) and its 4-layer student.
+#   gsm8k: SFT of the teacher on GSM8K-style problems, export, CSD (T,S) per sequence (the
+#          official GSM8K weighting) into the student, `csd-jax eval --task gsm8k`;
+#   summ:  the same on DialogSum-style dialogues, CSD with the official mixture a = 0.15,
+#          `csd-jax eval --task summarization`;
+#   pairs: `csd-jax generate` (teacher and student, temperature 0.8) on held-out-free chat
+#          prompts, the official pair file, CSD (S,S) with the pair objective (beta 1 -> 1.5),
+#          `csd-jax eval` (ROUGE-L against the teacher's greedy answers) and an AlpacaEval file.
+# Data: bench/task_demo_data.py (made from templates; the real files cannot be downloaded here).
+# Prints the time of each part; each evaluator's table is printed and kept under $W.
+#   bash bench/task_demos.sh [WORKDIR] [gsm8k summ pairs]     (default workdirs/task-demos, all)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+W=${1:-workdirs/task-demos}
+shift || true
+PARTS=${*:-gsm8k summ pairs}
+CLI=${CSD_JAX:-.venv/bin/csd-jax}
+PY=${PYTHON:-.venv/bin/python}
+STEPS=${STEPS:-40}           # optimizer steps of each distillation (4-layer student)
+SFT_STEPS=${SFT_STEPS:-10}   # of each SFT of the teacher (all 30 layers: ~30 s a step on 2 cores)
+EXAMPLES=${EXAMPLES:-32}     # evaluation examples per task
+mkdir -p "$W"
+timed() { local name=$1; shift; local start=$SECONDS; "$@"; echo "TIME $name $((SECONDS - start)) s" | tee -a "$W/times.txt"; }
+
+A=$W/assets; D=$W/data; T=$A/smollm2-135m-instruct; S=$A/student_init
+timed assets "$PY" -c "
+import pathlib, sys
+from csd_jax.assets import converted_smollm2
+from csd_jax.demo import STUDENT_LAYERS
+from csd_jax.models.io.layer_drop import layer_dropped_copy
+root = pathlib.Path(sys.argv[1]); teacher = converted_smollm2(root)
+if not (root / 'student_init' / 'config.json').exists():
+  layer_dropped_copy(teacher, root / 'student_init', STUDENT_LAYERS)
+" "$A"
+"$PY" bench/task_demo_data.py "$D" --test "$EXAMPLES"
+
+# One task: SFT the teacher ($2: its data), export it, distil it ($3: loss params) into the
+# student, evaluate teacher, student init and distilled student with `csd-jax eval --task $1`.
+task() {
+  local task=$1 train=$2 params=$3 test=$4 lengths=$5
+  local common=(student.dtype=float32 "data.train_files=[$train]" "data.eval_files=[$train]"
+                data.data_dir="$W/tfds" data.tokenizer="$T" $lengths train.heldout_every=0
+                train.log_every=5)
+  timed "${task}_sft" "$CLI" train --config configs/demo.yaml --workdir "$W/$task/sft" \
+    teacher=null loss.kd_coef=0 loss.ce_coef=1 student.path="$T" optim.lr=1e-4 \
+    optim.warmup_steps=1 train.steps=$SFT_STEPS "${common[@]}"
+  timed "${task}_export" "$CLI" export --workdir "$W/$task/sft" --out "$W/$task/teacher"
+  timed "${task}_csd" "$CLI" train --config configs/demo.yaml --workdir "$W/$task/csd" \
+    teacher.path="$W/$task/teacher" student.path="$S" "loss.params=$params" \
+    loss.normalize=sequence train.steps=$STEPS "${common[@]}"
+  local eval=(--task "$task" --data "test=$test" --max-examples "$EXAMPLES")
+  timed "${task}_eval_teacher" "$CLI" eval --model "$W/$task/teacher" "${eval[@]}" \
+    --out "$W/$task/eval_teacher.json"
+  timed "${task}_eval_init" "$CLI" eval --model "$S" "${eval[@]}" --out "$W/$task/eval_init.json"
+  timed "${task}_eval_csd" "$CLI" eval --workdir "$W/$task/csd" "${eval[@]}" \
+    --out "$W/$task/eval_csd.json"
+}
+
+for part in $PARTS; do
+  case $part in
+    gsm8k) task gsm8k "$D/gsm_train.json" "{w1: teacher, w2: student, temperature: 1.0}" \
+             "$D/gsm_test.jsonl" "data.max_length=176 data.max_prompt_length=96" ;;
+    summ) task summarization "$D/summ_train.json" "{w1: 0.15, w2: 0.15, temperature: 1.0}" \
+            "$D/summ_test.jsonl" "data.max_length=176 data.max_prompt_length=128 data.keep_prompt=start" ;;
+    pairs) bash bench/task_demos_pairs.sh "$W" ;;
+    *) echo "unknown part $part: gsm8k, summ, pairs" >&2; exit 2 ;;
+  esac
+done
