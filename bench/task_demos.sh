@@ -58,13 +58,57 @@ task() {
     --out "$W/$task/eval_csd.json"
 }
 
+# Chat pairs: teacher and student answer the same prompts (csd-jax generate, the official
+# temperature 0.8), `csd-jax pairs` writes the official train.json, CSD (S,S) with the pair
+# objective and the official gradual beta; judged by ROUGE-L against the teacher's greedy answers
+# on held-out prompts, and written as an AlpacaEval answer file.
+pairs() {
+  local P=$W/pairs; mkdir -p "$P"
+  "$PY" -c "
+import json, sys
+from csd_jax.demo import instruction_prompts
+prompts, heldout = instruction_prompts()[:-$EXAMPLES], instruction_prompts()[-$EXAMPLES:]
+for name, rows in (('prompts', prompts), ('heldout_prompts', heldout)):
+  with open(f'{sys.argv[1]}/{name}.jsonl', 'w') as f:
+    f.writelines(json.dumps({'prompt': p}) + '\\n' for p in rows)
+" "$P"
+  local gen=(--max-new-tokens 64 --batch-size 32)
+  timed pairs_generate_teacher "$CLI" generate --model "$T" --prompts "$P/prompts.jsonl" \
+    --out "$P/teacher.jsonl" "${gen[@]}"
+  timed pairs_generate_student "$CLI" generate --model "$S" --prompts "$P/prompts.jsonl" \
+    --out "$P/student.jsonl" "${gen[@]}"
+  "$CLI" pairs --teacher "$P/teacher.jsonl" --student "$P/student.jsonl" --out "$P/train.json"
+  timed pairs_references "$CLI" generate --model "$T" --prompts "$P/heldout_prompts.jsonl" \
+    --temperature 0 --out "$P/references.jsonl" "${gen[@]}"
+  "$PY" -c "
+import json, sys
+with open(sys.argv[1]) as f, open(sys.argv[2], 'w') as out:
+  for line in f:
+    r = json.loads(line)
+    out.write(json.dumps({'instruction': r['prompt'], 'response': r['response']}) + '\\n')
+" "$P/references.jsonl" "$P/heldout.jsonl"
+  timed pairs_csd "$CLI" train --config configs/demo.yaml --workdir "$P/csd" data.source=pairs \
+    "data.train_files=[$P/train.json]" "data.eval_files=[]" data.data_dir="$W/tfds" \
+    data.tokenizer="$T" teacher.path="$T" student.path="$S" student.dtype=float32 \
+    loss.normalize=sequence loss.pair_beta_end=1.5 train.steps=$STEPS train.heldout_every=0 \
+    train.log_every=5 data.max_length=160 data.max_prompt_length=64
+  local judge=(--data "heldout=$P/heldout.jsonl" --seeds 10,20,30 --max-new-tokens 64)
+  timed pairs_eval_csd "$CLI" eval --workdir "$P/csd" "${judge[@]}" --out "$P/eval_csd.json"
+  timed pairs_eval_init "$CLI" eval --model "$S" --template chat "${judge[@]}" \
+    --out "$P/eval_init.json"
+  "$CLI" report "Student init (4 of 30 layers)=$P/eval_init.json" "CSD pairs=$P/eval_csd.json" \
+    --out "$P/table.md"
+  timed pairs_alpaca_eval "$CLI" generate --workdir "$P/csd" --prompts "$P/heldout_prompts.jsonl" \
+    --format alpaca_eval --out "$P/alpaca_eval_outputs.json" "${gen[@]}"
+}
+
 for part in $PARTS; do
   case $part in
     gsm8k) task gsm8k "$D/gsm_train.json" "{w1: teacher, w2: student, temperature: 1.0}" \
              "$D/gsm_test.jsonl" "data.max_length=176 data.max_prompt_length=96" ;;
     summ) task summarization "$D/summ_train.json" "{w1: 0.15, w2: 0.15, temperature: 1.0}" \
             "$D/summ_test.jsonl" "data.max_length=176 data.max_prompt_length=128 data.keep_prompt=start" ;;
-    pairs) bash bench/task_demos_pairs.sh "$W" ;;
+    pairs) pairs ;;
     *) echo "unknown part $part: gsm8k, summ, pairs" >&2; exit 2 ;;
   esac
 done
