@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import pathlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from csd_jax.data.chat import run_model_stop_ids, stop_ids
@@ -49,15 +49,16 @@ class EvalRequest:
   out: str | None = None
 
 
-def parse_datasets(items: Sequence[str], limit: int | None
-                   ) -> dict[str, list[dict[str, Any]]]:
-  """`NAME=FILE` items -> the records of each file (the first `limit`)."""
+def parse_datasets(items: Sequence[str], limit: int | None,
+                   read: Callable[[str, int | None], Any] | None = None) -> dict[str, Any]:
+  """`NAME=FILE` items -> what `read(FILE, limit)` gives for each file (default: its first
+  `limit` instruction records)."""
   datasets = {}
   for item in items:
     name, sep, path = item.partition("=")
     if not sep or not name or not path:
-      raise UserError(f"--data {item!r}: expected NAME=FILE, e.g. dolly=dolly_test.jsonl")
-    datasets[name] = generation.load_records(path, limit)
+      raise UserError(f"--data {item!r}: expected NAME=FILE, e.g. test=test.jsonl")
+    datasets[name] = (read or generation.load_records)(path, limit)
   return datasets
 
 

@@ -14,7 +14,6 @@ it did nothing); the loop writes a step's metrics in one row.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import pathlib

@@ -15,8 +15,10 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
-from collections.abc import Mapping
+import os
+from collections.abc import Callable, Mapping
 from types import ModuleType
+from typing import Any
 
 from csd_jax.errors import UserError
 
@@ -41,3 +43,20 @@ def get_task(name: str) -> ModuleType:
   if name not in TASK_NAMES:
     raise UserError(f"--task {name!r}: valid: {', '.join(TASK_NAMES)} (or {', '.join(ALIASES)})")
   return importlib.import_module(f"csd_jax.eval.tasks.{name}")
+
+
+def read_examples(path: str | os.PathLike, limit: int | None,
+                  to_example: Callable[[Any, Mapping[str, Any]], Example],
+                  expected: str) -> list[Example]:
+  """One example per record of `path` (JSONL / JSON / Parquet; the first `limit`), made by
+  `to_example(key, record)`; a file without records is refused naming the `expected` ones."""
+  from csd_jax.data.records import read_json_records
+
+  examples = []
+  for key, raw in read_json_records(path):
+    if limit and len(examples) >= limit:
+      break
+    examples.append(to_example(key, raw))
+  if not examples:
+    raise UserError(f"{path}: no records; pass a file of {expected}")
+  return examples

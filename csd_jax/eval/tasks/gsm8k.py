@@ -27,9 +27,8 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from csd_jax.data.instruct import records_from_json
-from csd_jax.data.records import read_json_records
 from csd_jax.errors import UserError
-from csd_jax.eval.tasks import Example
+from csd_jax.eval.tasks import Example, read_examples
 from csd_jax.eval.tasks.math_equal import math_equal
 
 NAME = "gsm8k"
@@ -90,14 +89,7 @@ def _example(key: str, raw: Mapping[str, Any]) -> Example:
 
 def read(path: str | os.PathLike, limit: int | None = None) -> list[Example]:
   """The examples of a GSM8K file (the first `limit`)."""
-  examples = []
-  for key, raw in read_json_records(path):
-    if limit and len(examples) >= limit:
-      break
-    examples.append(_example(key, raw))
-  if not examples:
-    raise UserError(f"{path}: no records; pass a GSM8K file of question / answer records")
-  return examples
+  return read_examples(path, limit, _example, "GSM8K question / answer records")
 
 
 def score(examples: Sequence[Example], prompts: Sequence[str], outputs: Sequence[str],

@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 
 from csd_jax.errors import UserError
-from csd_jax.eval.tasks import Example, get_task
+from csd_jax.eval.tasks import get_task
 
 logger = logging.getLogger("csd_jax.eval")
 
@@ -89,16 +89,6 @@ def answer_decoder(tokenizer: Any, end_ids: Sequence[int], text_ids: Sequence[in
   return decode
 
 
-def _datasets(task: Any, items: Sequence[str], limit: int | None) -> dict[str, list[Example]]:
-  datasets = {}
-  for item in items:
-    name, sep, path = item.partition("=")
-    if not sep or not name or not path:
-      raise UserError(f"--data {item!r}: expected NAME=FILE, e.g. test=gsm8k_test.jsonl")
-    datasets[name] = task.read(path, limit)
-  return datasets
-
-
 def _output_path(request: TaskRequest, default: pathlib.Path, task_name: str) -> pathlib.Path:
   if request.out:
     return pathlib.Path(request.out)
@@ -111,7 +101,7 @@ def run_task(request: TaskRequest) -> tuple[dict[str, dict[str, Any]], pathlib.P
   from csd_jax.data.chat import stop_ids
   from csd_jax.data.instruct import render_prompt
   from csd_jax.eval import generation
-  from csd_jax.eval.command import load_model
+  from csd_jax.eval.command import load_model, parse_datasets
   from csd_jax.sampling import GREEDY
 
   task = get_task(request.task)
@@ -122,7 +112,7 @@ def run_task(request: TaskRequest) -> tuple[dict[str, dict[str, Any]], pathlib.P
     task.check_comet_model(request.comet_model)
   if request.batch_size < 1:
     raise UserError(f"--batch-size {request.batch_size}: must be >= 1")
-  datasets = _datasets(task, request.data, request.max_examples)
+  datasets = parse_datasets(request.data, request.max_examples, task.read)
   max_new = request.max_new_tokens or task.MAX_NEW_TOKENS
   max_prompt = request.max_prompt_length or task.MAX_PROMPT_LENGTH
   model, tokenizer, own, default_out = load_model(request.workdir, request.model,

@@ -19,15 +19,13 @@ fields `csd_jax.data.instruct.records_from_json` reads (a list of references all
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
 from csd_jax.data.instruct import records_from_json
-from csd_jax.data.records import read_json_records
-from csd_jax.errors import UserError
-from csd_jax.eval.tasks import Example
+from csd_jax.eval.tasks import Example, read_examples
 
 NAME = "summarization"
 COLUMNS = ("rouge1", "rouge2", "rougeL")
@@ -36,20 +34,16 @@ MAX_PROMPT_LENGTH = 1024   # the official training's input length (kd_train_summ
 STOP_STRINGS = ("\nuser", "\n")
 
 
+def _example(_: Any, raw: Mapping[str, Any]) -> Example:
+  record = records_from_json(raw)
+  return Example(record={"instruction": record["instruction"],
+                         "context": record.get("context") or ""},
+                 references=tuple(record.get("references") or [record["response"]]))
+
+
 def read(path: str | os.PathLike, limit: int | None = None) -> list[Example]:
   """The examples of a summarisation file (the first `limit`)."""
-  examples = []
-  for _, raw in read_json_records(path):
-    if limit and len(examples) >= limit:
-      break
-    record = records_from_json(raw)
-    references = tuple(record.get("references") or [record["response"]])
-    examples.append(Example(record={"instruction": record["instruction"],
-                                    "context": record.get("context") or ""},
-                            references=references))
-  if not examples:
-    raise UserError(f"{path}: no records; pass a file of dialogue / summary records")
-  return examples
+  return read_examples(path, limit, _example, "dialogue / summary records")
 
 
 def rouge_scores(predictions: Sequence[str], references: Sequence[Sequence[str]]

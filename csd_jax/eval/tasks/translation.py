@@ -33,9 +33,8 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from csd_jax.data.instruct import records_from_json
-from csd_jax.data.records import read_json_records
 from csd_jax.errors import UserError
-from csd_jax.eval.tasks import Example
+from csd_jax.eval.tasks import Example, read_examples
 
 NAME = "translation"
 COLUMNS = ("bleu", "chrf", "comet")
@@ -57,21 +56,17 @@ def source_sentence(raw: Mapping[str, Any], instruction: str) -> str | None:
   return match.group(1) if match else None
 
 
+def _example(_: Any, raw: Mapping[str, Any]) -> Example:
+  record = records_from_json(raw)
+  return Example(record={"instruction": record["instruction"],
+                         "context": record.get("context") or ""},
+                 references=tuple(record.get("references") or [record["response"]]),
+                 source=source_sentence(raw, record["instruction"]))
+
+
 def read(path: str | os.PathLike, limit: int | None = None) -> list[Example]:
   """The examples of a translation file (the first `limit`)."""
-  examples = []
-  for _, raw in read_json_records(path):
-    if limit and len(examples) >= limit:
-      break
-    record = records_from_json(raw)
-    context = record.get("context") or ""
-    examples.append(Example(
-        record={"instruction": record["instruction"], "context": context},
-        references=tuple(record.get("references") or [record["response"]]),
-        source=source_sentence(raw, record["instruction"])))
-  if not examples:
-    raise UserError(f"{path}: no records; pass a file of instruction / response records")
-  return examples
+  return read_examples(path, limit, _example, "instruction / response records")
 
 
 def _reference_streams(references: Sequence[Sequence[str]]) -> list[list[str]]:
