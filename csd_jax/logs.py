@@ -13,6 +13,8 @@ import os
 import sys
 from typing import Any
 
+from csd_jax.errors import storage_failure
+
 # Set only where the user has not: their own setting wins (e.g. TRANSFORMERS_VERBOSITY=info to
 # debug a tokenizer). Without torch, `import transformers` prints "PyTorch was not found. Models
 # won't be available ..." (an advisory warning); this project never uses its PyTorch models, so
@@ -26,7 +28,6 @@ _WARNINGS_ONLY = ("absl", "jax", "orbax")
 def _unretrieved_storage_failure(record: logging.LogRecord) -> bool:
   """asyncio's "Task exception was never retrieved" about a save that failed for want of space
   or permission: logged when the task is collected, after csd-jax's own line about it."""
-  from csd_jax.train.storage import storage_failure  # noqa: PLC0415 (logs imports nothing of ours)
   return (record.name == "asyncio" and "never retrieved" in str(record.msg)
           and bool(record.exc_info) and storage_failure(record.exc_info[1]) is not None)
 
