@@ -20,7 +20,9 @@ CLI=${CSD_JAX:-.venv/bin/csd-jax}
 PY=${PYTHON:-.venv/bin/python}
 STEPS=${STEPS:-40}           # optimizer steps of each distillation (4-layer student)
 SFT_STEPS=${SFT_STEPS:-10}   # of each SFT of the teacher (all 30 layers: ~30 s a step on 2 cores)
-EXAMPLES=${EXAMPLES:-32}     # evaluation examples per task
+EXAMPLES=${EXAMPLES:-32}     # evaluation examples per task (and held-out chat prompts)
+PAIR_PROMPTS=${PAIR_PROMPTS:-128}  # chat prompts answered by teacher and student (of the demo's
+                                   # 256; the held-out ones are the last EXAMPLES)
 mkdir -p "$W"
 timed() { local name=$1; shift; local start=$SECONDS; "$@"; echo "TIME $name $((SECONDS - start)) s" | tee -a "$W/times.txt"; }
 
@@ -67,7 +69,7 @@ pairs() {
   "$PY" -c "
 import json, sys
 from csd_jax.demo import instruction_prompts
-prompts, heldout = instruction_prompts()[:-$EXAMPLES], instruction_prompts()[-$EXAMPLES:]
+prompts, heldout = instruction_prompts()[:$PAIR_PROMPTS], instruction_prompts()[-$EXAMPLES:]
 for name, rows in (('prompts', prompts), ('heldout_prompts', heldout)):
   with open(f'{sys.argv[1]}/{name}.jsonl', 'w') as f:
     f.writelines(json.dumps({'prompt': p}) + '\\n' for p in rows)
