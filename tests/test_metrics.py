@@ -91,7 +91,9 @@ def test_jsonl_is_flushed_per_line_and_a_torn_line_is_survived(tmp_path):
   assert read_metrics(tmp_path) == [{"step": 1, "loss": 1.0}, {"step": 2, "loss": 2.0}]
 
 
-def test_tensorboard_scalars_round_trip(tmp_path):
+def test_tensorboard_scalars_round_trip(tmp_path, monkeypatch):
+  # The two files get numbers 9 and 10, in the same second: read in the order they were written
+  monkeypatch.setattr(MetricsWriter, "_uid", 8)
   values = {1: 0.1, 2: 1e40, 7: -3.25, 2**40: float("nan")}
   with MetricsWriter(tmp_path) as w:
     for step, v in values.items():

@@ -49,7 +49,7 @@ class MetricsWriter:
         self._jsonl.write(b"\n")
     MetricsWriter._uid += 1
     name = (f"events.out.tfevents.{int(time.time()):010d}.{socket.gethostname()}."
-            f"{os.getpid()}.{MetricsWriter._uid}")
+            f"{os.getpid()}.{MetricsWriter._uid:06d}")  # zero-padded: file names sort in order
     self._events = open(workdir / "tensorboard" / name, "ab")
     self._events.write(encode_record(encode_event(time.time(), 0, file_version="brain.Event:2")))
     self._events.flush()
