@@ -56,7 +56,12 @@ def _user_text(record: Mapping[str, str]) -> str:
 
 
 def render_prompt(record: Mapping[str, str], template: str, tokenizer: Any = None) -> str:
-  """The prompt text for `record` under `template` ("minillm", "chat" or "none")."""
+  """The prompt text for `record` under `template` ("minillm", "chat" or "none"); a
+  conversation's (`messages`, chat only) is its start up to the first answer."""
+  if record.get("messages"):
+    from csd_jax.data.conversation import conversation_prompt
+
+    return conversation_prompt(record, template, tokenizer)
   context = record.get("context") or ""
   if template == "minillm":
     if record.get("prompt"):   # an official evaluation file's prompt, used as it is
@@ -91,6 +96,7 @@ class TokenizeStats:
   responses_truncated: int = 0
   dropped_no_response: int = 0
   empty_responses: int = 0
+  turns_dropped: int = 0   # conversations whose trailing turns did not fit max_length
 
   def __add__(self, other: TokenizeStats) -> TokenizeStats:
     if not isinstance(other, TokenizeStats):
@@ -107,6 +113,8 @@ class TokenizeStats:
     """One line for the log."""
     empty = (f", {self.empty_responses} with an empty response" if self.empty_responses
              else "")
+    if self.turns_dropped:
+      empty += f", {self.turns_dropped} conversations cut to their first whole turns"
     return (f"{self.samples} records: {self.kept} kept, {self.prompts_truncated} prompts cut to"
             f" max_prompt_length, {self.responses_truncated} responses cut from the right,"
             f" {self.dropped_no_response} dropped with no response token{empty}")
@@ -127,6 +135,9 @@ class TokenizeStats:
     if self.responses_truncated > TRUNCATION_WARN_SHARE * self.samples:
       problems.append(f"{share(self.responses_truncated)} responses cut to fit {max_length} "
                       "tokens: raise data.max_length")
+    if self.turns_dropped > TRUNCATION_WARN_SHARE * self.samples:
+      problems.append(f"{share(self.turns_dropped)} conversations lost their last turns to fit "
+                      f"{max_length} tokens: raise data.max_length")
     empty = self.empty_responses + self.dropped_no_response
     if empty:
       problems.append(f"{share(empty)} records have an empty response (the student learns to "
@@ -207,6 +218,10 @@ class InstructionTokenizer:
 
   def __call__(self, record: Mapping[str, str]) -> dict[str, np.ndarray] | None:
     self.stats.samples += 1
+    if record.get("messages"):   # a chat conversation: every assistant turn is trained
+      from csd_jax.data.conversation import encode_conversation
+
+      return encode_conversation(self, record)
     prompt = _encode(self.tokenizer, render_prompt(record, self.template, self.tokenizer))
     head = [] if self.bos_id is None else [self.bos_id]
     keep = self.max_prompt_length - len(head)
@@ -295,9 +310,13 @@ def records_from_json(obj: Mapping[str, Any]) -> dict[str, Any]:
   """A JSON record with any of the known field aliases, in the Dolly form (`instruction`,
   `context`, `response`). A list of references (`output: [...]`) adds `references` (the first
   is `response`); a prompt already rendered with the MiniLLM template (the official
-  evaluation files, `csd_jax.data.minillm`) adds `prompt`, used verbatim by that template."""
-  from csd_jax.data import minillm
+  evaluation files, `csd_jax.data.minillm`) adds `prompt`, used verbatim by that template.
+  A chat conversation (a `messages` list) is `conversation.conversation_record`'s: its first
+  exchange and `messages`."""
+  from csd_jax.data import conversation, minillm
 
+  if conversation.is_conversation(obj):
+    return conversation.conversation_record(obj)
   instruction = _first(obj, INSTRUCTION_FIELDS)
   references = _references(obj)
   if instruction is None or references is None:

@@ -1,7 +1,8 @@
 """TFDS builders that cache instruction and text datasets as ArrayRecord files (no TensorFlow).
 
-- `InstructionFiles`: local JSONL / JSON / Parquet files of Dolly-form records or prompt /
-  response pairs (field aliases in `instruct.records_from_json`), one or more files per split;
+- `InstructionFiles`: local JSONL / JSON / Parquet files of Dolly-form records, prompt /
+  response pairs (field aliases in `instruct.records_from_json`) or chat conversations (a
+  `messages` list, stored as JSON text: `conversation`), one or more files per split;
   also the evaluation sets (Dolly test, Self-Instruct, Vicuna, S-NI, UnNI) given as local files.
 - `TextFiles`: local JSONL / JSON / Parquet files of `{"text": ...}`, for the LM term.
 - `PairFiles`: chat pairs (a prompt, the teacher's and the student's response) in the official
@@ -134,11 +135,20 @@ def training_record(obj: Mapping[str, Any]) -> dict[str, str]:
   return {field: record[field] for field in ("instruction", "context", "response")}
 
 
-class InstructionFiles(_FilesBuilder):
-  """Instruction records (Dolly form or prompt / response pairs) from local files."""
+def instruction_example(obj: Mapping[str, Any]) -> dict[str, str]:
+  """`training_record`'s fields and `messages`: a chat conversation's turns as JSON text
+  (`conversation.conversation_record`), "" for an instruction record."""
+  record = records_from_json(obj)
+  return {field: record.get(field, "") for field in InstructionFiles._FIELDS}
 
-  _FIELDS = ("instruction", "context", "response")
-  _to_example = staticmethod(training_record)
+
+class InstructionFiles(_FilesBuilder):
+  """Instruction records (Dolly form or prompt / response pairs) and chat conversations (a
+  `messages` list) from local files."""
+
+  VERSION = tfds.core.Version("1.1.0")   # 1.1.0: `messages`; a 1.0.0 cache is built again
+  _FIELDS = ("instruction", "context", "response", "messages")
+  _to_example = staticmethod(instruction_example)
 
 
 class TextFiles(_FilesBuilder):
