@@ -48,8 +48,9 @@ def _parser() -> argparse.ArgumentParser:
   source = evaluate.add_mutually_exclusive_group(required=True)
   source.add_argument("--workdir", help="a run: its latest checkpoint's student, judged on the "
                                         "run's own template and lengths")
-  source.add_argument("--model", help="a Hugging Face model directory")
-  evaluate.add_argument("--teacher", help="a model directory, for KL and CSD")
+  source.add_argument("--model", help="a Hugging Face model directory, or a hub id "
+                                      "(owner/name[@revision])")
+  evaluate.add_argument("--teacher", help="a model directory or hub id, for KL and CSD")
   evaluate.add_argument("--data", action="append", required=True, metavar="NAME=FILE",
                         help="an evaluation set (JSONL / JSON / Parquet); repeatable")
   evaluate.add_argument("--best", action="store_true",
@@ -116,7 +117,8 @@ def _add_generate(commands: Any) -> None:
       "generate", help="a model's sampled responses to a prompt set, as JSONL or AlpacaEval / "
                        "MT-Bench answer files; re-running resumes where it stopped")
   source = generate.add_mutually_exclusive_group(required=True)
-  source.add_argument("--model", help="a Hugging Face model directory")
+  source.add_argument("--model", help="a Hugging Face model directory, or a hub id "
+                                      "(owner/name[@revision])")
   source.add_argument("--workdir", help="a run: its latest checkpoint's student")
   generate.add_argument("--best", action="store_true",
                         help="with --workdir: the run's best checkpoint (W/best/)")

@@ -24,6 +24,7 @@ from csd_jax.errors import UserError
 from csd_jax.models.config import ModelConfig
 from csd_jax.models.families import (IGNORED_SUFFIXES, architecture, canonical_name,
                                      config_from_hf, weight_entries)
+from csd_jax.models.io import hub
 from csd_jax.models.io.safetensors import SafetensorsCheckpoint, write_sharded
 from csd_jax.models.lora import LoraParam, merge_lora
 from csd_jax.models.transformer import CausalLM
@@ -33,30 +34,21 @@ MAX_SHARD_BYTES = 5 * 2**30
 
 
 def resolve_model_dir(path_or_hub_id: str | os.PathLike) -> pathlib.Path:
-  """A local model directory, or a hub id downloaded (config, safetensors, tokenizer) when online.
+  """A local model directory, or a hub id's cached snapshot (`csd_jax.models.io.hub.resolve`:
+  a local path always wins; downloaded when online and not cached).
 
   Raises:
-    UserError: neither a local model directory nor reachable on the hub.
+    UserError: neither a local model directory nor a hub id that resolves (named).
   """
-  path = pathlib.Path(path_or_hub_id)
+  path = pathlib.Path(hub.resolve(path_or_hub_id))   # a local path: unchanged
   if path.is_dir():
     if not (path / "config.json").exists():
-      raise UserError(f"{path} has no config.json: not a Hugging Face model directory; pass "
-                      "a directory with config.json and *.safetensors")
+      source = "" if str(path) == str(path_or_hub_id) else f" ({path_or_hub_id})"
+      raise UserError(f"{path}{source} has no config.json: not a Hugging Face model "
+                      "directory; pass a directory with config.json and *.safetensors")
     return path
-  if path.exists() or str(path_or_hub_id).startswith((".", "/")):
-    raise UserError(f"{path} is not a model directory; pass a Hugging Face model directory "
-                    "(config.json and *.safetensors) or a hub id")
-  try:
-    from huggingface_hub import snapshot_download
-
-    return pathlib.Path(snapshot_download(
-        str(path_or_hub_id), allow_patterns=["*.json", "*.safetensors", "tokenizer*", "*.model",
-                                             "*.txt"]))
-  except Exception as error:  # noqa: BLE001 (any hub failure means the same to the user)
-    raise UserError(
-        f"{path_or_hub_id!r} is not a local directory and could not be fetched from the "
-        f"Hugging Face hub ({type(error).__name__}); pass a local model directory") from error
+  raise UserError(f"{path} is not a model directory; pass a Hugging Face model directory "
+                  "(config.json and *.safetensors) or a hub id (owner/name[@revision])")
 
 
 def _abstract(cfg: ModelConfig) -> tuple[nnx.GraphDef, nnx.State]:
