@@ -137,6 +137,17 @@ def test_a_conversation_needs_the_chat_template(smol):
       render_prompt(record, template, smol)
 
 
+def test_which_records_are_conversations():
+  stored = records_from_json({"prompt": "Hi there.", "messages": CHAT})
+  assert (stored["instruction"], stored["response"]) == ("Hi there.", ANSWERS[0])
+  assert json.loads(stored["messages"]) == CHAT
+  # A prompt's messages next to a response field: the instruction record it always was.
+  plain = records_from_json({"prompt": "Q?", "messages": [CHAT[0]], "response": "A."})
+  assert plain == {"instruction": "Q?", "context": "", "response": "A."}
+  with pytest.raises(UserError, match="'messages' must be a list of"):
+    records_from_json({"messages": [{"role": "user", "content": 3}]})
+
+
 @pytest.mark.parametrize("family", ["qwen2.5", "gemma2", "llama3.1"])
 def test_the_other_template_families(family):
   tok = chat_tokenizer(family)

@@ -33,14 +33,20 @@ from typing import Any
 import numpy as np
 
 from csd_jax.data.chat import render_chat
+from csd_jax.data.instruct import IGNORE_INDEX, RESPONSE_FIELDS
 from csd_jax.errors import UserError
 
 ASSISTANT = "assistant"
 
 
 def is_conversation(obj: Any) -> bool:
-  """Whether a raw record is a chat conversation: a mapping whose `messages` is a list."""
-  return isinstance(obj, Mapping) and isinstance(obj.get("messages"), (list, tuple))
+  """Whether a raw record is a chat conversation: a mapping whose `messages` is a list, with an
+  assistant turn or no response field (a prompt's messages next to a `response` stay an
+  instruction record, as they were read before conversations were)."""
+  if not isinstance(obj, Mapping) or not isinstance(obj.get("messages"), (list, tuple)):
+    return False
+  answered = any(isinstance(m, Mapping) and m.get("role") == ASSISTANT for m in obj["messages"])
+  return answered or all(obj.get(name) is None for name in RESPONSE_FIELDS)
 
 
 def parse_messages(value: Any) -> list[dict[str, str]]:
@@ -145,8 +151,6 @@ def encode_conversation(encoder: Any, record: Mapping[str, Any]) -> dict[str, np
   """One conversation -> {"input_ids", "labels"} (pre-shifted, -100 outside the assistant
   turns) or None (no assistant turn, or no answer token left), with `encoder`'s settings and
   counts (an `instruct.InstructionTokenizer`, whose `stats.samples` already counts it)."""
-  from csd_jax.data.instruct import IGNORE_INDEX
-
   _need_chat(encoder.template)
   stats, tokenizer = encoder.stats, encoder.tokenizer
   messages = parse_messages(record["messages"])
