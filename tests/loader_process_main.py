@@ -3,10 +3,15 @@
     python tests/loader_process_main.py PROCESS_ID PORT OUT_JSON
 
 Each process has 2 CPU devices; the 4 devices form a ('data',) mesh. The process loads its
-slice of 64 records through `BatchLoader` into global batches of 8 rows and writes what it
-saw: the record ids of its local rows and the global batches' shapes.
+slice of 64 records through `BatchLoader` into global batches of 8 rows for 20 batches (2.5
+epochs) and writes what it saw: the record ids of its local rows, the global batches' shapes,
+and how many host collectives (every public function of `jax.experimental.multihost_utils`,
+counted by wrapping them) the loader issued at construction and over the batches. Then, as
+checks: a loader restored from the state after 5 batches (same next batches?) and, as the
+counter's positive control, the older per-batch all-gather agreement over the same batches.
 """
 
+import functools
 import json
 import os
 import sys
@@ -16,15 +21,47 @@ os.environ["JAX_PLATFORMS"] = "cpu"
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
+from jax.experimental import multihost_utils  # noqa: E402
 from jax.sharding import NamedSharding, PartitionSpec as P  # noqa: E402
 
 from csd_jax.data.loader import BatchLoader, LoaderConfig  # noqa: E402
 
+BATCHES = 20
+CALLS: list[str] = []
+
+
+DEPTH = [0]
+
+
+def _count(name, fn):
+  @functools.wraps(fn)
+  def counted(*args, **kwargs):
+    if DEPTH[0] == 0:   # the outermost call: process_allgather calls others of the module
+      CALLS.append(name)
+    DEPTH[0] += 1
+    try:
+      return fn(*args, **kwargs)
+    finally:
+      DEPTH[0] -= 1
+  return counted
+
+
+for _name in dir(multihost_utils):   # whatever the loader could use to talk to the others
+  if not _name.startswith("_") and callable(getattr(multihost_utils, _name)):
+    setattr(multihost_utils, _name, _count(_name, getattr(multihost_utils, _name)))
+
 
 def encode(record):
-  n = int(record["text"]) % 5 + 1 + 64 * (int(record["text"]) % 2)  # lengths differ by process
+  # One record in 8 is long: some global batches hold none, others one, on one process only.
+  n = int(record["text"]) % 5 + 1 + 64 * (int(record["text"]) % 8 == 1)
   return {"input_ids": np.full(n, int(record["text"]), np.int32),
           "labels": np.zeros(n, np.int32)}
+
+
+def _host(batch):
+  """This process's rows of a global batch, as NumPy."""
+  return {k: np.concatenate([np.asarray(s.data) for s in v.addressable_shards])
+          for k, v in batch.items()}
 
 
 def main(process_id: int, port: int, out: str) -> None:
@@ -33,16 +70,48 @@ def main(process_id: int, port: int, out: str) -> None:
   mesh = jax.make_mesh((4,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
   sharding = NamedSharding(mesh, P("data"))
   source = [{"text": str(i)} for i in range(64)]
-  loader = BatchLoader(source, encode, pad_id=-1, sharding=sharding,
-                       config=LoaderConfig(global_batch_size=8, max_length=128, seed=3))
-  seen, shapes = [], []
-  for _ in range(8):  # one epoch: 64 records / 8 rows
-    batch = next(loader)
-    shapes.append(list(batch["input_ids"].shape))
-    for shard in batch["input_ids"].addressable_shards:
-      seen += [int(row[0]) for row in np.asarray(shard.data)]
+  config = LoaderConfig(global_batch_size=8, max_length=128, seed=3)
+
+  def make():
+    return BatchLoader(source, encode, pad_id=-1, sharding=sharding, config=config)
+
+  CALLS.clear()
+  loader = make()
+  construction = len(CALLS)
+  CALLS.clear()
+  seen, shapes, host, state = [], [], [], None
+  for i in range(BATCHES):
+    if i == 5:
+      state = json.loads(json.dumps(loader.get_state()))
+    global_batch = next(loader)
+    shapes.append(list(global_batch["input_ids"].shape))
+    batch = _host(global_batch)
+    host.append(batch)
+    seen += [int(row[0]) for row in batch["input_ids"]] if i < 8 else []  # epoch 1: 8 batches
+    assert (batch["labels"][batch["attention_mask"] == 0] == -100).all()
+  batches = len(CALLS)
+
+  restored = make()
+  restored.set_state(state)
+  CALLS.clear()
+  differ = []   # the batches a restored loader gets otherwise
+  for i in range(5, BATCHES):
+    got = _host(next(restored))
+    if not all(np.array_equal(got[k], host[i][k]) for k in host[i]):
+      differ.append(i)
+  restored_batches = len(CALLS)
+
+  old = make()
+  old._gather_every_batch = True   # the per-batch all-gather of older versions
+  CALLS.clear()
+  old_shapes = [list(next(old)["input_ids"].shape) for _ in range(BATCHES)]
+  old_batches = len(CALLS)
   with open(out, "w") as f:
-    json.dump({"seen": seen, "shapes": shapes, "steps_per_epoch": loader.steps_per_epoch}, f)
+    json.dump({"seen": seen, "shapes": shapes, "old_shapes": old_shapes,
+               "steps_per_epoch": loader.steps_per_epoch, "restored_differ": differ,
+               "collectives": {"construction": construction, "batches": batches,
+                               "restored_batches": restored_batches,
+                               "old_batches": old_batches}}, f)
   jax.distributed.shutdown()
 
 

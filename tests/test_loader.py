@@ -99,7 +99,7 @@ def test_process_slices_are_disjoint_and_cover_the_data():
   assert seen[0] | seen[1] == set(range(40))
 
 
-def test_two_real_processes_build_global_batches(tmp_path):
+def test_two_real_processes_agree_on_widths_without_a_collective_per_batch(tmp_path):
   with socket.socket() as s:
     s.bind(("127.0.0.1", 0))
     port = s.getsockname()[1]
@@ -115,9 +115,110 @@ def test_two_real_processes_build_global_batches(tmp_path):
   seen = [set(r["seen"]) for r in results]
   assert len(results[0]["seen"]) == len(results[1]["seen"]) == 32
   assert not seen[0] & seen[1] and seen[0] | seen[1] == set(range(64))
-  # Every global batch has 8 rows and one agreed bucket length (64 or 128).
-  assert results[0]["shapes"] == results[1]["shapes"]
+  # Every global batch has 8 rows and one agreed bucket length (64 or 128), the same on both
+  # processes and the same as the per-batch all-gather of older versions gave.
+  assert results[0]["shapes"] == results[1]["shapes"] == results[0]["old_shapes"]
   assert all(s[0] == 8 and s[1] in (64, 128) for s in results[0]["shapes"])
+  assert {s[1] for s in results[0]["shapes"]} == {64, 128}   # both widths occur: a real test
+  for r in results:
+    # One all-gather at construction (the length table), none over 20 batches (2.5 epochs),
+    # none after a restore; the counter sees the old scheme's 20.
+    assert r["collectives"] == {"construction": 1, "batches": 0, "restored_batches": 0,
+                                "old_batches": 20}, r["collectives"]
+    assert r["restored_differ"] == []
+
+
+def _plan_loaders(n, encode=None, processes=2, **config):
+  """`processes` loaders of one run in this process (each builds the whole table itself)."""
+  encode = encode or _encode
+  source = _numbered(n)
+  config = {"global_batch_size": 4 * processes, "max_length": 16, "bucket_multiple": 4,
+            **config}
+  return [BatchLoader(source, encode, pad_id=-1, config=LoaderConfig(**config),
+                      process_index=i, process_count=processes) for i in range(processes)]
+
+
+def _rare_long(record):
+  """Mostly 1-3 tokens, 1 record in 10 13-15: a long row sits on one process, in some batches."""
+  i = int(record["text"])
+  n = i % 3 + 1 + 12 * (i % 10 == 3)
+  return {"input_ids": np.full(n, i, np.int32), "labels": np.arange(n, dtype=np.int32)}
+
+
+def _fan_out(record):
+  """0, 1 or 2 examples a record: rows of one record land in different batches."""
+  i = int(record["text"])
+  return [_rare_long({"text": str(i)}) for _ in range(i % 3)]
+
+
+@pytest.mark.parametrize("encode", [_rare_long, _fan_out])
+def test_the_plan_gives_every_process_the_width_of_the_global_longest_row(encode):
+  loaders = _plan_loaders(30, encode, processes=3)
+  widths = set()
+  for _ in range(25):   # 100 rows per process: more than 3 epochs
+    batches = [next(loader) for loader in loaders]
+    width = {b["input_ids"].shape[1] for b in batches}
+    longest = max(int((b["attention_mask"] > 0).sum(1).max()) for b in batches)
+    assert width == {min(16, -(-longest // 4) * 4)}   # what a per-batch all-gather gives
+    for b in batches:
+      real = b["attention_mask"] > 0
+      assert (b["labels"][~real] == -100).all() and (b["input_ids"][~real] == -1).all()
+    widths |= width
+  assert widths == {4, 16}
+
+
+def test_a_restored_plan_gives_the_identical_next_batches():
+  loaders = _plan_loaders(30, _fan_out)
+  for _ in range(9):
+    for loader in loaders:
+      next(loader)
+  states = [json.loads(json.dumps(loader.get_state())) for loader in loaders]
+  assert states[0]["plan"]["cursors"] == states[1]["plan"]["cursors"]
+  expected = [[next(loader) for _ in range(6)] for loader in loaders]
+  for loader, state, want in zip(_plan_loaders(30, _fan_out), states, expected):
+    loader.set_state(state)
+    for batch in want:
+      got = next(loader)
+      for key in batch:
+        np.testing.assert_array_equal(got[key], batch[key])
+  rewound = loaders[0]
+  rewound.rewind()
+  np.testing.assert_array_equal(next(rewound)["input_ids"],
+                                next(_plan_loaders(30, _fan_out)[0])["input_ids"])
+
+
+def test_a_state_without_a_plan_falls_back_to_the_per_batch_gather(monkeypatch, caplog):
+  loaders = _plan_loaders(30)
+  gathered = []
+  monkeypatch.setattr(loader_module.BatchLoader, "_gathered_length",
+                      lambda self, local: gathered.append(local["input_ids"].shape[1]) or 16)
+  state = loaders[0].get_state()
+  loaders[0].set_state({"grain": state["grain"]})   # as a 1-process run or older csd-jax saved
+  assert "holds no length plan" in caplog.text
+  assert next(loaders[0])["input_ids"].shape[1] == 16 and len(gathered) == 1
+  assert "plan" not in loaders[0].get_state()
+
+
+def test_no_plan_where_the_width_is_fixed(monkeypatch):
+  monkeypatch.setattr(loader_module.LengthTable, "gathered", lambda *a: pytest.fail("planned"))
+  for config in ({"pack": True}, {"bucket_multiple": 16}):
+    loader = BatchLoader(_numbered(20), _encode, pad_id=-1, process_index=0, process_count=2,
+                         config=LoaderConfig(global_batch_size=4, max_length=16, **config))
+    assert loader._plan is None and next(loader)["input_ids"].shape == (2, 16)
+
+
+def test_an_encoder_that_changes_its_lengths_is_caught():
+  planning = [True]
+
+  def drifting(record):   # longer rows in training than when the table was made
+    example = _encode(record)
+    return example if planning[0] else {k: np.tile(v, 3) for k, v in example.items()}
+
+  loader = _plan_loaders(30, drifting, max_length=32)[0]
+  planning[0] = False
+  with pytest.raises(UserError, match="deterministic encoder"):
+    for _ in range(8):
+      next(loader)
 
 
 def test_bucket_padding_rounds_up_and_caps():

@@ -9,9 +9,17 @@ see disjoint slices that together cover the data; a record's rows stay together 
 pair's two rows: an encoder's `rows_per_record`). A batch is a dict of `[B, T]` int32 arrays:
 `input_ids`, `labels` (pre-shifted next-token targets, -100 where no loss), `attention_mask`
 (0 padding; 1, 2, ... the packed samples of a row) and `positions`. `T` is the longest sample
-rounded up to a multiple of `bucket_multiple` (capped at `max_length`), or `max_length` when
-packing. `get_state()` / `set_state()` save and restore the position exactly: the restored
-loader yields the same next batches. At construction the loader logs (logger "csd_jax.data") how
+of the global batch rounded up to a multiple of `bucket_multiple` (capped at `max_length`), or
+`max_length` when packing.
+
+On several processes all must build the same `T`, each holding only its rows; asking the
+others every step would make a pod's input pipeline wait on the network. So at construction
+the processes tokenise the records once between them and share, in ONE all-gather, each
+record's example count and longest example (`LengthTable`, 8 bytes a record); each process
+then replays every process's slice of the shuffle (`LengthPlan`, integer look-ups) and knows
+every global batch's `T` with no collective: the `T` a per-batch all-gather gave, so as few
+compiles. The encoder must be deterministic (a longer row than planned is an error).
+`get_state()` / `set_state()` restore the position exactly. At construction the loader logs (logger "csd_jax.data") how
 many records it has and, for an encoder that counts (`instruct.InstructionTokenizer.stats`), how
 many are dropped, truncated or empty after tokenisation: one info line, and a warning naming the
 config key to raise when many are cut (`InstructionTokenizer.truncation_warning`).
@@ -23,6 +31,7 @@ import copy
 import dataclasses
 import json
 import logging
+import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
@@ -30,7 +39,7 @@ import grain
 import jax
 import numpy as np
 
-from csd_jax.data.batching import pad_batch
+from csd_jax.data.batching import bucket_length, pad_batch
 from csd_jax.data.instruct import TokenizeStats
 from csd_jax.errors import UserError
 
@@ -100,6 +109,103 @@ def padding_fraction(batch: Mapping[str, np.ndarray]) -> float:
   return float(np.mean(mask == 0))
 
 
+class LengthTable:
+  """Per record: how many examples the encoder gives and the longest one's length ([N, 2])."""
+
+  def __init__(self, counts_and_lengths: np.ndarray):
+    self.table = np.asarray(counts_and_lengths, np.int32)
+
+  @staticmethod
+  def part(source: Sequence[Any], encode: Callable[[Mapping[str, str]], Any],
+           process_index: int, process_count: int) -> np.ndarray:
+    """This process's contiguous block of the table (array_record reads in order), padded to
+    the common block size for the gather."""
+    size, n = -(-len(source) // process_count), len(source)
+    block = range(min(n, process_index * size), min(n, (process_index + 1) * size))
+    part = np.zeros((size, 2), np.int32)
+    if isinstance(getattr(encode, "stats", None), TokenizeStats):
+      encode = copy.copy(encode)   # training's counts stay exact (as in _log_tokenize_stats)
+      encode.stats = TokenizeStats()
+    flat_map, getitems = _Encode(encode).flat_map, getattr(source, "__getitems__", None)
+    for start in range(block.start, block.stop, 1024):   # reads in chunks, not one by one
+      indices = list(range(start, min(block.stop, start + 1024)))
+      for i, record in zip(indices, getitems(indices) if getitems is not None
+                           else [source[i] for i in indices]):
+        lengths = [len(e["input_ids"]) for e in flat_map(record)]
+        part[i - block.start] = (len(lengths), max(lengths, default=0))
+    return part
+
+  @classmethod
+  def gathered(cls, source: Sequence[Any], encode: Callable[[Mapping[str, str]], Any],
+               process_index: int, process_count: int) -> LengthTable:
+    """Every process's block, joined by the loader's only collective (at construction)."""
+    start = time.perf_counter()
+    if jax.process_count() == process_count:
+      parts = _allgather(cls.part(source, encode, process_index, process_count))
+    else:   # processes simulated in one (tests): every block here
+      parts = np.stack([cls.part(source, encode, i, process_count)
+                        for i in range(process_count)])
+    if process_index == 0:
+      logger.info("length plan: %d records tokenised by %d processes in %.1f s", len(source),
+                  process_count, time.perf_counter() - start)
+    return cls(np.asarray(parts).reshape(-1, 2)[:len(source)])
+
+
+def _allgather(value: np.ndarray) -> np.ndarray:
+  """[process_count, ...] of every process's `value`: a host-level all-gather."""
+  from jax.experimental import multihost_utils
+
+  return np.asarray(multihost_utils.process_allgather(value))
+
+
+class LengthPlan:
+  """Every process's next batch, replayed from a `LengthTable`: the global batch's padded length.
+
+  A process's stream is its slice (every `process_count`-th record) of the shuffled, repeated
+  records, flat-mapped to examples and cut into `local_batch_size` rows, as `BatchLoader`
+  builds it. `cursors[j]` = (next slice position, examples of that record already taken).
+  """
+
+  def __init__(self, table: LengthTable, order: Any, *, process_count: int,
+               local_batch_size: int, max_length: int, bucket_multiple: int):
+    if not table.table[:, 0].any():
+      raise UserError("no record of the dataset gives a training example after tokenisation; "
+                      "check data.max_length and the data files")
+    self.table, self.order, self.process_count = table.table, order, process_count
+    self.local_batch_size, self.max_length = local_batch_size, max_length
+    self.bucket_multiple = bucket_multiple
+    self.cursors = np.zeros((process_count, 2), np.int64)
+    self._epochs: dict[int, np.ndarray] = {}
+
+  def _record(self, position: int) -> int:
+    # Grain's shuffle is random access but slow per element: one permutation per epoch, kept
+    # for the epochs that lagging and leading processes straddle (recomputed if evicted).
+    n = len(self.table)
+    epoch = position // n
+    if epoch not in self._epochs:
+      if len(self._epochs) >= 3:
+        del self._epochs[min(self._epochs)]
+      self._epochs[epoch] = np.fromiter((self.order[epoch * n + t] for t in range(n)),
+                                        np.int64, n)
+    return int(self._epochs[epoch][position % n])
+
+  def next_length(self) -> int:
+    """The next global batch's padded length; moves every process's cursor past it."""
+    longest = 0
+    for j in range(self.process_count):
+      k, taken = (int(x) for x in self.cursors[j])
+      need = self.local_batch_size
+      while need:
+        count, length = self.table[self._record(j + k * self.process_count)]
+        take = min(int(count) - taken, need)
+        if take > 0:
+          longest, need, taken = max(longest, int(length)), need - take, taken + take
+        if taken >= count:
+          k, taken = k + 1, 0
+      self.cursors[j] = (k, taken)
+    return bucket_length(longest, multiple=self.bucket_multiple, cap=self.max_length)
+
+
 class BatchLoader:
   """An endless iterator of batches over a random-access source, with exact save / restore.
 
@@ -162,6 +268,20 @@ class BatchLoader:
                     bucket_multiple=config.bucket_multiple)))
     self._iterator = iter(batches)
     self._start_state = self._iterator.get_state()
+    # Several processes and a width that depends on the rows: plan it (see the docstring).
+    # Packed rows and a bucket of max_length are always max_length wide: nothing to agree on.
+    self._plan: LengthPlan | None = None
+    self._gather_every_batch = False   # a restored state without a plan (older csd-jax)
+    if (self.process_count > 1 and not config.pack
+        and bucket_length(1, multiple=config.bucket_multiple, cap=config.max_length)
+        < config.max_length):
+      order = grain.MapDataset.range(len(source))   # the records' permutations, by index
+      order = order.shuffle(seed=config.seed) if config.shuffle else order
+      table = LengthTable.gathered(source, encode, self.process_index, self.process_count)
+      self._plan = LengthPlan(table, order.repeat(), process_count=self.process_count,
+                              local_batch_size=self.local_batch_size,
+                              max_length=config.max_length,
+                              bucket_multiple=config.bucket_multiple)
 
   @property
   def steps_per_epoch(self) -> int:
@@ -174,18 +294,27 @@ class BatchLoader:
 
   def __next__(self) -> Batch:
     local = next(self._iterator)
-    if self.process_count > 1 and not self.config.pack:
-      local = self._agree_on_length(local)
+    if self._gather_every_batch:
+      local = self._pad_to(local, self._gathered_length(local))
+    elif self._plan is not None:
+      length = self._plan.next_length()
+      if local["input_ids"].shape[1] > length:
+        raise UserError(f"process {self.process_index}'s batch is {local['input_ids'].shape[1]}"
+                        f" tokens wide, the plan made at the start says {length}: the encoder "
+                        "gives other lengths than it gave then; multi-host padding needs a "
+                        "deterministic encoder")
+      local = self._pad_to(local, length)
     if self.sharding is None:
       return local
     return {k: jax.make_array_from_process_local_data(self.sharding, v)
             for k, v in local.items()}
 
-  def _agree_on_length(self, local: Batch) -> Batch:
-    """Bucket lengths differ between processes; every process pads to the longest."""
-    from jax.experimental import multihost_utils
+  def _gathered_length(self, local: Batch) -> int:
+    """The per-batch agreement of older versions: an all-gather of every process's width."""
+    return int(np.max(_allgather(np.int32(local["input_ids"].shape[1]))))
 
-    length = int(np.max(multihost_utils.process_allgather(np.int32(local["input_ids"].shape[1]))))
+  def _pad_to(self, local: Batch, length: int) -> Batch:
+    """Right-pad a local batch to the agreed width (padding is masked: labels -100)."""
     extra = length - local["input_ids"].shape[1]
     if extra == 0:
       return local
@@ -196,17 +325,39 @@ class BatchLoader:
   def rewind(self) -> None:
     """Back to the first batch (held-out evaluation reads the same batches every time)."""
     self._iterator.set_state(self._start_state)
+    if self._plan is not None:
+      self._plan.cursors[:] = 0
+      self._gather_every_batch = False
 
   def get_state(self) -> dict[str, Any]:
-    """A JSON-serialisable state: the Grain iterator's, under "grain"."""
-    return {"grain": json.loads(json.dumps(self._iterator.get_state(), default=_jsonable))}
+    """A JSON-serialisable state: the Grain iterator's, under "grain", and with a length plan
+    every process's cursor in it, under "plan" (the same on every process)."""
+    state = {"grain": json.loads(json.dumps(self._iterator.get_state(), default=_jsonable))}
+    if self._plan is not None and not self._gather_every_batch:
+      state["plan"] = {"process": self.process_index,
+                       "cursors": self._plan.cursors.tolist()}
+    return state
 
   def set_state(self, state: Mapping[str, Any]) -> None:
     """Restore a state from `get_state()`: the next batches are those that followed it.
 
-    Other keys are ignored: checkpoints of older versions also hold "epoch_and_position".
-    """
+    Other keys are ignored (older checkpoints also hold "epoch_and_position"). A state of
+    another process count (every process continues from process 0's position, as
+    `train.actions.resume` does) puts every cursor at the saver's; a state without a plan
+    (older versions, a 1-process run) falls back to a per-batch all-gather."""
     self._iterator.set_state(_restore(state["grain"]))
+    if self._plan is None:
+      return
+    plan = state.get("plan")
+    self._gather_every_batch = plan is None
+    if plan is None:
+      logger.warning("the data state holds no length plan (saved by an older csd-jax or a "
+                     "1-process run): the processes agree on every batch's width by an "
+                     "all-gather until the next fresh start")
+    elif len(plan["cursors"]) == self.process_count:
+      self._plan.cursors[:] = np.asarray(plan["cursors"], np.int64)
+    else:
+      self._plan.cursors[:] = np.asarray(plan["cursors"][plan["process"]], np.int64)
 
 
 def _source_name(source: Any) -> str:
