@@ -137,6 +137,40 @@ def test_loading_a_hub_id_gives_the_local_directory_parameters(cache, models):
   assert not all(np.array_equal(tagged[p], local[p]) for p in local)   # B is not A
 
 
+def test_only_the_files_the_port_reads_are_asked_for(cache, tmp_path, monkeypatch):
+  """Config, tokenizer and the shards the index names (not a stray consolidated copy), the
+  second request pinned to the commit the first resolved."""
+  import huggingface_hub
+  import torch
+  import transformers
+
+  source = tmp_path / "sharded"
+  torch.manual_seed(0)
+  model = transformers.GPT2LMHeadModel(transformers.GPT2Config(
+      n_embd=32, n_layer=2, n_head=2, vocab_size=VOCAB, n_positions=64))
+  model.save_pretrained(source, max_shard_size="40KB")
+  index = json.loads((source / "model.safetensors.index.json").read_text())
+  shards = sorted(set(index["weight_map"].values()))
+  assert len(shards) > 1
+  (source / "consolidated.safetensors").write_bytes((source / shards[0]).read_bytes())
+  add_snapshot(cache, "tiny-org/sharded", source, COMMIT_A)
+  calls, real = [], huggingface_hub.snapshot_download
+
+  def recording(repo_id, **kwargs):
+    calls.append((kwargs["revision"], kwargs["allow_patterns"]))
+    return real(repo_id, **kwargs)
+
+  monkeypatch.setattr(huggingface_hub, "snapshot_download", recording)
+  load_pretrained("tiny-org/sharded")
+  (first, first_patterns), (second, second_patterns) = calls
+  assert first is None and second == COMMIT_A
+  assert {"config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+          "chat_template.jinja", "*.safetensors.index.json"} <= set(first_patterns)
+  assert not any(p.endswith(".safetensors") for p in first_patterns)
+  weights = [p for p in second_patterns if "safetensors" in p]
+  assert weights == ["model.safetensors.index.json", *shards]   # no consolidated.safetensors
+
+
 def test_the_tokenizer_of_a_hub_id_through_the_run(cache):
   from csd_jax.run import resolve_tokenizer
 
@@ -160,6 +194,20 @@ def test_a_local_directory_named_like_the_hub_id_wins(cache, models, tmp_path, m
   assert resolve_paths(config, tmp_path / "work").student.path == str(local)
   assert resolve_paths(config, tmp_path).student.path == REPO
   assert resolve_paths(config, tmp_path).student.path == REPO
+
+
+def test_a_cached_hub_config_is_checked_with_the_config(cache, tmp_path):
+  from csd_jax.config import ConfigError
+
+  source = tmp_path / "mamba"
+  source.mkdir()
+  (source / "config.json").write_text(json.dumps({"model_type": "mamba", "hidden_size": 8}))
+  add_snapshot(cache, "tiny-org/mamba", source, COMMIT_A, refs=("main", "v1.0"))
+  with pytest.raises(ConfigError, match=r"student.path: .*snapshots/a+/config.json.*mamba"):
+    load_config(ROOT / "configs" / "tiny.yaml", ["student.path=tiny-org/mamba@v1.0",
+                                                 "student.config=null"])
+  load_config(ROOT / "configs" / "tiny.yaml", ["student.path=tiny-org/not-cached",
+                                               "student.config=null"])   # checked on loading
 
 
 def _one_line_error(path: str, match: str) -> str:
@@ -208,6 +256,26 @@ def test_a_repo_missing_offline_is_named_in_one_line(cache):
   assert "HF_HUB_OFFLINE=1" in message
   with pytest.raises(UserError, match=r"not a model directory.*hub id \(owner/name"):
     load_pretrained("./owner/missing")   # a local path: never looked up on the hub
+
+
+@pytest.mark.parametrize("error,message", [
+    ("GatedRepoError", "is gated: accept its terms on huggingface.co and log in"),
+    ("RepositoryNotFoundError", "not found on the Hugging Face hub (or private"),
+    ("RevisionNotFoundError", "no such revision (branch, tag or commit) on the hub")])
+def test_hub_errors_online_are_one_line(cache, monkeypatch, error, message):
+  """What huggingface_hub raises online (a gated, missing or private repo, a missing
+  revision), each told in one line naming the repo and the revision."""
+  from unittest import mock
+
+  import huggingface_hub
+  from huggingface_hub import errors
+
+  def refuse(*args, **kwargs):
+    raise getattr(errors, error)("401 Client Error\nlong server text", response=mock.MagicMock())
+
+  monkeypatch.setattr(huggingface_hub, "snapshot_download", refuse)
+  text = _one_line_error("gated-org/model@v2", "hub repo gated-org/model .revision v2.")
+  assert message in text and "or pass a local model directory" in text
 
 
 def test_a_train_run_from_a_hub_id_keeps_the_id(cache, tmp_path):

@@ -223,9 +223,10 @@ def _check_weights(hub_id: HubId, directory: epath.Path) -> None:
   other = sorted(f for f in files if f.endswith(_OTHER_WEIGHTS)
                  and f.rsplit("/", 1)[-1] not in _NOT_WEIGHTS)
   if other:
+    named = ", ".join(other[:3]) + (" ..." if len(other) > 3 else "")
     raise UserError(
-        f"{where} has only PyTorch weights ({', '.join(other[:3])}{' ...' if len(other) > 3 else ''})"
-        "; csd-jax reads safetensors only: convert them (transformers: AutoModelForCausalLM."
+        f"{where} has only PyTorch weights ({named}); csd-jax reads safetensors only: "
+        "convert them (transformers: AutoModelForCausalLM."
         "from_pretrained(ID).save_pretrained(DIR, safe_serialization=True)) and pass DIR")
   if gguf:
     raise UserError(f"{where} has only GGUF weights ({gguf[0]}); convert one with `csd-jax "
