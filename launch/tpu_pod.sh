@@ -1,39 +1,151 @@
 #!/usr/bin/env bash
-# csd-jax on every worker of a TPU VM slice (one process per worker host; JAX finds the other
-# workers itself), then the logs collected here.
+# csd-jax on every worker of a TPU VM slice: one process per worker host (JAX finds the other
+# workers itself), the code pinned to ONE commit on every worker, then the logs collected here.
 #
-#   launch/tpu_pod.sh [--dry-run] TPU_NAME ZONE -- train --config configs/X.yaml --workdir W
+#   launch/tpu_pod.sh [--dry-run] [--allow-dirty] [--shared-fs] TPU_NAME ZONE -- \
+#       train --config configs/X.yaml [key=value ...]
 #
-# The workdir should be on storage every worker sees (a GCS path with gcsfuse, or NFS): Orbax
-# writes each worker's shards there and the run resumes from it after a preemption: re-run
-# the same command. Environment: REPO (git URL or path of csd-jax on the workers, default
-# ~/csd-jax, cloned beforehand), PROJECT (gcloud project, optional).
+# The run directory: `--workdir` among the csd-jax arguments, else $WORKDIR, else
+# gs://$BUCKET/csd-jax/TPU_NAME. It must be a gs:// location (the workers share no disk: Orbax
+# writes each worker's shards there, and re-running the same command resumes from it after a
+# preemption); --shared-fs accepts another path, for a filesystem every worker mounts (NFS).
+#
+# The code: REPO, a git URL or a local checkout (default: this one), at COMMIT (default: the
+# checkout's HEAD, or the URL's HEAD as `git ls-remote` gives it). A local checkout is sent as
+# `git archive COMMIT` (a tree with uncommitted changes is refused: commit them, or pass
+# --allow-dirty to send HEAD without them); a URL is cloned on every worker. Each worker
+# unpacks into ~/csd-jax-COMMIT, installs it into a venv there ('.[tpu]') and runs csd-jax.
+#
+# Environment sent to the workers, where set here: HF_TOKEN HF_HUB_OFFLINE HF_HOME
+# HF_ENDPOINT WANDB_API_KEY WANDB_MODE WANDB_PROJECT WANDB_ENTITY WANDB_BASE_URL XLA_FLAGS
+# LIBTPU_INIT_ARGS TPU_STDERR_LOG_LEVEL TPU_MIN_LOG_LEVEL, every JAX_*, and the names listed in
+# FORWARD_ENV. They travel in a file (scp, then sourced and deleted), never on a command line.
+# PROJECT: the gcloud project (optional). --dry-run prints every command instead of running it
+# (secret values masked).
 set -euo pipefail
 
-dry_run=0
-if [[ "${1:-}" == "--dry-run" ]]; then dry_run=1; shift; fi
-if [[ $# -lt 3 || "$3" != "--" ]]; then
-  echo "usage: $0 [--dry-run] TPU_NAME ZONE -- <csd-jax arguments>" >&2
+usage() {
+  echo "usage: $0 [--dry-run] [--allow-dirty] [--shared-fs] TPU_NAME ZONE -- <csd-jax arguments>" >&2
+  exit 2
+}
+dry_run=0; allow_dirty=0; shared_fs=0
+while [[ $# -gt 0 && "$1" == --* && "$1" != "--" ]]; do
+  case "$1" in
+    --dry-run) dry_run=1 ;;
+    --allow-dirty) allow_dirty=1 ;;
+    --shared-fs) shared_fs=1 ;;
+    *) echo "$0: unknown option $1" >&2; usage ;;
+  esac
+  shift
+done
+[[ $# -ge 3 && "$3" == "--" ]] || usage
+tpu="$1"; zone="$2"; shift 3
+[[ $# -gt 0 ]] || { echo "$0: no csd-jax arguments after --: e.g. -- train --config configs/X.yaml" >&2; exit 2; }
+args=("$@")
+
+# The run directory: the arguments' --workdir, else WORKDIR, else the bucket's default.
+workdir=""
+for ((i = 0; i < ${#args[@]}; i++)); do
+  [[ "${args[$i]}" == "--workdir" && $((i + 1)) -lt ${#args[@]} ]] && workdir="${args[$((i + 1))]}"
+  [[ "${args[$i]}" == --workdir=* ]] && workdir="${args[$i]#--workdir=}"
+done
+if [[ -z "$workdir" ]]; then
+  if [[ -n "${WORKDIR:-}" ]]; then workdir="$WORKDIR"
+  elif [[ -n "${BUCKET:-}" ]]; then workdir="gs://${BUCKET#gs://}"; workdir="${workdir%/}/csd-jax/$tpu"
+  fi
+  [[ -n "$workdir" ]] && args+=(--workdir "$workdir")
+fi
+if [[ -z "$workdir" ]]; then
+  echo "$0: no run directory: set BUCKET (gs://BUCKET/csd-jax/$tpu) or WORKDIR=gs://..., or pass --workdir gs://... (a pod's workers share no local disk)" >&2
   exit 2
 fi
-tpu="$1"; zone="$2"; shift 3
-repo="${REPO:-~/csd-jax}"
+if [[ "$workdir" != gs://* && $shared_fs == 0 ]]; then
+  echo "$0: --workdir $workdir is not a gs:// location, and a pod's workers share no local disk: use gs://BUCKET/..., or --shared-fs for a filesystem every worker mounts" >&2
+  exit 2
+fi
+
+# The code, pinned to one commit.
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+repo="${REPO:-$here}"
+tmp="$(mktemp -d)"
+trap 'rm -rf "$tmp"' EXIT
+if [[ "$repo" =~ ^(https?|ssh|git)://|^git@ ]]; then
+  commit="${COMMIT:-}"
+  [[ -z "$commit" || "$commit" =~ ^[0-9a-f]{40}$ ]] \
+    || { echo "$0: COMMIT=$commit: give the full 40-digit commit id for a URL" >&2; exit 2; }
+  if [[ -z "$commit" ]]; then
+    commit="$(git ls-remote "$repo" HEAD 2> /dev/null | cut -f1)" || commit=""
+    [[ -n "$commit" ]] || { echo "$0: cannot read HEAD of $repo: set COMMIT to the commit to run" >&2; exit 2; }
+  fi
+  # shellcheck disable=SC2088  # the tilde expands on the workers, in their home directories
+  code_dir="~/csd-jax-$commit"
+  fetch="test -d $code_dir || { git clone -q $(printf '%q' "$repo") $code_dir.tmp && git -C $code_dir.tmp checkout -q --detach $commit && mv $code_dir.tmp $code_dir; }"
+  archive=()
+else
+  if [[ ! -d "$repo" ]] || ! git -C "$repo" rev-parse --git-dir > /dev/null 2>&1; then
+    echo "$0: REPO=$repo is neither a git URL nor a git checkout: point REPO at one" >&2
+    exit 2
+  fi
+  commit="$(git -C "$repo" rev-parse --verify "${COMMIT:-HEAD}^{commit}")"
+  if [[ -n "$(git -C "$repo" status --porcelain --untracked-files=no)" ]]; then
+    if [[ $allow_dirty == 0 && $dry_run == 0 ]]; then
+      echo "$0: $repo has uncommitted changes, which the workers would not get: commit them, or pass --allow-dirty to run commit ${commit:0:12} without them" >&2
+      exit 2
+    fi
+    note=""; [[ $allow_dirty == 0 ]] && note=" (a real run refuses them without --allow-dirty)"
+    echo "$0: warning: running commit ${commit:0:12}; the uncommitted changes in $repo stay here$note" >&2
+  fi
+  archive=(git -C "$repo" archive --format=tar.gz -o "$tmp/csd-jax-$commit.tar.gz" "$commit")
+  # shellcheck disable=SC2088  # the tilde expands on the workers, in their home directories
+  code_dir="~/csd-jax-$commit"
+  fetch="test -d $code_dir || { mkdir -p $code_dir.tmp && tar -xzf ~/csd-jax-$commit.tar.gz -C $code_dir.tmp && mv $code_dir.tmp $code_dir; }; rm -f ~/csd-jax-$commit.tar.gz"
+fi
+
+# The environment, in a file: only the variables set here.
+names=(HF_TOKEN HF_HUB_OFFLINE HF_HOME HF_ENDPOINT WANDB_API_KEY WANDB_MODE WANDB_PROJECT
+       WANDB_ENTITY WANDB_BASE_URL XLA_FLAGS LIBTPU_INIT_ARGS TPU_STDERR_LOG_LEVEL
+       TPU_MIN_LOG_LEVEL)
+read -ra extra <<< "${FORWARD_ENV:-}"
+mapfile -t jax_names < <(compgen -e | grep '^JAX_' || true)
+env_file="$tmp/csd-jax-env.sh"
+: > "$env_file"; chmod 600 "$env_file"
+shown=""
+for name in "${names[@]}" "${jax_names[@]}" "${extra[@]}"; do
+  [[ "$name" =~ ^[A-Za-z_][A-Za-z0-9_]*$ ]] || { echo "$0: FORWARD_ENV holds '$name', not a variable name" >&2; exit 2; }
+  [[ -n "${!name+x}" ]] || continue
+  printf 'export %s=%q\n' "$name" "${!name}" >> "$env_file"
+  if [[ "$name" =~ TOKEN|KEY|SECRET|PASSWORD ]]; then shown+="export $name=***"$'\n'
+  else shown+="$(printf 'export %s=%q' "$name" "${!name}")"$'\n'; fi
+done
+
 project_flag=()
 [[ -n "${PROJECT:-}" ]] && project_flag=(--project "$PROJECT")
-quoted=$(printf ' %q' "$@")
-remote="cd $repo && python3 -m venv .venv && .venv/bin/pip install -q -e '.[tpu]' && \
-.venv/bin/csd-jax$quoted 2>&1 | tee ~/csd-jax-\$(hostname).log"
+send=(gcloud compute tpus tpu-vm scp "$env_file" ${archive[@]:+"$tmp/csd-jax-$commit.tar.gz"}
+      "$tpu:~/" --zone "$zone" "${project_flag[@]}" --worker=all)
+quoted=$(printf ' %q' "${args[@]}")
+remote="set -eo pipefail; set -a; . ~/csd-jax-env.sh; set +a; rm -f ~/csd-jax-env.sh; \
+$fetch; cd $code_dir && { test -x .venv/bin/csd-jax || python3 -m venv .venv; } && \
+.venv/bin/pip install -q -e '.[tpu]' && .venv/bin/csd-jax$quoted 2>&1 | tee ~/csd-jax-\$(hostname).log"
 ssh=(gcloud compute tpus tpu-vm ssh "$tpu" --zone "$zone" "${project_flag[@]}" --worker=all
      --command "$remote")
 collect=(gcloud compute tpus tpu-vm scp "$tpu:~/csd-jax-*.log" ./tpu-logs/ --zone "$zone"
          "${project_flag[@]}" --worker=all)
+
 if [[ $dry_run == 1 ]]; then
+  echo "# commit $commit; run directory $workdir; $env_file holds:"
+  printf '%s' "$shown" | sed 's/^/#   /'
+  [[ ${#archive[@]} -gt 0 ]] && { printf '%q ' "${archive[@]}"; echo; }
+  printf '%q ' "${send[@]}"; echo
   printf '%q ' "${ssh[@]}"; echo
   echo "mkdir -p ./tpu-logs"
   printf '%q ' "${collect[@]}"; echo
   exit 0
 fi
-"${ssh[@]}"
+[[ ${#archive[@]} -gt 0 ]] && "${archive[@]}"
+"${send[@]}"
+status=0
+"${ssh[@]}" || status=$?
 mkdir -p ./tpu-logs
-"${collect[@]}"
-echo "logs in ./tpu-logs"
+"${collect[@]}" || echo "$0: could not collect the workers' logs" >&2
+echo "commit $commit, run directory $workdir; logs in ./tpu-logs (status $status)"
+exit "$status"
