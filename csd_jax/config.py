@@ -170,6 +170,25 @@ class CheckpointConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class WandbConfig:
+  """Weights & Biases, optional (`pip install 'csd-jax[wandb]'`): process 0 logs the scalars
+  TensorBoard gets; a resumed run continues the same W&B run (its id is kept in
+  W/wandb_run.json); W&B failing or unreachable never stops training (one warning)."""
+
+  project: str | None = None      # None: W&B off
+  entity: str | None = None       # the team or user; None: the API key's default entity
+  name: str | None = None         # the run's display name; None: W&B picks one
+  tags: list = dataclasses.field(default_factory=list)
+
+
+@dataclasses.dataclass(frozen=True)
+class MetricsConfig:
+  """Where the metrics go besides W/metrics.jsonl and W/tensorboard/ (always written)."""
+
+  wandb: WandbConfig = dataclasses.field(default_factory=WandbConfig)
+
+
+@dataclasses.dataclass(frozen=True)
 class Config:
   # None (`teacher: null`): supervised fine-tuning of the student, no teacher loaded
   teacher: ModelSpec | None = dataclasses.field(default_factory=ModelSpec)
@@ -183,6 +202,7 @@ class Config:
   checkpoint: CheckpointConfig = dataclasses.field(default_factory=CheckpointConfig)
   onpolicy: OnPolicyConfig = dataclasses.field(default_factory=OnPolicyConfig)
   eval: GenEvalConfig = dataclasses.field(default_factory=GenEvalConfig)
+  metrics: MetricsConfig = dataclasses.field(default_factory=MetricsConfig)
 
 
 CHOICES = {

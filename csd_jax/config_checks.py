@@ -68,6 +68,7 @@ def check(config: Config) -> None:
   _check_pairs(config)
   _check_eval(config)
   _check_mesh(config)
+  _check_metrics(config)
 
 
 def _check_numbers(config: Config) -> None:
@@ -277,3 +278,22 @@ def _check_eval(config: Config) -> None:
                       f"eval.max_examples={config.eval.max_examples} >= 0 (0 = all)")
   if not config.eval.seeds or not all(isinstance(s, int) for s in config.eval.seeds):
     raise ConfigError(f"eval.seeds={config.eval.seeds}: expected a list of integers")
+
+
+def _check_metrics(config: Config) -> None:
+  """metrics.wandb: names W&B accepts (it would refuse them only once the run is under way, and
+  a refused W&B only warns: the user would find the run unlogged)."""
+  wandb = config.metrics.wandb
+  for key in ("project", "entity", "name"):
+    value = getattr(wandb, key)
+    if value is not None and not value.strip():
+      raise ConfigError(f"metrics.wandb.{key}={value!r}: empty; give a name or null")
+  if wandb.project is not None and any(c in wandb.project for c in "/\\#?%:"):
+    raise ConfigError(f"metrics.wandb.project={wandb.project!r}: W&B project names cannot "
+                      "contain / \\ # ? % : (for entity/project set metrics.wandb.entity too)")
+  if not all(isinstance(t, str) and 0 < len(t) <= 64 for t in wandb.tags):
+    raise ConfigError(f"metrics.wandb.tags={wandb.tags!r}: expected a list of strings of 1 to 64 "
+                      "characters (W&B's limit)")
+  if (wandb.entity or wandb.name or wandb.tags) and wandb.project is None:
+    raise ConfigError("metrics.wandb.entity / name / tags need metrics.wandb.project (W&B is "
+                      "on only when a project is set)")

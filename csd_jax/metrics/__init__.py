@@ -2,8 +2,10 @@
 
 - `tfevents`: the TensorBoard event-file codec (TFRecord framing, crc32c, `Event` protos),
   by hand: no TensorFlow, no `tensorboard` package.
-- `writer`: `MetricsWriter` (`metrics.jsonl` + TensorBoard) and its readers, `read_metrics`
-  and `read_tensorboard_scalars`.
+- `writer`: `MetricsWriter` (`metrics.jsonl` + TensorBoard, on a local disk or object storage)
+  and its readers, `read_metrics` and `read_tensorboard_scalars`.
+- `wandb_logger`: Weights & Biases, optional (`metrics.wandb.project`); imported by the writer
+  only when configured, so that `wandb` is never imported otherwise.
 - `progress`: `ProgressBar`, the trainer's one-line display (loss, tokens/s, MFU, ETA).
 - `flops`: `transformer_flops_per_token`, `mfu` and `peak_flops_per_device` (the device table).
 

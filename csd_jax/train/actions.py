@@ -21,7 +21,7 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
@@ -248,9 +248,11 @@ def _state_is_finite(state: TrainState) -> jax.Array:
 class Save:
   """Checkpoints with every process's data position and the resolved config."""
 
-  def __init__(self, trainer: Any, checkpointer: Checkpointer):
+  def __init__(self, trainer: Any, checkpointer: Checkpointer, *,
+               flush: Callable[[], None] = lambda: None):
     self.trainer, self.checkpointer = trainer, checkpointer
     self.every = trainer.config.checkpoint.every
+    self.flush = flush   # the metrics writer's: on object storage it buffers a few seconds
 
   def __call__(self, step: int, state: TrainState, *, wait: bool = False,
                metrics: Mapping[str, float] | None = None) -> None:
@@ -261,6 +263,7 @@ class Save:
     inputs = self.trainer.inputs
     mine = {"train": inputs.train.get_state(),
             **({"lm": inputs.lm.get_state()} if inputs.lm is not None else {})}
+    self.flush()   # every step up to the checkpoint's is stored before the checkpoint is
     self.checkpointer.save(step, state, {"per_process": from_every_process(mine)},
                            to_dict(self.trainer.config), wait=wait, metrics=metrics)
 

@@ -225,11 +225,13 @@ def _run(trainer: Trainer, checkpointer: Checkpointer, preemption: actions.Preem
   start, total = int(actions.host_value(state.step)), trainer.total_steps
   if is_main:  # after the resume: a refused config must not replace the run's own
     record_config(workdir, to_dict(config), start)   # a changed one: config.step-<start>.yaml
-  with jax.set_mesh(trainer.mesh), MetricsWriter(workdir, enabled=is_main) as writer:
+  writer = MetricsWriter(workdir, enabled=is_main, wandb=config.metrics.wandb,
+                         run_config=to_dict(config))   # W&B: process 0 only, if configured
+  with jax.set_mesh(trainer.mesh), writer:
     nonfinite = actions.NonFinite(trainer, checkpointer)
     log = actions.Log(trainer, enabled=is_main, nonfinite=nonfinite)
     periodic = [log, actions.HeldOut(trainer), actions.GenerationEval(trainer, workdir)]
-    save, preempted = actions.Save(trainer, checkpointer), False
+    save, preempted = actions.Save(trainer, checkpointer, flush=writer.flush), False
     try:
       for step in range(start, total):
         batch = next(trainer.inputs.train)
