@@ -46,7 +46,7 @@ def offline(monkeypatch, tmp_path):
 
 
 def _records(path: pathlib.Path) -> list:
-  """The records of a `.wandb` run file (wandb >= 0.20 reads them only in its Go core): LevelDB
+  """The records of a `.wandb` run file (wandb 0.31 has no Python reader of them): LevelDB
   log framing in 32 KiB blocks after a 7-byte header, each record `crc32 (type + data) | length
   | type | data` (type 1 whole, 2 / 3 / 4 first / middle / last part), data a `Record` proto."""
   data, block, header = path.read_bytes(), 32768, 7
@@ -75,17 +75,19 @@ def _offline_runs(wandb_dir: pathlib.Path) -> list[dict]:
   history rows by our step."""
   runs = []
   for run_file in sorted(wandb_dir.glob("wandb/offline-run-*/run-*.wandb")):
-    run, history = None, {}
+    run, history, exit_code = None, {}, None
     for record in _records(run_file):
       kind = record.WhichOneof("record_type")
       if kind == "run":
         run = record.run
+      elif kind == "exit":
+        exit_code = record.exit.exit_code
       elif kind == "history":
         row = {item.key or ".".join(item.nested_key): json.loads(item.value_json)
                for item in record.history.item}
         history[row["step"]] = {k: v for k, v in row.items() if not k.startswith("_")}
     runs.append({"id": run.run_id, "project": run.project, "name": run.display_name,
-                 "tags": list(run.tags), "history": history})
+                 "tags": list(run.tags), "history": history, "exit_code": exit_code})
   return runs
 
 
@@ -101,6 +103,7 @@ def test_offline_run_files_hold_the_scalars_and_a_resume_continues_the_run(offli
   assert {k: first[k] for k in ("project", "name", "tags")} == {
       "project": "csd-test", "name": "tiny", "tags": ["ci", "tiny"]}
   assert json.loads((workdir / "wandb_run.json").read_text())["id"] == first["id"]
+  assert first["exit_code"] == 0
   # The same scalars as metrics.jsonl (and TensorBoard), step for step, value for value.
   rows = {r["step"]: r for r in read_metrics(workdir)}
   assert sorted(first["history"]) == [1, 2, 3]
@@ -159,6 +162,16 @@ def test_a_failing_log_warns_once_and_the_files_are_written(offline, monkeypatch
                       "goes on without it"]
   assert list((offline / "wandb_files").glob("wandb/offline-run-*"))   # WANDB_DIR respected
   assert not (offline / "run" / "wandb").exists()
+
+
+def test_a_run_that_raises_marks_its_wandb_run_failed(offline, monkeypatch):
+  monkeypatch.setenv("WANDB_DIR", str(offline / "wandb_files"))
+  with pytest.raises(RuntimeError, match="boom"):
+    with MetricsWriter(offline / "run", wandb=_spec(project="p")) as w:
+      w.write(1, {"loss": 0.5})
+      raise RuntimeError("boom")
+  (run,) = _offline_runs(offline / "wandb_files")
+  assert run["exit_code"] == 1 and run["history"] == {1: {"step": 1, "loss": 0.5}}
 
 
 def test_an_unreachable_server_only_warns(offline):

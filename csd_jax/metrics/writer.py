@@ -30,7 +30,8 @@ if TYPE_CHECKING:
 
 # Each flush to an object store uploads the whole file again, so not every line: a few seconds
 # bound what a kill loses (only lines after the last checkpoint, which the resumed run logs
-# again) while a run logging every step uploads a small object a few times a minute, not 10/s.
+# again) while a run logging every step uploads a small object a few times a minute, not 10/s
+# (GCS also throttles writes to one object beyond about one a second).
 OBJECT_FLUSH_SECONDS = 5.0
 _clock = time.monotonic   # the flush interval's clock (tests move it by hand)
 
