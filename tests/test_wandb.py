@@ -10,6 +10,7 @@ import re
 import struct
 import subprocess
 import sys
+import time
 import zlib
 
 import pytest
@@ -57,7 +58,7 @@ def _records(path: pathlib.Path) -> list:
       i += block - i % block
       continue
     crc, n, kind = struct.unpack("<IHB", data[i:i + 7])
-    if kind == 0:
+    if kind == 0 or i + 7 + n > len(data):   # the end, or a record still being written
       break
     body = data[i + 7:i + 7 + n]
     assert zlib.crc32(body, zlib.crc32(bytes([kind]))) == crc, f"{path}: bad crc at {i}"
@@ -70,13 +71,25 @@ def _records(path: pathlib.Path) -> list:
   return out
 
 
+def _finished_records(path: pathlib.Path, timeout: float = 30.0) -> list:
+  """The records of a finished run's file, once its exit record is there: W&B's core (its own
+  process) may still be writing the file when `finish()` returns (seen under load)."""
+  deadline = time.monotonic() + timeout
+  while True:
+    records = _records(path)
+    if any(r.WhichOneof("record_type") == "exit" for r in records):
+      return records
+    assert time.monotonic() < deadline, f"{path}: no exit record after {timeout} s"
+    time.sleep(0.1)
+
+
 def _offline_runs(wandb_dir: pathlib.Path) -> list[dict]:
   """Each offline run under `wandb_dir`, in creation order: its id, project, name, tags and its
   history rows by our step."""
   runs = []
   for run_file in sorted(wandb_dir.glob("wandb/offline-run-*/run-*.wandb")):
     run, history, exit_code = None, {}, None
-    for record in _records(run_file):
+    for record in _finished_records(run_file):
       kind = record.WhichOneof("record_type")
       if kind == "run":
         run = record.run
