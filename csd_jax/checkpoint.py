@@ -5,8 +5,8 @@ trained and untrained variables, the optimizer state, the step, the RNG key, the
 buffer), `loader` (the data iterators' positions, JSON), `config` (the resolved config, JSON)
 and `checksums.process_<i>.json` (see `csd_jax.checkpoint_integrity`). Never the teacher: it is
 rebuilt from its source. Saves are asynchronous; Orbax writes each step into a temporary
-directory and renames it when complete, so a process killed mid-save leaves nothing that looks
-finished. Restoring goes straight into the arrays' current shardings, whatever the mesh was at
+directory and renames it when complete (in an object store, which has no rename, it writes
+`commit_success.txt` last), so a process killed mid-save leaves nothing that looks finished. Restoring goes straight into the arrays' current shardings, whatever the mesh was at
 save time.
 
 A damaged checkpoint never blocks nor poisons a run: a restore first checks the step's files
@@ -24,7 +24,6 @@ import dataclasses
 import datetime
 import io
 import logging
-import pathlib
 import sys
 import threading
 import traceback
@@ -35,6 +34,7 @@ import jax
 import orbax.checkpoint as ocp
 
 from csd_jax import checkpoint_integrity as integrity
+from csd_jax import paths
 from csd_jax.distributed import from_every_process
 from csd_jax.logs import quiet_closed_loop_errors
 from csd_jax.state import TrainState
@@ -111,10 +111,10 @@ class Checkpointer:
   and never touched by `checkpoint.keep`.
   """
 
-  def __init__(self, workdir: str | pathlib.Path, *, keep: int = 3, async_save: bool = True,
+  def __init__(self, workdir: paths.PathLike, *, keep: int = 3, async_save: bool = True,
                best_metric: str | None = None):
     self.best_metric = best_metric
-    self.directory = pathlib.Path(workdir).absolute() / (BEST if best_metric else CHECKPOINTS)
+    self.directory = paths.absolute(workdir) / (BEST if best_metric else CHECKPOINTS)
     self.unreadable = self.directory.with_name(self.directory.name + UNREADABLE_SUFFIX)
     options = ocp.CheckpointManagerOptions(
         max_to_keep=1 if best_metric else keep, create=True,
@@ -257,7 +257,7 @@ class Checkpointer:
       while destination.exists():
         n += 1
         destination = self.unreadable / f"{step}-{stamp}-{n}"
-      (self.directory / str(step)).rename(destination)
+      paths.rename_tree(self.directory / str(step), destination)
       return f"moved it to {destination}"
     except OSError as error:
       return f"could not move it aside ({_one_line(error)})"

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import os
 import pathlib
 import types
 import typing
@@ -356,7 +357,7 @@ def apply_override(data: dict[str, Any], override: str) -> None:
   node[parts[-1]] = value
 
 
-def load_config(path: str | pathlib.Path | None, overrides: Sequence[str] = ()) -> Config:
+def load_config(path: str | os.PathLike | None, overrides: Sequence[str] = ()) -> Config:
   """The config of a YAML file (None: the defaults) with `key=value` overrides applied.
 
   Raises:
@@ -364,7 +365,9 @@ def load_config(path: str | pathlib.Path | None, overrides: Sequence[str] = ()) 
   """
   data: dict[str, Any] = {}
   if path is not None:
-    path = pathlib.Path(path)
+    from csd_jax import paths   # etils.epath: a gs://... config file reads like a local one
+
+    path = paths.as_path(path)
     if not path.is_file():
       raise ConfigError(f"config file {path} does not exist")
     try:
@@ -380,14 +383,19 @@ def load_config(path: str | pathlib.Path | None, overrides: Sequence[str] = ()) 
   return config
 
 
-def resolve_paths(config: Config, base: str | pathlib.Path) -> Config:
+def resolve_paths(config: Config, base: str | os.PathLike) -> Config:
   """`config` with its relative local paths made absolute against `base`, so that the resolved
   config of a run (W/config.yaml) opens from any working directory.
 
-  A relative model path or tokenizer is resolved only where it exists under `base` (otherwise
-  it is a hub id); data files and `data.data_dir` always (they are local); URLs (`gs://...`)
-  and absolute paths are left as they are.
+  A relative model path or tokenizer (`teacher.path`, `student.path`, `data.tokenizer`) is made
+  absolute only where it exists under `base`; otherwise it is kept as given, so that a hub id
+  (`owner/name[@revision]`, resolved on loading by `csd_jax.models.io.hub`, where a directory
+  of that name in the working directory still wins) stays a hub id in W/config.yaml and a
+  resume resolves it again. Data files and `data.data_dir` are always made absolute (they are
+  local); URLs (`gs://...`) and absolute paths are left as they are.
   """
+  if "://" in os.fspath(base):   # W/config.yaml in an object store: written resolved already
+    return config
   base = pathlib.Path(base).absolute()
 
   def local(path: str | None, *, must_exist: bool) -> str | None:

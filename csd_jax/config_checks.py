@@ -106,8 +106,9 @@ def _check_numbers(config: Config) -> None:
 
 def _check_models(config: Config) -> None:
   """Teacher and student: exactly one of path and config, and a transformers config the port
-  reads (`student.config`, or `config.json` of a local `path`): supported family, heads that
-  divide the hidden size, key / value heads that divide the heads."""
+  reads (`student.config`, or `config.json` of a local `path` or of a hub id the local hub
+  cache holds): supported family, heads that divide the hidden size, key / value heads that
+  divide the heads."""
   for role in ("teacher", "student"):
     spec = getattr(config, role)
     if spec is None:   # teacher: null, checked by _check_sft
@@ -117,18 +118,28 @@ def _check_models(config: Config) -> None:
                         f"and {role}.config (a transformers config to initialise randomly)")
     if spec.config is not None:
       _check_model_config(spec.config, f"{role}.config")
-    elif (pathlib.Path(spec.path) / "config.json").is_file():   # a hub id: checked on loading
+    elif (found := _config_json(spec.path)) is not None:   # else checked on loading
       try:
-        hf = json.loads((pathlib.Path(spec.path) / "config.json").read_text())
+        hf = json.loads(found.read_text())
       except (OSError, ValueError):   # unreadable: the model loader says so, naming the file
         continue
-      _check_model_config(hf, f"{role}.path: {pathlib.Path(spec.path) / 'config.json'}")
+      _check_model_config(hf, f"{role}.path: {found}")
   if config.teacher is not None and config.teacher.dropout is not None:
     raise ConfigError("teacher.dropout: the teacher never drops (it only gives targets); remove "
                       "it, or set student.dropout")
   if config.student.dropout is not None and not 0.0 <= config.student.dropout < 1.0:
     raise ConfigError(f"student.dropout={config.student.dropout}: must be in [0, 1) (null: the "
                       "checkpoint's own rates)")
+
+
+def _config_json(path: str) -> Any | None:
+  """config.json of a local model directory, or of a hub id in the local hub cache (never
+  downloaded here: a config loads offline)."""
+  if (pathlib.Path(path) / "config.json").is_file():
+    return pathlib.Path(path) / "config.json"
+  from csd_jax.models.io.hub import cached_file, parse_hub_id   # later: it imports JAX
+
+  return cached_file(path, "config.json") if parse_hub_id(path) is not None else None
 
 
 def _check_model_config(hf: Any, where: str) -> None:

@@ -14,17 +14,19 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import pathlib
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+from etils import epath
 from jax.sharding import Mesh
 
+from csd_jax import paths
 from csd_jax.config import Config, ModelSpec, load_config, resolve_paths
 from csd_jax.errors import UserError
 from csd_jax.models import CausalLM, init_random, load_pretrained
+from csd_jax.models.io import hub
 from csd_jax.sharding import make_mesh, resolve_rules
 from csd_jax.state import TrainState, init_train_state, make_optimizer, trainable_filter
 
@@ -74,11 +76,14 @@ def common_vocab_size(teacher: CausalLM, student: CausalLM) -> int:
   return min(v_t, v_s)
 
 
-def _tokenizer_at(path: str) -> Any | None:
+def _tokenizer_at(path: str, *, weights: bool = True) -> Any | None:
+  """The tokenizer of a local directory or hub id (`hub.resolve`, the models' one resolution
+  order; `weights`: a model's repo, resolved with its weights once for both)."""
   import transformers
 
+  directory = hub.resolve(path, weights=weights)   # UserError: a hub id that does not resolve
   try:
-    return transformers.AutoTokenizer.from_pretrained(path)
+    return transformers.AutoTokenizer.from_pretrained(str(directory))
   except (OSError, ValueError):
     return None  # no tokenizer files there
 
@@ -131,7 +136,7 @@ def resolve_tokenizer(config: Config) -> Any | None:
   """The run's tokenizer: `data.tokenizer` (which must load), else the teacher's directory's,
   else the student's; None when none of them has one (synthetic data, random models)."""
   if config.data.tokenizer:
-    tokenizer = _tokenizer_at(config.data.tokenizer)
+    tokenizer = _tokenizer_at(config.data.tokenizer, weights=False)
     if tokenizer is None:
       raise UserError(f"data.tokenizer={config.data.tokenizer}: no tokenizer there; point it "
                       "at a directory with tokenizer files (or a hub id)")
@@ -156,9 +161,9 @@ def inference_mesh() -> Mesh:
   return make_mesh(1, -1, 1, devices=jax.local_devices())
 
 
-def load_run_config(workdir: str | pathlib.Path) -> Config:
+def load_run_config(workdir: paths.PathLike) -> Config:
   """The resolved config of the run in `workdir` (relative paths taken from the workdir)."""
-  workdir = pathlib.Path(workdir)
+  workdir = paths.as_path(workdir)
   if not (workdir / CONFIG_FILE).is_file():
     raise UserError(f"{workdir} has no {CONFIG_FILE}: not a csd-jax run directory (pass the "
                     "--workdir of a `csd-jax train` run)")
@@ -182,7 +187,7 @@ class Run:
   """A run directory, opened: its config and tokenizer, the student of its latest checkpoint
   (step `step`), and its teacher when asked for (None for a run without one: SFT)."""
 
-  workdir: pathlib.Path
+  workdir: epath.Path
   config: Config
   tokenizer: Any | None
   student: CausalLM
@@ -192,7 +197,7 @@ class Run:
   mesh: Mesh
 
 
-def open_run(workdir: str | pathlib.Path, *, teacher: bool = False,
+def open_run(workdir: paths.PathLike, *, teacher: bool = False,
              mesh: Mesh | None = None, best: bool = False) -> Run:
   """The run in `workdir` at its latest readable checkpoint (`best`: its best one, kept in
   W/best/ by model selection), its models sharded over `mesh` (default: `inference_mesh()`).
@@ -202,7 +207,7 @@ def open_run(workdir: str | pathlib.Path, *, teacher: bool = False,
   """
   from csd_jax.checkpoint import Checkpointer
 
-  workdir = pathlib.Path(workdir)
+  workdir = paths.as_path(workdir)
   config = load_run_config(workdir)
   mesh = mesh or inference_mesh()
   graphdef, template = train_state_template(config, build_student(config, mesh), mesh)

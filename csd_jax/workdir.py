@@ -2,8 +2,9 @@
 
 `WorkdirLock` makes a second `csd-jax train` on a busy workdir fail at once (a `UserError`
 naming the holder) instead of both runs overwriting each other's checkpoints and metrics. The
-lock is `W/.lock`, a JSON file created with O_CREAT|O_EXCL by process 0; a lock left by a killed
-run is taken over with a warning. `record_config` keeps W/config.yaml the current config and
+lock is `W/.lock`, a JSON file created exclusively by process 0 (O_CREAT|O_EXCL on a disk, a
+create with `ifGenerationMatch=0` on GCS); a lock left by a killed run is taken over with a
+warning. `record_config` keeps W/config.yaml the current config and
 the one it replaces as `config.step-<N>.yaml`, naming the keys that changed.
 """
 
@@ -25,6 +26,7 @@ from typing import Any
 
 import yaml
 
+from csd_jax import paths
 from csd_jax.errors import UserError
 
 logger = logging.getLogger("csd_jax.train")
@@ -58,6 +60,11 @@ def process_start_time(pid: int) -> int | None:
     return None
 
 
+def _changed_at(path: Any) -> float:
+  """When the file last changed: its ctime on a disk, its upload's time in an object store."""
+  return path.stat().mtime if paths.is_remote(path) else os.stat(path).st_ctime
+
+
 def _pid_namespace() -> str | None:
   """Containers sharing the host's name (docker --network host) still have their own pids."""
   try:
@@ -85,7 +92,8 @@ class WorkdirLock:
     if process_index is None:
       import jax   # here, not at import time: the tests of this module need no JAX
       process_index = jax.process_index()
-    self.workdir, self.path = pathlib.Path(workdir), pathlib.Path(workdir) / LOCK_FILE
+    self.workdir = paths.as_path(workdir)
+    self.path = self.workdir / LOCK_FILE
     self.enabled = process_index == 0
     self.heartbeat_s, self.stale_after_s = heartbeat_s, stale_after_s
     self.token, self.held = uuid.uuid4().hex, False
@@ -110,19 +118,13 @@ class WorkdirLock:
     self.workdir.mkdir(parents=True, exist_ok=True)
     info, holder = self._info(), {}
     for attempt in range(_ATTEMPTS):
-      try:
-        fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-      except FileExistsError:
-        pass
-      else:
-        with os.fdopen(fd, "w") as f:
-          json.dump(info, f)
+      if paths.create_exclusive(self.path, json.dumps(info).encode()):
         self._info_written, self.held = info, True
         self._thread = threading.Thread(target=self._beat, name="workdir-lock", daemon=True)
         self._thread.start()
         return
       try:
-        raw, ctime = self.path.read_bytes(), self.path.stat().st_ctime
+        raw, ctime = self.path.read_bytes(), _changed_at(self.path)
       except FileNotFoundError:
         continue   # released meanwhile
       holder, reason = self._judge(raw, ctime)
@@ -159,7 +161,18 @@ class WorkdirLock:
   def _remove_stale(self, raw: bytes) -> bool:
     """Removes the stale lock whose content is `raw`; False where another run won the race
     or the lock changed. Contenders hard-link the lock to one claim name derived from its
-    content: only one link succeeds, and the winner checks it claimed that very file."""
+    content: only one link succeeds, and the winner checks it claimed that very file. An object
+    store has no links: the lock is deleted only while it still holds `raw` (a contender that
+    re-created it in the instant between that read and the delete loses its lock, and learns it
+    at its first heartbeat)."""
+    if paths.is_remote(self.path):
+      try:
+        if self.path.read_bytes() != raw:
+          return False
+        self.path.unlink()
+      except FileNotFoundError:
+        return False
+      return True
     claim = self.path.with_name(f"{LOCK_FILE}.takeover-{hashlib.sha1(raw).hexdigest()[:16]}")
     try:
       os.link(self.path, claim)
@@ -167,7 +180,7 @@ class WorkdirLock:
       return False
     except FileExistsError:   # another run's claim; one left by a crashed run expires
       try:
-        if time.time() - claim.stat().st_ctime > _UNREADABLE_GRACE_S:
+        if time.time() - _changed_at(claim) > _UNREADABLE_GRACE_S:
           claim.unlink()
       except FileNotFoundError:
         pass
@@ -188,15 +201,13 @@ class WorkdirLock:
 
   def _beat(self) -> None:
     """Refreshes the heartbeat (what runs on other hosts judge the lock by) until release."""
-    tmp = self.path.with_name(f"{LOCK_FILE}.tmp-{self.token}")
     while not self._stop.wait(self.heartbeat_s):
       if not self._mine():
         logger.warning("%s was taken over by another run; this run no longer holds it",
                        self.path)
         return
       try:
-        tmp.write_text(json.dumps({**self._info_written, "heartbeat": _now()}))
-        tmp.replace(self.path)
+        paths.write_atomic(self.path, json.dumps({**self._info_written, "heartbeat": _now()}))
       except OSError as error:   # e.g. a full disk: the run goes on, the next beat retries
         logger.warning("could not refresh the heartbeat of %s: %s", self.path, error)
 
@@ -244,20 +255,14 @@ def config_changes(old: Any, new: Any, prefix: str = "") -> list[str]:
   return [] if old == new else [f"{prefix.rstrip('.') or 'config'}: {_show(old)} -> {_show(new)}"]
 
 
-def _write_atomic(path: pathlib.Path, text: str) -> None:
-  tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-  tmp.write_text(text)
-  tmp.replace(path)   # readers see the old file or the new one, never half of one
-
-
 def record_config(workdir: str | os.PathLike, config: dict[str, Any], step: int) -> list[str]:
   """Writes `config` (plain YAML data) as W/config.yaml. When the one there differs, it is
   kept as W/config.step-<step>.yaml (`step`: where this start resumes) and the differences are
   logged in one warning line and returned, e.g. ['loss.name: csd -> fkl']."""
-  path = pathlib.Path(workdir) / CONFIG_FILE
+  path = paths.as_path(workdir) / CONFIG_FILE
   text = yaml.safe_dump(config, sort_keys=False)
   if not path.exists():
-    _write_atomic(path, text)
+    paths.write_atomic(path, text)
     return []
   old_text = path.read_text()
   try:
@@ -272,8 +277,8 @@ def record_config(workdir: str | os.PathLike, config: dict[str, Any], step: int)
   while kept.exists():   # resumed from the same step twice: never overwrite a kept config
     n += 1
     kept = path.with_name(f"config.step-{step}.{n}.yaml")
-  _write_atomic(kept, old_text)
-  _write_atomic(path, text)
+  paths.write_atomic(kept, old_text)
+  paths.write_atomic(path, text)
   logger.warning("the config differs from the run's previous one (kept as %s): %s", kept.name,
                  "; ".join(changes))
   return changes

@@ -25,6 +25,7 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.parse
 import urllib.request
@@ -148,6 +149,7 @@ class GcsEmulator:
 
   def __init__(self, buckets: tuple[str, ...] = ("csd-bucket",)):
     self.buckets, self.port, self.process = buckets, free_port(), None
+    self.log = None   # the server's stderr: a file, never a pipe nobody reads (it would block)
 
   @property
   def url(self) -> str:
@@ -165,14 +167,20 @@ class GcsEmulator:
         "GOOGLE_AUTH_TOKEN_FOR_TESTING": "emulator",  # TensorStore: no credential search
     }
 
+  def errors(self) -> str:
+    """What the server wrote to stderr so far (the tracebacks of requests it failed)."""
+    self.log.seek(0)
+    return self.log.read().decode(errors="replace")
+
   def start(self) -> GcsEmulator:
+    self.log = tempfile.TemporaryFile()
     self.process = subprocess.Popen(
         [sys.executable, os.path.abspath(__file__), str(self.port), *self.buckets],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        stdout=subprocess.DEVNULL, stderr=self.log)
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
       if self.process.poll() is not None:
-        raise RuntimeError(f"the GCS emulator exited: {self.process.stderr.read().decode()}")
+        raise RuntimeError(f"the GCS emulator exited: {self.errors()}")
       try:
         urllib.request.urlopen(f"{self.url}/storage/v1/b/{self.buckets[0]}", timeout=1)
         return self
@@ -185,6 +193,7 @@ class GcsEmulator:
       self.process.kill()
       self.process.wait()
       self.process = None
+      self.log.close()
 
 
 if __name__ == "__main__":

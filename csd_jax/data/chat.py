@@ -117,12 +117,14 @@ def _json_eos(path: pathlib.Path) -> list[int]:
     return []   # absent or unreadable: the model's own loader reports a broken config.json
 
 
-def _cached_hub_file(repo_id: str, name: str) -> pathlib.Path | None:
-  """`name` of hub repo `repo_id` if the local hub cache has it; never downloads."""
+def _cached_hub_file(hub_id: str, name: str) -> pathlib.Path | None:
+  """`name` of hub repo `hub_id` (`owner/name[@revision]`) if the local hub cache has it;
+  never downloads."""
+  repo_id, _, revision = hub_id.partition("@")
   try:
     from huggingface_hub import try_to_load_from_cache
 
-    found = try_to_load_from_cache(repo_id, name)
+    found = try_to_load_from_cache(repo_id, name, revision=revision or None)
   except Exception:  # noqa: BLE001 (not a valid repo id, no huggingface_hub: nothing cached)
     return None
   return pathlib.Path(found) if isinstance(found, str) else None

@@ -12,10 +12,10 @@ from __future__ import annotations
 
 import json
 import os
-import pathlib
 from collections.abc import Iterator, Mapping
 from typing import Any
 
+from csd_jax import paths
 from csd_jax.errors import UserError
 
 
@@ -26,7 +26,7 @@ def read_json_records(path: str | os.PathLike) -> Iterator[tuple[str, Mapping[st
   Raises:
     UserError: the file does not exist or cannot be parsed.
   """
-  path = pathlib.Path(path)
+  path = paths.as_path(path)   # a local file or an object (gs://...)
   if not path.is_file():
     raise UserError(f"data file {path} does not exist; pass the path of a JSONL, JSON or "
                     "Parquet file")
@@ -38,7 +38,8 @@ def read_json_records(path: str | os.PathLike) -> Iterator[tuple[str, Mapping[st
     except ImportError as error:
       raise UserError(f"{path}: reading Parquet needs pyarrow (pip install pyarrow)") from error
     try:
-      table = pq.read_table(path)
+      with path.open("rb") as f:
+        table = pq.read_table(f)
     except (pyarrow.ArrowException, OSError) as error:
       raise UserError(f"{path}: not a readable Parquet file ({_first_line(error)}); it is "
                       "corrupt or cut short: write or download it again") from error
@@ -60,7 +61,7 @@ def read_json_records(path: str | os.PathLike) -> Iterator[tuple[str, Mapping[st
       yield f"{path.name}:{i}", row
     return
   # Bytes, decoded a line at a time: a bad byte's error names its line.
-  with open(path, "rb") as f:
+  with path.open("rb") as f:
     for line_number, raw_line in enumerate(f, 1):
       line = _utf8(raw_line, path, line_number)
       if line.strip():
@@ -71,7 +72,7 @@ def read_json_records(path: str | os.PathLike) -> Iterator[tuple[str, Mapping[st
                           "object a line") from error
 
 
-def _utf8(raw: bytes, path: pathlib.Path, line_number: int) -> str:
+def _utf8(raw: bytes, path: paths.PathLike, line_number: int) -> str:
   """`raw` (the text from line `line_number` on) as UTF-8, without a byte-order mark.
 
   Raises:

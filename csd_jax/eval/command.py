@@ -12,10 +12,12 @@ device (`csd_jax.run.inference_mesh`), so a teacher need not fit on one chip.
 from __future__ import annotations
 
 import dataclasses
-import pathlib
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from etils import epath
+
+from csd_jax import paths
 from csd_jax.data.chat import run_model_stop_ids, stop_ids
 from csd_jax.errors import UserError
 from csd_jax.eval import generation
@@ -63,7 +65,7 @@ def parse_datasets(items: Sequence[str], limit: int | None,
 
 
 def load_model(workdir: str | None, model_dir: str | None, *, best: bool = False,
-               dtype: Any = None) -> tuple[Any, Any, dict[str, Any] | None, pathlib.Path]:
+               dtype: Any = None) -> tuple[Any, Any, dict[str, Any] | None, epath.Path]:
   """(model, tokenizer, the run's own settings or None for a model directory, default output
   path) of a run's student (`workdir`; `best`: its best checkpoint) or of a Hugging Face
   directory (`model_dir`, loaded in `dtype`, default float32), sharded over every local device.
@@ -85,15 +87,16 @@ def load_model(workdir: str | None, model_dir: str | None, *, best: bool = False
   import transformers
 
   from csd_jax.models import load_pretrained
+  from csd_jax.models.io import hub
 
   dtypes = {"dtype": dtype, "param_dtype": dtype} if dtype is not None else {}
   model = load_pretrained(model_dir, mesh=inference_mesh(), **dtypes)
   try:
-    tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(str(hub.resolve(model_dir)))
   except (OSError, ValueError) as error:
     raise UserError(f"{model_dir}: no tokenizer files ({type(error).__name__}); save the "
                     "tokenizer beside the model (csd-jax export does)") from error
-  return model, tokenizer, {"stop_ids": stop_ids(None, model_dir)}, pathlib.Path(
+  return model, tokenizer, {"stop_ids": stop_ids(None, model_dir)}, paths.as_path(
       "eval_results.json")
 
 
@@ -112,7 +115,7 @@ def eval_config(request: EvalRequest, run: dict[str, Any] | None) -> generation.
   return generation.EvalConfig(sampling=sampling, seeds=tuple(settings.pop("seeds")), **settings)
 
 
-def run_eval(request: EvalRequest) -> tuple[dict[str, dict[str, Any]], pathlib.Path]:
+def run_eval(request: EvalRequest) -> tuple[dict[str, dict[str, Any]], epath.Path]:
   """Evaluate as `request` says; the results are written to their JSON file, whose path is
   returned with them."""
   from csd_jax.models import load_pretrained
@@ -123,6 +126,6 @@ def run_eval(request: EvalRequest) -> tuple[dict[str, dict[str, Any]], pathlib.P
   config = eval_config(request, run)
   teacher = load_pretrained(request.teacher, mesh=inference_mesh()) if request.teacher else None
   results = generation.evaluate(model, tokenizer, datasets, teacher=teacher, config=config)
-  out = pathlib.Path(request.out) if request.out else out
+  out = paths.as_path(request.out) if request.out else out
   generation.write_results(results, out)
   return results, out

@@ -22,7 +22,7 @@ import dataclasses
 import functools
 import json
 import logging
-import pathlib
+import os
 import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -31,6 +31,7 @@ import jax
 import numpy as np
 from flax import nnx
 
+from csd_jax import paths
 from csd_jax.data.batching import bucket_length, pad_batch
 from csd_jax.data.chat import run_model_stop_ids, stop_ids
 from csd_jax.data.instruct import (IGNORE_INDEX, InstructionTokenizer, load_records,
@@ -310,5 +311,6 @@ def format_table(results: Mapping[str, Mapping[str, Any]],
   return "\n".join(lines)
 
 
-def write_results(results: Mapping[str, Any], path: str | pathlib.Path) -> None:
-  pathlib.Path(path).write_text(json.dumps(results, indent=2))
+def write_results(results: Mapping[str, Any], path: str | os.PathLike) -> None:
+  """`results` as indented JSON at `path` (a local file or an object, e.g. gs://...)."""
+  paths.write_atomic(path, json.dumps(results, indent=2))

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import logging
 import os
-import pathlib
 import signal
 import sys
 import threading
@@ -27,6 +26,7 @@ from typing import Any
 import jax
 import numpy as np
 
+from csd_jax import paths
 from csd_jax.checkpoint import Checkpointer
 from csd_jax.config import to_dict
 from csd_jax.distributed import from_every_process
@@ -184,7 +184,7 @@ class GenerationEval:
   the checkpoint with the best ROUGE-L on that dataset so far is kept in W/best/ (a resumed run
   goes on comparing with it). One process only."""
 
-  def __init__(self, trainer: Any, workdir: pathlib.Path):
+  def __init__(self, trainer: Any, workdir: paths.PathLike):
     self.trainer, self.workdir = trainer, workdir
     config = trainer.config
     self.every, self.total = config.eval.every, trainer.total_steps

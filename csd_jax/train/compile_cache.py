@@ -16,11 +16,13 @@ command loads what an earlier start compiled. `train.compile_cache` says where: 
 from __future__ import annotations
 
 import contextlib
-import pathlib
 from collections.abc import Iterator
 
 import jax
+from etils import epath
 from jax import monitoring
+
+from csd_jax import paths
 
 CACHE_DIR = "xla_cache"
 # JAX's event names (jax/_src/dispatch.py, jax/_src/compiler.py): the time of each program's
@@ -33,7 +35,7 @@ class CompileTime:
   """The programs compiled (or loaded from the persistent cache) while it listens, and the
   seconds that took."""
 
-  def __init__(self, directory: pathlib.Path | None):
+  def __init__(self, directory: epath.Path | None):
     self.directory = directory
     self.programs, self.seconds, self.cache_hits = 0, 0.0, 0
 
@@ -52,11 +54,11 @@ class CompileTime:
     return f"XLA compiled {self.programs} programs in {self.seconds:.1f} s{where}"
 
 
-def cache_directory(setting: str, workdir: pathlib.Path) -> pathlib.Path | None:
+def cache_directory(setting: str, workdir: paths.PathLike) -> epath.Path | None:
   """Where `train.compile_cache` puts the cache: None when it is off."""
   if not setting:
     return None
-  return workdir / CACHE_DIR if setting == "workdir" else pathlib.Path(setting).expanduser()
+  return paths.as_path(workdir) / CACHE_DIR if setting == "workdir" else paths.as_path(setting)
 
 
 def _use(directory: str | None, min_seconds: float) -> None:
@@ -71,7 +73,7 @@ def _use(directory: str | None, min_seconds: float) -> None:
 
 
 @contextlib.contextmanager
-def enabled(setting: str, workdir: pathlib.Path) -> Iterator[CompileTime]:
+def enabled(setting: str, workdir: paths.PathLike) -> Iterator[CompileTime]:
   """JAX's persistent cache in `cache_directory(setting, workdir)` while the block runs (the
   process's own settings restored after it), and the compile time spent inside it."""
   directory = cache_directory(setting, workdir)

@@ -10,37 +10,50 @@ the models' own eos ids), over the student's original generation settings where 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import pathlib
+import tempfile
 from typing import Any
 
+from etils import epath
+
+from csd_jax import paths
 from csd_jax.data.chat import run_model_stop_ids, stop_ids
 from csd_jax.errors import UserError
 from csd_jax.models import save_pretrained
+from csd_jax.models.io import hub
 from csd_jax.run import open_run
 
 logger = logging.getLogger("csd_jax.export")
 
 
-def export(workdir: str | pathlib.Path, out: str | pathlib.Path, *, best: bool = False
-           ) -> tuple[pathlib.Path, int]:
+def export(workdir: paths.PathLike, out: paths.PathLike, *, best: bool = False
+           ) -> tuple[epath.Path, int]:
   """Write the latest checkpoint's student (`best`: the best one's, W/best/) to `out`; returns
-  (out, the checkpoint's step).
+  (out, the checkpoint's step). An `out` in an object store (gs://...) is written in a local
+  temporary directory first (safetensors and tokenizers write local files), then uploaded.
 
   Raises:
     UserError: `out` is a file, or a directory of something other than a model; no config.yaml
       or no readable checkpoint in `workdir`. Checked before anything is written.
   """
   check_out_dir(out, "--out")
+  out = paths.as_path(out)
   run = open_run(workdir, best=best)
-  save_pretrained(run.student, out, run.tokenizer)
-  _write_generation_config(pathlib.Path(out), run.config, run.tokenizer)
+  with contextlib.ExitStack() as stack:
+    local = (pathlib.Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="csd-export-")))
+             if paths.is_remote(out) else out)
+    save_pretrained(run.student, local, run.tokenizer)
+    _write_generation_config(paths.as_path(local), run.config, run.tokenizer)
+    if local is not out:
+      paths.copy_tree(local, out)
   logger.info("exported the student of step %d to %s", run.step, out)
-  return pathlib.Path(out), run.step
+  return out, run.step
 
 
-def check_out_dir(out: str | pathlib.Path, option: str) -> None:
+def check_out_dir(out: paths.PathLike, option: str) -> None:
   """`out` can become a model directory: absent, empty, or a model directory already (written
   over); not a file, and not a directory of other files (a workdir, a home), which an export
   would litter.
@@ -48,7 +61,7 @@ def check_out_dir(out: str | pathlib.Path, option: str) -> None:
   Raises:
     UserError: naming `option` and the path.
   """
-  out = pathlib.Path(out)
+  out = paths.as_path(out)
   if out.exists() and not out.is_dir():
     raise UserError(f"{option} {out}: is a file, not a directory; name a new directory (or a "
                     "model directory to write over)")
@@ -57,11 +70,10 @@ def check_out_dir(out: str | pathlib.Path, option: str) -> None:
                     "new or empty directory")
 
 
-def _write_generation_config(out: pathlib.Path, config: Any, tokenizer: Any) -> None:
+def _write_generation_config(out: epath.Path, config: Any, tokenizer: Any) -> None:
   source = config.student.path
-  original = pathlib.Path(source) / "generation_config.json" if source else None
-  settings = (json.loads(original.read_text()) if original is not None and original.is_file()
-              else {})
+  original = hub.cached_file(source, "generation_config.json") if source else None
+  settings = json.loads(original.read_text()) if original is not None else {}
   eos = list(stop_ids(tokenizer, extra=run_model_stop_ids(config)))
   if eos:
     settings["eos_token_id"] = eos if len(eos) > 1 else eos[0]

@@ -17,8 +17,6 @@ import functools
 import logging
 import math
 import os
-import pathlib
-import shutil
 from collections.abc import Iterator
 from typing import Any
 
@@ -27,6 +25,7 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from csd_jax import onpolicy as onpolicy_lib
+from csd_jax import paths
 from csd_jax.checkpoint import CHECKPOINTS, Checkpointer
 from csd_jax.config import Config, resolve_paths, to_dict
 from csd_jax.errors import UserError, storage_failure
@@ -136,8 +135,9 @@ def _check_positions(config: Config, models: Models) -> None:
                       f"table); set data.max_length <= {model.cfg.max_position_embeddings}")
 
 
-def _prepare_workdir(workdir: pathlib.Path, is_main: bool) -> bool:
-  """Refuse a workdir that is a file or cannot be made; whether this call created it."""
+def _prepare_workdir(workdir: paths.PathLike, is_main: bool) -> bool:
+  """Refuse a workdir that is a file or cannot be made; whether this call created it. (In an
+  object store a directory is only a name prefix: it exists once something is written in it.)"""
   if workdir.exists() and not workdir.is_dir():
     raise UserError(f"--workdir {workdir} is a file, not a directory; pass a directory (new "
                     "or a run's own)")
@@ -151,7 +151,7 @@ def _prepare_workdir(workdir: pathlib.Path, is_main: bool) -> bool:
   return True
 
 
-def train(config: Config, workdir: str | pathlib.Path) -> RunResult:
+def train(config: Config, workdir: paths.PathLike) -> RunResult:
   """Run the distillation described by `config` in `workdir`, or continue it from the latest
   complete checkpoint there. SIGTERM, Ctrl-C (or the platform's preemption notice) save at the
   next step boundary and return with `preempted` set.
@@ -160,15 +160,15 @@ def train(config: Config, workdir: str | pathlib.Path) -> RunResult:
     UserError: bad input, a run that diverged (non-finite updates in a row), a full or
       read-only disk (naming the last intact checkpoint).
   """
-  workdir, is_main = pathlib.Path(workdir), jax.process_index() == 0
+  workdir, is_main = paths.as_path(workdir), jax.process_index() == 0
   config = resolve_paths(config, os.getcwd())  # config.yaml must open from anywhere
   created = _prepare_workdir(workdir, is_main)
   try:
     return _train(config, workdir, is_main)
   except UserError:
     # Refused before it wrote anything but compiled programs: leave no half-made run behind.
-    if created and {p.name for p in workdir.iterdir()} <= {compile_cache.CACHE_DIR}:
-      shutil.rmtree(workdir)
+    if created and _holds_only_compiled_programs(workdir):
+      paths.remove_tree(workdir)
     raise
   except Exception as error:
     if (reason := storage_failure(error)) is None:
@@ -176,8 +176,15 @@ def train(config: Config, workdir: str | pathlib.Path) -> RunResult:
     raise storage_error(reason, workdir, workdir / CHECKPOINTS) from None
 
 
+def _holds_only_compiled_programs(workdir: paths.PathLike) -> bool:
+  try:
+    return {p.name for p in workdir.iterdir()} <= {compile_cache.CACHE_DIR}
+  except FileNotFoundError:   # an object store's directory with nothing in it
+    return False
+
+
 @contextlib.contextmanager
-def _one_run(workdir: pathlib.Path) -> Iterator[None]:
+def _one_run(workdir: paths.PathLike) -> Iterator[None]:
   """W/.lock, held by process 0 for the run. Every process learns whether process 0 was
   refused (the others would otherwise wait for it in their first collective, for ever)."""
   lock, refused = WorkdirLock(workdir), None
@@ -196,7 +203,7 @@ def _one_run(workdir: pathlib.Path) -> Iterator[None]:
     lock.__exit__(None, None, None)
 
 
-def _train(config: Config, workdir: pathlib.Path, is_main: bool) -> RunResult:
+def _train(config: Config, workdir: paths.PathLike, is_main: bool) -> RunResult:
   # One run per workdir (W/.lock); signals caught before anything compiles (Preemption).
   with (_one_run(workdir), actions.Preemption(config.train.log_every) as preemption,
         compile_cache.enabled(config.train.compile_cache, workdir) as compiled):
@@ -218,7 +225,7 @@ def _train(config: Config, workdir: pathlib.Path, is_main: bool) -> RunResult:
 
 
 def _run(trainer: Trainer, checkpointer: Checkpointer, preemption: actions.Preemption,
-         workdir: pathlib.Path, is_main: bool) -> RunResult:
+         workdir: paths.PathLike, is_main: bool) -> RunResult:
   """The loop: from the resumed state to the last step (or a preemption), with its actions."""
   config = trainer.config
   state = actions.resume(checkpointer, trainer)

@@ -13,20 +13,28 @@ by renaming its directory once complete, so every complete one is whole).
 from __future__ import annotations
 
 import os
-import pathlib
 
+from csd_jax import paths
 from csd_jax.errors import UserError
 
 
-def complete_checkpoints(directory: pathlib.Path) -> list[int]:
+def complete_checkpoints(directory: paths.PathLike) -> list[int]:
   """The steps of the complete checkpoints in `directory` (Orbax names an unfinished one
-  `<step>.orbax-checkpoint-tmp...`)."""
+  `<step>.orbax-checkpoint-tmp...` on a disk; in an object store a step is complete once its
+  `commit_success.txt` is written)."""
+  directory = paths.as_path(directory)
   if not directory.is_dir():
     return []
-  return sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit())
+  steps = [p for p in directory.iterdir() if p.name.isdigit()]
+  if paths.is_remote(directory):
+    from orbax.checkpoint import step as orbax_step
+
+    steps = [p for p in steps if orbax_step.is_path_finalized(p)]
+  return sorted(int(p.name) for p in steps)
 
 
-def storage_error(reason: str, workdir: pathlib.Path, checkpoints: pathlib.Path) -> UserError:
+def storage_error(reason: str, workdir: paths.PathLike, checkpoints: paths.PathLike
+                  ) -> UserError:
   """The one line of a failed write: what failed, the last intact checkpoint, the fix."""
   steps = complete_checkpoints(checkpoints)
   safe = (f"the checkpoint of step {steps[-1]} in {checkpoints} is intact"

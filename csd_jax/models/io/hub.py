@@ -5,7 +5,8 @@
 
 One resolution order, used by every place that opens a model or tokenizer directory: a string
 that exists on disk (a directory named like a hub id included), a URL (`gs://...`), an absolute
-path, or one starting with `.` or `~` is a local path and is returned unchanged; otherwise a
+path, or one starting with `.` or `~` is a local path and is returned unchanged (a URL copied
+into a local cache first, `csd_jax.paths.local_copy`); otherwise a
 string of the form `owner/name[@revision]` (a branch, tag or commit hash) is a hub id, fetched
 with `huggingface_hub.snapshot_download` into (or read from) huggingface_hub's cache, so that
 `HF_HUB_OFFLINE=1` with a filled cache works. Only what the port reads is fetched: config,
@@ -27,6 +28,7 @@ import re
 
 from etils import epath
 
+from csd_jax import paths
 from csd_jax.errors import UserError
 
 logger = logging.getLogger("csd_jax.hub")
@@ -99,6 +101,8 @@ def resolve(path: str | os.PathLike, *, weights: bool = True) -> epath.Path:
     UserError: the repository is not in the cache while offline, not found or gated on the
       hub, has no such revision, or has no safetensors weights (only `.bin` / GGUF ones).
   """
+  if paths.is_remote(path):   # gs://...: safetensors and tokenizers read local files
+    return epath.Path(paths.local_copy(path))
   hub_id = parse_hub_id(path)
   if hub_id is None:
     return epath.Path(path)

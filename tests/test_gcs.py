@@ -1,0 +1,171 @@
+"""A run directory in Google Cloud Storage: `--workdir gs://bucket/run` on 2 processes, killed
+and resumed, then read by `csd-jax export`, `csd-jax eval` and TensorBoard, all against a GCS
+server on 127.0.0.1 (tests/gcs_emulator.py).
+
+Every client of a real run talks to it: gcsfs under `etils.epath` (config.yaml, the lock,
+metrics.jsonl, TensorBoard events, checksums, eval results, the export, a tokenizer read from
+the bucket), TensorStore under Orbax (the arrays of the checkpoints, OCDBT), and TensorBoard's
+own reader (through fsspec).
+"""
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from gcs_emulator import GcsEmulator
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+BUCKET = "csd-bucket"
+STEPS = 8
+# As tests/test_multiprocess.py: no dropout, float32, a checkpoint every 2 steps.
+ARGS = ["--config", str(ROOT / "configs" / "tiny.yaml"), f"train.steps={STEPS}",
+        "checkpoint.every=2", "student.dtype=float32", "student.dropout=0.0"]
+
+
+@pytest.fixture(scope="module")
+def gcs():
+  emulator = GcsEmulator((BUCKET,)).start()
+  saved = {k: os.environ.get(k) for k in emulator.env}
+  os.environ.update(emulator.env)   # this process reads the bucket too
+  yield emulator
+  for key, value in saved.items():
+    if value is None:
+      os.environ.pop(key, None)
+    else:
+      os.environ[key] = value
+  emulator.stop()
+
+
+def _port():
+  from gcs_emulator import free_port
+
+  return free_port()
+
+
+def _env(gcs, **extra):
+  return {**os.environ, **gcs.env, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu",
+          "XLA_FLAGS": "--xla_force_host_platform_device_count=2", **extra}
+
+
+def _start(gcs, workdir, extra_args=()):
+  port = _port()
+  return [subprocess.Popen(
+      [sys.executable, str(ROOT / "tests" / "train_until.py"), *ARGS, *extra_args,
+       "--workdir", str(workdir)],
+      env=_env(gcs, CSD_JAX_COORDINATOR=f"127.0.0.1:{port}", CSD_JAX_NUM_PROCESSES="2",
+               CSD_JAX_PROCESS_ID=str(i)), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+      text=True) for i in range(2)]
+
+
+def _finish(procs):
+  outs = [p.communicate(timeout=600)[0] for p in procs]
+  assert [p.returncode for p in procs] == [0, 0], outs
+  return outs
+
+
+def _cli(gcs, *args):
+  result = subprocess.run([sys.executable, "-m", "csd_jax.cli", *args], env=_env(gcs),
+                          capture_output=True, text=True, timeout=600, check=False)
+  assert result.returncode == 0, result.stdout + result.stderr
+  return result
+
+
+def _losses(workdir):
+  from csd_jax.metrics import read_metrics
+
+  return {r["step"]: r["loss"] for r in read_metrics(workdir) if "loss" in r}
+
+
+@pytest.fixture(scope="module")
+def tokenizer_in_bucket(gcs, gpt2_tokenizer, tmp_path_factory):
+  """The GPT-2 tokenizer's files, uploaded: `data.tokenizer=gs://...` is read from the bucket."""
+  from csd_jax import paths
+
+  local = tmp_path_factory.mktemp("tokenizer")
+  gpt2_tokenizer.save_pretrained(local)
+  remote = f"gs://{BUCKET}/assets/gpt2-tokenizer"
+  paths.copy_tree(local, remote)
+  return remote
+
+
+def test_gs_workdir_killed_and_resumed_matches_a_local_run(gcs, tokenizer_in_bucket, tmp_path,
+                                                            monkeypatch):
+  from csd_jax import paths
+  from csd_jax.train.storage import complete_checkpoints
+
+  tokenizer = [f"data.tokenizer={tokenizer_in_bucket}"]
+  monkeypatch.setenv("CSD_JAX_CACHE", str(tmp_path / "cache"))   # the tokenizer's local copy
+
+  local = tmp_path / "local"
+  began = time.perf_counter()
+  _finish(_start(gcs, local, tokenizer))
+  local_seconds = time.perf_counter() - began
+
+  workdir = f"gs://{BUCKET}/runs/killed"
+  began = time.perf_counter()
+  procs = _start(gcs, workdir, tokenizer)
+  deadline = time.time() + 300
+  while not any(step >= 2 for step in complete_checkpoints(f"{workdir}/checkpoints")):
+    assert time.time() < deadline, "no checkpoint committed in the bucket within 300 s"
+    assert all(p.poll() is None for p in procs), [p.communicate()[0] for p in procs]
+    time.sleep(0.2)
+  for p in procs:   # SIGKILL: no handler runs, nothing is flushed or released
+    p.kill()
+    p.wait()
+  killed_at = complete_checkpoints(f"{workdir}/checkpoints")
+  assert killed_at and killed_at[-1] < STEPS
+  outs = _finish(_start(gcs, workdir, tokenizer))
+  gs_seconds = time.perf_counter() - began
+  assert "resuming from the checkpoint of step" in outs[0]
+  assert "taking over" in outs[0] and ".lock" in outs[0]   # the killed run's lock in the bucket
+
+  want, got = _losses(local), _losses(workdir)
+  assert sorted(want) == sorted(got) == list(range(1, STEPS + 1))
+  # The same 2 processes and devices, the same programs: bit for bit, not a tolerance.
+  assert [got[s] for s in sorted(got)] == [want[s] for s in sorted(want)]
+  assert complete_checkpoints(f"{workdir}/checkpoints")[-1] == STEPS
+  for step in complete_checkpoints(f"{workdir}/checkpoints"):
+    lists = sorted(p.name for p in paths.as_path(f"{workdir}/checkpoints/{step}").glob(
+        "checksums.process_*.json"))
+    assert lists == ["checksums.process_0.json", "checksums.process_1.json"], step
+  print(f"\n{STEPS} steps on 2 processes: local disk {local_seconds:.1f} s; gs:// with a "
+        f"SIGKILL after step {killed_at[-1]} and a resume {gs_seconds:.1f} s")
+
+  # TensorBoard's own reader, through fsspec: every step's loss, over the two runs' event files
+  # (the killed run's steps after its checkpoint come again from the resumed one).
+  from tensorboard.backend.event_processing import event_accumulator
+
+  events = event_accumulator.EventAccumulator(f"{workdir}/tensorboard")
+  events.Reload()
+  logged = {e.step: e.value for e in events.Scalars("loss")}
+  assert sorted(logged) == list(range(1, STEPS + 1))
+  # TensorBoard stores float32: the JSON's float64 losses rounded once.
+  assert [logged[s] for s in sorted(logged)] == [float(np.float32(want[s])) for s in sorted(want)]
+
+  # export: from the bucket to the bucket, and the same weights as the local run's.
+  _cli(gcs, "export", "--workdir", workdir, "--out", f"gs://{BUCKET}/exports/killed")
+  _cli(gcs, "export", "--workdir", str(local), "--out", str(tmp_path / "local_export"))
+  exported = paths.as_path(f"gs://{BUCKET}/exports/killed")
+  names = sorted(p.name for p in exported.iterdir())
+  assert "config.json" in names and "model.safetensors" in names and "tokenizer.json" in names
+  from safetensors.numpy import load
+
+  remote_weights = load((exported / "model.safetensors").read_bytes())
+  local_weights = load((tmp_path / "local_export" / "model.safetensors").read_bytes())
+  assert remote_weights.keys() == local_weights.keys()
+  for name, value in local_weights.items():
+    np.testing.assert_array_equal(remote_weights[name], value, err_msg=name)
+
+  # eval: the run and a data file in the bucket, the results written beside the run.
+  data = paths.as_path(f"gs://{BUCKET}/data/set.jsonl")
+  data.write_text(json.dumps({"instruction": "Say hi.", "response": "Hi."}) + "\n")
+  _cli(gcs, "eval", "--workdir", workdir, "--data", f"set={data}", "--max-new-tokens", "4",
+       "--seeds", "1")
+  results = json.loads(paths.as_path(f"{workdir}/eval_results.json").read_text())
+  assert "set" in results and "rougeL" in results["set"]
