@@ -169,3 +169,32 @@ def test_gs_workdir_killed_and_resumed_matches_a_local_run(gcs, tokenizer_in_buc
        "--seeds", "1")
   results = json.loads(paths.as_path(f"{workdir}/eval_results.json").read_text())
   assert "set" in results and "rougeL" in results["set"]
+
+
+def test_models_and_data_read_from_the_bucket(gcs, instruction_files, tmp_path, monkeypatch):
+  """`student.path`, `data.tokenizer` and `data.train_files` / `eval_files` in the bucket: the
+  model and tokenizer directories are copied into the local cache once (safetensors and
+  tokenizers read local files), the data files are read from the bucket directly."""
+  import yaml
+
+  from csd_jax import paths
+  from csd_jax.models import init_random, save_pretrained
+
+  monkeypatch.setenv("CSD_JAX_CACHE", str(tmp_path / "cache"))
+  student = tmp_path / "student"
+  config = yaml.safe_load((ROOT / "configs" / "tiny.yaml").read_text())["student"]["config"]
+  save_pretrained(init_random(config, seed=3), student)
+  bucket = f"gs://{BUCKET}/inputs"
+  paths.copy_tree(student, f"{bucket}/student")
+  paths.copy_tree(instruction_files, f"{bucket}/data")
+  workdir = f"gs://{BUCKET}/runs/inputs"
+  _cli(gcs, "train", "--config", str(ROOT / "configs" / "tiny.yaml"), "--workdir", workdir,
+       "train.steps=2", "student.config=null", f"student.path={bucket}/student",
+       "data.source=files",
+       f"data.tokenizer={bucket}/data/tokenizer", f"data.train_files=[{bucket}/data/train.jsonl]",
+       f"data.eval_files=[{bucket}/data/valid.jsonl]", f"data.data_dir={tmp_path / 'tfds'}")
+  assert sorted(_losses(workdir)) == [1, 2]
+  saved = yaml.safe_load(paths.as_path(f"{workdir}/config.yaml").read_text())
+  assert saved["student"]["path"] == f"{bucket}/student"   # the URL, not the local copy
+  copies = list((tmp_path / "cache" / "remote").iterdir())
+  assert sorted(p.name.split("-", 1)[1] for p in copies) == ["student", "tokenizer"]

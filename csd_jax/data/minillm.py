@@ -21,10 +21,12 @@ rendered prompt is used verbatim, as the official evaluation does.
 from __future__ import annotations
 
 import os
-import pathlib
 import re
 from collections.abc import Mapping
 
+from etils import epath
+
+from csd_jax import paths
 from csd_jax.errors import UserError
 
 NEWLINE_MARK = "<n>"            # the official files' stand-in for "\n" in prompts
@@ -64,10 +66,10 @@ def rendered_record(prompt: str, references: list[str],
           "response": references[0], "references": references, "prompt": prompt}
 
 
-def dolly_pool(directory: str | os.PathLike, dev_num: int = DEV_NUM) -> pathlib.Path:
+def dolly_pool(directory: str | os.PathLike, dev_num: int = DEV_NUM) -> epath.Path:
   """The training pool (`raw.jsonl`) of MiniLLM's Dolly directory; its first `dev_num`
   records are the validation set, the rest the training set (`process_data_dolly.py`)."""
-  pool = pathlib.Path(directory).expanduser() / TRAIN_POOL
+  pool = paths.as_path(directory) / TRAIN_POOL
   if not pool.is_file():
     raise UserError(f"data.minillm_dolly={directory}: no {TRAIN_POOL} there; download the "
                     f"MiniLLM Dolly files (hub dataset MiniLLM/dolly: {TRAIN_POOL}, {EVAL_SET}) "

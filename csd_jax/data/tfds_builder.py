@@ -23,13 +23,13 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-import pathlib
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
 import tensorflow_datasets as tfds
 
+from csd_jax import paths
 from csd_jax.data import minillm
 from csd_jax.data.instruct import records_from_json, text_from_json
 from csd_jax.data.pairs import PAIR_FIELDS, pair_record
@@ -80,10 +80,15 @@ def _fingerprint(sources: Mapping[str, Sequence[str]]) -> str:
   parts = []
   for split in sorted(sources):
     for source in sources[split]:
-      path = pathlib.Path(source)
-      stat = path.stat() if path.exists() else None
-      parts.append(f"{split}|{path.resolve() if stat else source}|"
-                   f"{stat.st_size if stat else ''}|{stat.st_mtime_ns if stat else ''}")
+      path = paths.as_path(source)   # local, or an object in a bucket (gs://...)
+      if not path.exists():
+        parts.append(f"{split}|{source}||")
+      elif paths.is_remote(path):
+        stat = path.stat()
+        parts.append(f"{split}|{source}|{stat.length}|{stat.mtime}")
+      else:
+        stat = os.stat(path)
+        parts.append(f"{split}|{os.path.realpath(path)}|{stat.st_size}|{stat.st_mtime_ns}")
   return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
 
 
@@ -96,14 +101,14 @@ class _FilesBuilder(_QuietBuilder):
   _to_example: Callable[[Mapping[str, Any]], dict[str, str]]
 
   def __init__(self, *, sources: Mapping[str, Sequence[str]], **kwargs: Any):
-    for split, paths in sources.items():
-      if not paths:
+    for split, files in sources.items():
+      if not files:
         raise UserError(f"split {split!r} has no files; list at least one data file for it")
-      for p in paths:
-        if not pathlib.Path(p).is_file():
+      for p in files:
+        if not paths.as_path(p).is_file():
           raise UserError(f"data file {p} (split {split!r}) does not exist; pass the path of "
                           "an existing JSONL, JSON or Parquet file")
-    self._sources = {split: [str(p) for p in paths] for split, paths in sources.items()}
+    self._sources = {split: [str(p) for p in files] for split, files in sources.items()}
     config = tfds.core.BuilderConfig(name=f"src_{_fingerprint(self._sources)}")
     super().__init__(config=config, **kwargs)
 
@@ -188,7 +193,7 @@ class Dolly(_SplitRecords):
     super().__init__(config=tfds.core.BuilderConfig(name=name), **kwargs)
 
   def _local_file(self) -> str:
-    if pathlib.Path(self._source).exists():
+    if paths.as_path(self._source).exists():
       return self._source
     try:
       from huggingface_hub import hf_hub_download

@@ -33,6 +33,7 @@ from typing import Any
 
 import numpy as np
 
+from csd_jax import paths
 from csd_jax.errors import UserError
 
 MAGIC = b"MMIDIDX\x00\x00"
@@ -94,7 +95,7 @@ def token_file_paths(entries: Entry | Iterable[Entry], *, split: str = "train") 
     entries = [entries]
   pairs: list[Pair] = []
   for entry in entries:
-    path = pathlib.Path(entry).expanduser()
+    path = paths.as_path(entry)   # local, or in a bucket (gs://...): found there, mapped here
     if path.is_dir():
       bins = _split_files(path, split)
       if not bins:
@@ -114,16 +115,22 @@ def token_file_paths(entries: Entry | Iterable[Entry], *, split: str = "train") 
         if not missing.is_file():
           raise UserError(f"token file {have} has no partner {missing}: a .bin and its .idx "
                           "come in pairs; copy both files")
-      if (bin_path, idx_path) not in pairs:   # "x.bin" and "x.idx" name one pair, read once
-        pairs.append((bin_path, idx_path))
+      pair = (_local(bin_path), _local(idx_path))   # memory-mapped: a local file
+      if pair not in pairs:   # "x.bin" and "x.idx" name one pair, read once
+        pairs.append(pair)
   return pairs
+
+
+def _local(path: paths.PathLike) -> pathlib.Path:
+  """A local path to the file: itself, or its copy in the local cache (`paths.local_copy`)."""
+  return pathlib.Path(paths.local_copy(path))
 
 
 def is_token_file(entry: Entry) -> bool:
   """Whether a `data.lm_files` entry names MiniLLM token files rather than JSONL / JSON /
   Parquet text: a `.bin` / `.idx` path, a prefix with a `.bin` or `.idx` beside it, or a
   directory holding `train_{k}.bin` files. It says nothing about whether the files are valid."""
-  path = pathlib.Path(entry).expanduser()
+  path = paths.as_path(entry)
   if path.suffix in (".bin", ".idx"):
     return True
   if path.is_dir():

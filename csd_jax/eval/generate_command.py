@@ -14,6 +14,7 @@ import dataclasses
 import pathlib
 from typing import Any
 
+from csd_jax import paths
 from csd_jax.errors import UserError
 from csd_jax.eval.prompt_sets import check_format, load_prompts, write_answer_file
 from csd_jax.eval.responses import DEFAULT_SAMPLING, GenerateConfig, generate_responses
@@ -76,6 +77,9 @@ def run_generate(request: GenerateRequest) -> tuple[pathlib.Path, dict[str, Any]
     raise UserError("pass --model DIR (a Hugging Face directory) or --workdir RUN")
   prompts = load_prompts(request.prompts, request.max_examples)   # bad input before loading
   check_format(request.output_format, prompts, request.n)
+  if paths.is_remote(request.out):
+    raise UserError(f"--out {request.out}: generate appends and syncs each batch to a local "
+                    "file (that is how it resumes); write it locally, then copy it to the bucket")
   out = pathlib.Path(request.out)
   if not out.parent.is_dir():
     raise UserError(f"--out {out}: directory {out.parent} does not exist; create it first")
@@ -92,7 +96,7 @@ def run_generate(request: GenerateRequest) -> tuple[pathlib.Path, dict[str, Any]
                                         dtype=None if request.workdir else _dtype(request.dtype))
   if request.template is None and request.workdir:
     settings = dataclasses.replace(settings, template=own["template"])
-  source = pathlib.Path(request.workdir or request.model).resolve()
+  source = paths.absolute(request.workdir or request.model)   # local or gs://...
   model_id = request.model_id or (source.name + ("-best" if request.best else ""))
   stops = stop_ids(tokenizer, model, extra=own["stop_ids"])
   records = generate_responses(model, tokenizer, prompts, settings,

@@ -12,19 +12,20 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import pathlib
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from etils import epath
 
+from csd_jax import paths
 from csd_jax.errors import UserError
 from csd_jax.losses import IGNORE_LABEL, per_token_loss
 from csd_jax.metrics import read_metrics
 
-PathLike = str | pathlib.Path
+PathLike = paths.PathLike
 
 
 def loss_curves(workdirs: Mapping[str, PathLike], key: str = "loss"
@@ -42,7 +43,7 @@ def loss_curves(workdirs: Mapping[str, PathLike], key: str = "loss"
 class Run:
   """A run, opened: its config, its latest student, its teacher, a held-out batch."""
 
-  workdir: pathlib.Path
+  workdir: epath.Path
   config: Any
   step: int
   student: Any
@@ -113,14 +114,14 @@ def token_report(run: Run, *, w1: str | float = "student", w2: str | float = "st
 
 def temperature_sweep(run: Run, datasets: Mapping[str, Sequence[Mapping[str, str]]],
                       temperatures: Sequence[float], *, seeds: Sequence[int] = (10, 20),
-                      batch_size: int = 16) -> list[pathlib.Path]:
+                      batch_size: int = 16) -> list[epath.Path]:
   """Evaluate the run's student at each temperature; results in W/eval/temperature_<T>.json."""
   from csd_jax.eval.generation import evaluate, run_settings, write_results
 
   if run.tokenizer is None:
     raise ValueError(f"{run.workdir}: the run has no tokenizer (synthetic data): evaluation by "
                      "generation needs one")
-  paths = []
+  written = []
   for temperature in temperatures:
     settings = run_settings(run.config)
     cfg = dataclasses.replace(settings, seeds=tuple(seeds), batch_size=batch_size,
@@ -130,15 +131,15 @@ def temperature_sweep(run: Run, datasets: Mapping[str, Sequence[Mapping[str, str
     path = run.workdir / "eval" / f"temperature_{temperature:g}.json"
     path.parent.mkdir(exist_ok=True)
     write_results(results, path)
-    paths.append(path)
-  return paths
+    written.append(path)
+  return written
 
 
 def fidelity_diversity(workdir: PathLike) -> dict[str, list[tuple[float, float, float]]]:
   """(temperature, ROUGE-L, Self-BLEU) per dataset, by temperature, from the sweep's
   W/eval/temperature_<T>.json (not the step_<N>.json of evaluation during training)."""
   curves: dict[str, list[tuple[float, float, float]]] = {}
-  for path in sorted(pathlib.Path(workdir, "eval").glob("temperature_*.json")):
+  for path in sorted(paths.as_path(workdir).joinpath("eval").glob("temperature_*.json")):
     for name, row in json.loads(path.read_text()).items():
       if "sampling" in row and "self_bleu" in row:
         curves.setdefault(name, []).append(

@@ -29,13 +29,15 @@ import dataclasses
 import io
 import json
 import math
-import pathlib
+import os
 import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
+from etils import epath
 
+from csd_jax import paths
 from csd_jax.errors import UserError
 
 # The paper's sets in its column order: canonical name -> column label.
@@ -100,7 +102,7 @@ def _problem(entry: Any) -> str | None:
 def _split(source: str) -> tuple[str, str]:
   """`NAME=PATH` -> (NAME, PATH); `PATH` -> ("", PATH)."""
   name, sep, path = source.partition("=")
-  if not sep or pathlib.Path(source).exists():
+  if not sep or paths.as_path(source).exists():
     return "", source
   if not name or not path:
     raise UserError(f"{source!r}: expected PATH or NAME=PATH, e.g. csd=runs/csd")
@@ -114,15 +116,16 @@ def load_results(source: str) -> tuple[str, dict[str, Any]]:
   named after the directory (for a file: its directory if it is eval_results.json, else its
   stem). A path that exists as a whole wins over splitting at "=" (`runs/lr=1e-3`)."""
   name, path_text = _split(source)
-  path = pathlib.Path(path_text)
+  path = paths.as_path(path_text)   # a local path or a run in a bucket (gs://...)
   if path.is_dir():
     file = path / RESULTS_FILE
-    name = name or path.resolve().name
+    name = name or paths.absolute(path).name
     if not file.is_file():
       raise UserError(f"{path}: no {RESULTS_FILE} in the run directory; {_EVAL_HINT}")
   else:
     file = path
-    name = name or (path.resolve().parent.name if path.name == RESULTS_FILE else path.stem)
+    name = name or (paths.absolute(path).parent.name if path.name == RESULTS_FILE
+                    else path.stem)
     if not file.is_file():
       raise UserError(f"{path}: no such run directory or results file; {_EVAL_HINT}")
   try:
@@ -271,10 +274,10 @@ def to_csv(table: Table) -> str:
   return buffer.getvalue()
 
 
-def output_paths(out: str | pathlib.Path) -> tuple[pathlib.Path, pathlib.Path]:
+def output_paths(out: str | os.PathLike) -> tuple[epath.Path, epath.Path]:
   """(Markdown path, CSV path) for `--out`: a .csv gets the Markdown beside it as .md, anything
   else is the Markdown with the CSV beside it as .csv."""
-  path = pathlib.Path(out)
+  path = paths.as_path(out)
   if path.is_dir():
     raise UserError(f"--out {out}: a directory; give a file, e.g. {path / 'table1.md'}")
   if path.suffix.lower() == ".csv":

@@ -23,13 +23,14 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import pathlib
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
+from etils import epath
 
+from csd_jax import paths
 from csd_jax.errors import UserError
 from csd_jax.eval.tasks import get_task
 
@@ -89,13 +90,13 @@ def answer_decoder(tokenizer: Any, end_ids: Sequence[int], text_ids: Sequence[in
   return decode
 
 
-def _output_path(request: TaskRequest, default: pathlib.Path, task_name: str) -> pathlib.Path:
+def _output_path(request: TaskRequest, default: epath.Path, task_name: str) -> epath.Path:
   if request.out:
-    return pathlib.Path(request.out)
+    return paths.as_path(request.out)
   return default.with_name(default.name.replace("eval_results", f"eval_{task_name}"))
 
 
-def run_task(request: TaskRequest) -> tuple[dict[str, dict[str, Any]], pathlib.Path, Any]:
+def run_task(request: TaskRequest) -> tuple[dict[str, dict[str, Any]], epath.Path, Any]:
   """Evaluate as `request` says; returns the results (also written to their JSON file), the
   file's path and the task module (its `COLUMNS` make the table)."""
   from csd_jax.data.chat import stop_ids
