@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 from etils import epath
 
+from csd_jax import paths
 from csd_jax.metrics.tfevents import decode_records, decode_scalars, encode_event, encode_record
 
 if TYPE_CHECKING:
@@ -38,7 +39,7 @@ _clock = time.monotonic   # the flush interval's clock (tests move it by hand)
 
 def _appendable(path: epath.Path) -> bool:
   """Whether `path` is on a local file system (append, seek); `gs://`, `s3://`... are not."""
-  return "://" not in str(path)
+  return not paths.is_remote(path)
 
 
 def _json_value(value: Any) -> Any:
