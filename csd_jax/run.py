@@ -23,7 +23,8 @@ from etils import epath
 from jax.sharding import Mesh
 
 from csd_jax import paths
-from csd_jax.config import Config, ModelSpec, load_config, resolve_paths
+from csd_jax.config import Config, ModelSpec, load_config
+from csd_jax.config_paths import resolve_paths
 from csd_jax.errors import UserError
 from csd_jax.models import CausalLM, init_random, load_pretrained
 from csd_jax.models.io import hub

@@ -8,7 +8,8 @@ import sys
 import pytest
 
 from csd_jax import cli
-from csd_jax.config import load_config, resolve_paths
+from csd_jax.config import load_config
+from csd_jax.config_paths import resolve_paths
 from csd_jax.train.actions import itstime
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]

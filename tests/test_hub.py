@@ -14,7 +14,8 @@ import pytest
 import yaml
 from flax import nnx
 
-from csd_jax.config import load_config, resolve_paths
+from csd_jax.config import load_config
+from csd_jax.config_paths import resolve_paths
 from csd_jax.errors import UserError
 from csd_jax.models import load_pretrained
 from csd_jax.models.io import hub

@@ -27,7 +27,8 @@ from jax.sharding import Mesh
 from csd_jax import onpolicy as onpolicy_lib
 from csd_jax import paths
 from csd_jax.checkpoint import CHECKPOINTS, Checkpointer
-from csd_jax.config import Config, resolve_paths, to_dict
+from csd_jax.config import Config, to_dict
+from csd_jax.config_paths import resolve_paths
 from csd_jax.errors import UserError, storage_failure
 from csd_jax.metrics import MetricsWriter
 from csd_jax.data.inputs import Inputs, build_inputs
