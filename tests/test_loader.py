@@ -11,6 +11,7 @@ import sys
 import numpy as np
 import pytest
 
+from csd_jax.data import length_plan
 from csd_jax.data import loader as loader_module
 from csd_jax.data import tfds_builder
 from csd_jax.data.instruct import InstructionTokenizer, TokenizeStats
@@ -200,7 +201,7 @@ def test_a_state_without_a_plan_falls_back_to_the_per_batch_gather(monkeypatch, 
 
 
 def test_no_plan_where_the_width_is_fixed(monkeypatch):
-  monkeypatch.setattr(loader_module.LengthTable, "gathered", lambda *a: pytest.fail("planned"))
+  monkeypatch.setattr(length_plan.LengthTable, "gathered", lambda *a: pytest.fail("planned"))
   for config in ({"pack": True}, {"bucket_multiple": 16}):
     loader = BatchLoader(_numbered(20), _encode, pad_id=-1, process_index=0, process_count=2,
                          config=LoaderConfig(global_batch_size=4, max_length=16, **config))

@@ -12,17 +12,12 @@ pair's two rows: an encoder's `rows_per_record`). A batch is a dict of `[B, T]` 
 of the global batch rounded up to a multiple of `bucket_multiple` (capped at `max_length`), or
 `max_length` when packing.
 
-On several processes all must build the same `T`, each holding only its rows; asking the
-others every step would make a pod's input pipeline wait on the network. So at construction
-the processes tokenise the records once between them and share, in ONE all-gather, each
-record's example count and longest example (`LengthTable`, 8 bytes a record); each process
-then replays every process's slice of the shuffle (`LengthPlan`, integer look-ups) and knows
-every global batch's `T` with no collective: the `T` a per-batch all-gather gave, so as few
-compiles. The encoder must be deterministic (a longer row than planned is an error).
-`get_state()` / `set_state()` restore the position exactly. At construction the loader logs (logger "csd_jax.data") how
-many records it has and, for an encoder that counts (`instruct.InstructionTokenizer.stats`), how
-many are dropped, truncated or empty after tokenisation: one info line, and a warning naming the
-config key to raise when many are cut (`InstructionTokenizer.truncation_warning`).
+On several processes all pad to the same `T` with no per-batch collective: see `length_plan`.
+`get_state()` / `set_state()` restore the position exactly. At construction the loader logs
+(logger "csd_jax.data") how many records it has and, for an encoder that counts
+(`instruct.InstructionTokenizer.stats`), how many are dropped, truncated or empty after
+tokenisation: one info line, and a warning naming the config key to raise when many are cut
+(`InstructionTokenizer.truncation_warning`).
 """
 
 from __future__ import annotations
@@ -31,7 +26,6 @@ import copy
 import dataclasses
 import json
 import logging
-import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
@@ -41,6 +35,7 @@ import numpy as np
 
 from csd_jax.data.batching import bucket_length, pad_batch
 from csd_jax.data.instruct import TokenizeStats
+from csd_jax.data.length_plan import LengthPlan, LengthTable, _allgather
 from csd_jax.errors import UserError
 
 logger = logging.getLogger("csd_jax.data")
@@ -109,103 +104,6 @@ def padding_fraction(batch: Mapping[str, np.ndarray]) -> float:
   return float(np.mean(mask == 0))
 
 
-class LengthTable:
-  """Per record: how many examples the encoder gives and the longest one's length ([N, 2])."""
-
-  def __init__(self, counts_and_lengths: np.ndarray):
-    self.table = np.asarray(counts_and_lengths, np.int32)
-
-  @staticmethod
-  def part(source: Sequence[Any], encode: Callable[[Mapping[str, str]], Any],
-           process_index: int, process_count: int) -> np.ndarray:
-    """This process's contiguous block of the table (array_record reads in order), padded to
-    the common block size for the gather."""
-    size, n = -(-len(source) // process_count), len(source)
-    block = range(min(n, process_index * size), min(n, (process_index + 1) * size))
-    part = np.zeros((size, 2), np.int32)
-    if isinstance(getattr(encode, "stats", None), TokenizeStats):
-      encode = copy.copy(encode)   # training's counts stay exact (as in _log_tokenize_stats)
-      encode.stats = TokenizeStats()
-    flat_map, getitems = _Encode(encode).flat_map, getattr(source, "__getitems__", None)
-    for start in range(block.start, block.stop, 1024):   # reads in chunks, not one by one
-      indices = list(range(start, min(block.stop, start + 1024)))
-      for i, record in zip(indices, getitems(indices) if getitems is not None
-                           else [source[i] for i in indices]):
-        lengths = [len(e["input_ids"]) for e in flat_map(record)]
-        part[i - block.start] = (len(lengths), max(lengths, default=0))
-    return part
-
-  @classmethod
-  def gathered(cls, source: Sequence[Any], encode: Callable[[Mapping[str, str]], Any],
-               process_index: int, process_count: int) -> LengthTable:
-    """Every process's block, joined by the loader's only collective (at construction)."""
-    start = time.perf_counter()
-    if jax.process_count() == process_count:
-      parts = _allgather(cls.part(source, encode, process_index, process_count))
-    else:   # processes simulated in one (tests): every block here
-      parts = np.stack([cls.part(source, encode, i, process_count)
-                        for i in range(process_count)])
-    if process_index == 0:
-      logger.info("length plan: %d records tokenised by %d processes in %.1f s", len(source),
-                  process_count, time.perf_counter() - start)
-    return cls(np.asarray(parts).reshape(-1, 2)[:len(source)])
-
-
-def _allgather(value: np.ndarray) -> np.ndarray:
-  """[process_count, ...] of every process's `value`: a host-level all-gather."""
-  from jax.experimental import multihost_utils
-
-  return np.asarray(multihost_utils.process_allgather(value))
-
-
-class LengthPlan:
-  """Every process's next batch, replayed from a `LengthTable`: the global batch's padded length.
-
-  A process's stream is its slice (every `process_count`-th record) of the shuffled, repeated
-  records, flat-mapped to examples and cut into `local_batch_size` rows, as `BatchLoader`
-  builds it. `cursors[j]` = (next slice position, examples of that record already taken).
-  """
-
-  def __init__(self, table: LengthTable, order: Any, *, process_count: int,
-               local_batch_size: int, max_length: int, bucket_multiple: int):
-    if not table.table[:, 0].any():
-      raise UserError("no record of the dataset gives a training example after tokenisation; "
-                      "check data.max_length and the data files")
-    self.table, self.order, self.process_count = table.table, order, process_count
-    self.local_batch_size, self.max_length = local_batch_size, max_length
-    self.bucket_multiple = bucket_multiple
-    self.cursors = np.zeros((process_count, 2), np.int64)
-    self._epochs: dict[int, np.ndarray] = {}
-
-  def _record(self, position: int) -> int:
-    # Grain's shuffle is random access but slow per element: one permutation per epoch, kept
-    # for the epochs that lagging and leading processes straddle (recomputed if evicted).
-    n = len(self.table)
-    epoch = position // n
-    if epoch not in self._epochs:
-      if len(self._epochs) >= 3:
-        del self._epochs[min(self._epochs)]
-      self._epochs[epoch] = np.fromiter((self.order[epoch * n + t] for t in range(n)),
-                                        np.int64, n)
-    return int(self._epochs[epoch][position % n])
-
-  def next_length(self) -> int:
-    """The next global batch's padded length; moves every process's cursor past it."""
-    longest = 0
-    for j in range(self.process_count):
-      k, taken = (int(x) for x in self.cursors[j])
-      need = self.local_batch_size
-      while need:
-        count, length = self.table[self._record(j + k * self.process_count)]
-        take = min(int(count) - taken, need)
-        if take > 0:
-          longest, need, taken = max(longest, int(length)), need - take, taken + take
-        if taken >= count:
-          k, taken = k + 1, 0
-      self.cursors[j] = (k, taken)
-    return bucket_length(longest, multiple=self.bucket_multiple, cap=self.max_length)
-
-
 class BatchLoader:
   """An endless iterator of batches over a random-access source, with exact save / restore.
 
@@ -268,7 +166,7 @@ class BatchLoader:
                     bucket_multiple=config.bucket_multiple)))
     self._iterator = iter(batches)
     self._start_state = self._iterator.get_state()
-    # Several processes and a width that depends on the rows: plan it (see the docstring).
+    # Several processes and a width that depends on the rows: plan it (see length_plan).
     # Packed rows and a bucket of max_length are always max_length wide: nothing to agree on.
     self._plan: LengthPlan | None = None
     self._gather_every_batch = False   # a restored state without a plan (older csd-jax)
@@ -277,7 +175,8 @@ class BatchLoader:
         < config.max_length):
       order = grain.MapDataset.range(len(source))   # the records' permutations, by index
       order = order.shuffle(seed=config.seed) if config.shuffle else order
-      table = LengthTable.gathered(source, encode, self.process_index, self.process_count)
+      table = LengthTable.gathered(source, _Encode(_apart(encode)).flat_map,
+                                   self.process_index, self.process_count)
       self._plan = LengthPlan(table, order.repeat(), process_count=self.process_count,
                               local_batch_size=self.local_batch_size,
                               max_length=config.max_length,
@@ -367,6 +266,16 @@ def _source_name(source: Any) -> str:
   return "data"
 
 
+def _apart(encode: Callable[[Mapping[str, str]], Any]) -> Callable[[Mapping[str, str]], Any]:
+  """`encode` for a read that is not training's: a counting encoder (`stats`) as a copy with its
+  own counts, so that the caller's `encode.stats` keeps counting only training's reads."""
+  if not isinstance(getattr(encode, "stats", None), TokenizeStats):
+    return encode
+  scan = copy.copy(encode)
+  scan.stats = TokenizeStats()
+  return scan
+
+
 def _log_tokenize_stats(source: Sequence[Any], encode: Callable[[Mapping[str, str]], Any]
                         ) -> None:
   """Logs the record count and, when `encode` counts, its drops and truncations (see above)."""
@@ -378,9 +287,7 @@ def _log_tokenize_stats(source: Sequence[Any], encode: Callable[[Mapping[str, st
     indices = list(range(total))
   else:
     indices = np.linspace(0, total - 1, TOKENIZE_SCAN_LIMIT).astype(int).tolist()
-  # A copy with its own counts: the caller's `encode.stats` keeps counting only training reads.
-  scan = copy.copy(encode)
-  scan.stats = TokenizeStats()
+  scan = _apart(encode)
   getitems = getattr(source, "__getitems__", None)
   for record in getitems(indices) if getitems is not None else (source[i] for i in indices):
     scan(_decode(record))
