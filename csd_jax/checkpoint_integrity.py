@@ -29,6 +29,7 @@ random change with a 2^-32 chance; there is no adversary to resist.
 
 from __future__ import annotations
 
+import base64
 import dataclasses
 import hashlib
 import json
@@ -67,11 +68,36 @@ ALGORITHMS: dict[str, Callable[[], Any]] = {
     "crc32": _Crc32, "sha256": hashlib.sha256, "blake2b": hashlib.blake2b}
 
 
+class _Crc32c:
+  """CRC-32C (Castagnoli) as GCS writes it in object metadata: base64 of the 4 bytes, big-endian.
+  Computed here for a step that was saved in a bucket and copied to a disk since."""
+
+  def __init__(self) -> None:
+    import google_crc32c   # a dependency of gcsfs (google-cloud-storage)
+
+    self._checksum = google_crc32c.Checksum()
+
+  def update(self, data: Any) -> None:
+    self._checksum.update(bytes(data))
+
+  def hexdigest(self) -> str:
+    return base64.b64encode(self._checksum.digest()).decode()
+
+
 def hash_file(path: paths.PathLike, algorithm: str = ALGORITHM) -> str:
-  """The hex digest of the file's bytes (REMOTE_ALGORITHM: the object's stored CRC-32C)."""
-  if algorithm == REMOTE_ALGORITHM:
+  """The digest of the file's bytes, as the checksum lists write it. REMOTE_ALGORITHM: an
+  object's stored CRC-32C (nothing downloaded), or the same value computed from a local file;
+  the other algorithms read the file, local or remote (a run moved into or out of a bucket is
+  checked like one that never moved)."""
+  remote = paths.is_remote(path)
+  if algorithm == REMOTE_ALGORITHM and remote:
     return paths.object_crc32c(path)
-  hasher = ALGORITHMS[algorithm]()
+  hasher = _Crc32c() if algorithm == REMOTE_ALGORITHM else ALGORITHMS[algorithm]()
+  if remote:
+    with paths.open_binary(path) as f:
+      while chunk := f.read(_CHUNK):
+        hasher.update(chunk)
+    return hasher.hexdigest()
   buffer = bytearray(_CHUNK)
   view = memoryview(buffer)
   with open(path, "rb", buffering=0) as f:
@@ -168,21 +194,29 @@ def _read_lists(step_dir: paths.PathLike) -> tuple[dict[str, tuple[int, str, str
 
 
 def _check(step_dir: paths.PathLike, rel: str, size: int, algorithm: str, digest: str
-           ) -> str | None:
+           ) -> tuple[str | None, str | None]:
+  """(damage, unverified) of one listed file: what proves it changed, or why it could not be
+  checked (an unknown algorithm, an object store that failed to answer)."""
   path = step_dir / rel
   try:
     actual = paths.file_size(path)
     if actual != size:
-      return f"{rel} has {actual} bytes, {size} were saved"
+      return f"{rel} has {actual} bytes, {size} were saved", None
     if algorithm not in ALGORITHMS and algorithm != REMOTE_ALGORITHM:
-      return None  # a newer csd-jax's hash: not checkable here, not evidence of damage
+      return None, None  # a newer csd-jax's hash: not checkable here, not evidence of damage
     if hash_file(path, algorithm) != digest:
-      return f"{rel} does not match its {algorithm} checksum"
+      return f"{rel} does not match its {algorithm} checksum", None
   except FileNotFoundError:
-    return f"{rel} is missing"
-  except OSError as error:
-    return f"{rel} cannot be read ({error.strerror or error})"
-  return None
+    return f"{rel} is missing", None
+  except ImportError as error:   # google-crc32c absent: REMOTE_ALGORITHM cannot be computed
+    return None, f"{rel} not checked ({error})"
+  except Exception as error:  # noqa: BLE001 (gcsfs raises its HttpError, not an OSError)
+    if paths.is_remote(path):   # the object store failing to answer proves nothing
+      return None, f"{rel} could not be checked ({type(error).__name__}: {error})"
+    if isinstance(error, OSError):
+      return f"{rel} cannot be read ({error.strerror or error})", None
+    raise
+  return None, None
 
 
 def verify(step_dir: paths.PathLike, process: int = 0, process_count: int = 1,
@@ -192,10 +226,14 @@ def verify(step_dir: paths.PathLike, process: int = 0, process_count: int = 1,
   JSON-able values, in process order) gives every process the same verdict."""
   step_dir = paths.as_path(step_dir)
   entries, unverified = _read_lists(step_dir)
-  damage = None
+  damage, unchecked = None, None
   for rel in sorted(entries)[process::process_count]:
-    if damage := _check(step_dir, rel, *entries[rel]):
+    damage, reason = _check(step_dir, rel, *entries[rel])
+    unchecked = unchecked or reason
+    if damage:
       break
-  if process_count > 1:
+  if process_count > 1:   # damage decides what every process does: the same on all
     damage = next((d for d in gather(damage) if d), None)
+  # What could not be checked only adds to a warning: each process tells its own.
+  unverified = "; ".join(r for r in (unverified, unchecked) if r) or None
   return Verdict(damage, unverified)

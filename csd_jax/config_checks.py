@@ -69,6 +69,7 @@ def check(config: Config) -> None:
   _check_eval(config)
   _check_mesh(config)
   _check_metrics(config)
+  _check_local_paths(config)
 
 
 def _check_numbers(config: Config) -> None:
@@ -289,6 +290,14 @@ def _check_eval(config: Config) -> None:
                       f"eval.max_examples={config.eval.max_examples} >= 0 (0 = all)")
   if not config.eval.seeds or not all(isinstance(s, int) for s in config.eval.seeds):
     raise ConfigError(f"eval.seeds={config.eval.seeds}: expected a list of integers")
+
+
+def _check_local_paths(config: Config) -> None:
+  """What must live on each host's own disk, not in a bucket."""
+  if "://" in config.data.data_dir:
+    raise ConfigError(f"data.data_dir={config.data.data_dir}: the TFDS cache is read with random "
+                      "access on every host; keep it on a local disk (the default "
+                      "~/tensorflow_datasets); the data files themselves may be in a bucket")
 
 
 def _check_metrics(config: Config) -> None:

@@ -163,6 +163,9 @@ def run(workdir: str | pathlib.Path = "workdirs/demo", *, teacher: str = "smollm
   num_prompts = spec.num_prompts if num_prompts is None else num_prompts
   num_eval = spec.num_eval if num_eval is None else num_eval
   max_new_tokens = spec.max_new_tokens if max_new_tokens is None else max_new_tokens
+  if "://" in str(workdir):
+    raise UserError(f"--workdir {workdir}: the demo converts and builds its models on this "
+                    "machine; give it a local directory (csd-jax train takes gs:// workdirs)")
   workdir = pathlib.Path(workdir)
   begin = time.perf_counter()
   print(f"csd-jax demo: {spec.title} -> a {len(spec.student_layers)}-layer student with "

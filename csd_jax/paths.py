@@ -23,13 +23,16 @@ of a URL is `$PWD/gs:/b/run`: neither is ever called on a path that may be remot
 from __future__ import annotations
 
 import hashlib
+import json
 import os
+import re
 import shutil
 from typing import IO, Any
 
 from etils import epath
 
 PathLike = str | os.PathLike
+_COPY_CHUNK = 16 << 20
 
 
 def _fresh_listings() -> None:
@@ -45,9 +48,13 @@ def _fresh_listings() -> None:
 _fresh_listings()
 
 
+_URL = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://")
+
+
 def is_remote(path: PathLike) -> bool:
-  """True for a URL (`gs://...`, `s3://...`), False for a local path."""
-  return "://" in os.fspath(path)
+  """True for a URL (`gs://...`, `s3://...`), False for a local path (`runs/lr=gs://x` is a
+  local path: the scheme must start the string)."""
+  return _URL.match(os.fspath(path)) is not None
 
 
 def as_path(path: PathLike) -> epath.Path:
@@ -103,6 +110,50 @@ def create_exclusive(path: PathLike, data: bytes) -> bool:
   return True
 
 
+def _is_gcs(path: PathLike) -> bool:
+  return os.fspath(path).startswith(("gs://", "gcs://"))
+
+
+def generation(path: PathLike) -> str | None:
+  """Which version of the file at `path` is there now: on GCS the object's generation (a new
+  one with every upload, so equal generations mean the very same upload); on a disk its inode
+  and change time in nanoseconds; None on an object store that gives none.
+
+  Raises:
+    FileNotFoundError: there is no such file.
+  """
+  if not is_remote(path):
+    status = os.stat(os.path.expanduser(os.fspath(path)))
+    return f"{status.st_ino}-{status.st_ctime_ns}"
+  value = _filesystem(path).info(os.fspath(path)).get("generation") if _is_gcs(path) else None
+  return None if value in (None, "") else str(value)
+
+
+def delete_if_generation(path: PathLike, generation: str) -> bool:
+  """Delete the GCS object at `path` only while its generation is still `generation` (one
+  DELETE with `ifGenerationMatch`: GCS checks and deletes in one step, so two clients deleting
+  the same generation cannot both succeed, nor delete an object uploaded since); False, deleting
+  nothing, where it has another generation or is gone. gcsfs has no public call for it.
+
+  Raises:
+    ValueError: `path` is not on GCS (a disk has no conditional delete: see WorkdirLock's
+      hard-link claims).
+  """
+  text = os.fspath(path)
+  if not _is_gcs(text):
+    raise ValueError(f"{text}: a conditional delete needs a gs:// path")
+  filesystem = _filesystem(text)
+  bucket, key, _ = filesystem.split_path(text)
+  try:
+    filesystem.call("DELETE", "b/{}/o/{}", bucket, key, ifGenerationMatch=generation)
+  except FileExistsError:    # gcsfs's 412 (precondition failed): another generation, or gone
+    return False
+  except FileNotFoundError:  # 404: gone
+    return False
+  filesystem.invalidate_cache(text)
+  return True
+
+
 def open_binary(path: PathLike) -> IO[bytes]:
   """`path` opened for reading bytes, local or remote."""
   return as_path(path).open("rb")
@@ -126,6 +177,11 @@ def rename_tree(source: PathLike, destination: PathLike) -> None:
     return
   filesystem = _filesystem(source)
   filesystem.copy(os.fspath(source), os.fspath(destination), recursive=True)
+  # Orbax's marker of a complete checkpoint goes first: a delete cut short must not leave a
+  # directory that still claims to be complete.
+  marker = source / "commit_success.txt"
+  if marker.exists():
+    marker.unlink()
   filesystem.rm(os.fspath(source), recursive=True)
 
 
@@ -158,18 +214,40 @@ def walk_files(directory: PathLike) -> list[str]:
   if not is_remote(directory):
     return sorted(os.path.relpath(os.path.join(root, name), directory).replace(os.sep, "/")
                   for root, _, names in os.walk(directory) for name in names)
+  return sorted(_remote_listing(directory))
+
+
+def _remote_listing(directory: epath.Path) -> dict[str, dict[str, Any]]:
+  """{relative name: object metadata} of every object under `directory`; the empty "folder"
+  objects (`name/`) that consoles create are left out."""
   filesystem, root = _filesystem(directory), os.fspath(directory).split("://", 1)[1].rstrip("/")
-  return sorted(name[len(root) + 1:] for name in filesystem.find(root))
+  found = filesystem.find(root, detail=True)
+  return {name[len(root) + 1:]: info for name, info in found.items()
+          if name[len(root) + 1:] and not name.endswith("/")}
 
 
-def copy_tree(source: PathLike, destination: PathLike) -> None:
+def copy_file(source: PathLike, destination: PathLike) -> None:
+  """Copy one file, local or remote either side, streamed (a 5 GB shard never sits in memory)."""
+  with open_binary(source) as reader, as_path(destination).open("wb") as writer:
+    shutil.copyfileobj(reader, writer, _COPY_CHUNK)
+
+
+def _kept(name: str, skip_suffixes: tuple[str, ...]) -> bool:
+  return not (skip_suffixes and name.endswith(skip_suffixes))
+
+
+def copy_tree(source: PathLike, destination: PathLike, *, last: tuple[str, ...] = (),
+              skip_suffixes: tuple[str, ...] = ()) -> None:
   """Copy every file under the directory `source` to the same place under `destination`
-  (either may be local or remote), overwriting files of the same name."""
+  (either may be local or remote), overwriting files of the same name. `last`: names copied
+  after all the others (a model's config.json: a copy cut short has none, and is not taken for
+  a model); `skip_suffixes`: files left out."""
   source, destination = as_path(source), as_path(destination)
-  for relative in walk_files(source):
+  names = [n for n in walk_files(source) if _kept(n, skip_suffixes)]
+  for relative in sorted(names, key=lambda n: n in last):
     target = destination / relative
     target.parent.mkdir(parents=True, exist_ok=True)
-    target.write_bytes((source / relative).read_bytes())
+    copy_file(source / relative, target)
 
 
 def cache_root() -> epath.Path:
@@ -177,24 +255,31 @@ def cache_root() -> epath.Path:
   return as_path(os.environ.get("CSD_JAX_CACHE", "~/.cache/csd_jax"))
 
 
-def local_copy(path: PathLike) -> str:
+def local_copy(path: PathLike, *, skip_suffixes: tuple[str, ...] = ()) -> str:
   """A local path holding the file or directory `path`: `path` itself when local; for a URL,
-  a copy in `cache_root()/remote/`, made once (a directory is copied into a temporary one and
-  renamed when whole, so an interrupted copy is never taken for a complete one)."""
+  a copy in `cache_root()/remote/`. The copy is named after the URL and the objects' names,
+  sizes and checksums, so changed objects get a new copy, and an unchanged one is copied once;
+  it is made in a temporary directory and renamed when whole, so an interrupted copy is never
+  taken for a complete one. `skip_suffixes`: files left out (a tokenizer needs no weights)."""
   text = os.fspath(path)
   if not is_remote(text):
     return os.path.expanduser(text)
   source = as_path(text)
-  digest = hashlib.sha256(text.rstrip("/").encode()).hexdigest()[:16]
+  is_dir = source.is_dir()
+  listing = (_remote_listing(source) if is_dir
+             else {"": _filesystem(source).info(os.fspath(source))})
+  manifest = sorted((name, info.get("size"), info.get("crc32c") or info.get("generation"))
+                    for name, info in listing.items() if _kept(name, skip_suffixes))
+  digest = hashlib.sha256(json.dumps([text.rstrip("/"), manifest]).encode()).hexdigest()[:16]
   target = cache_root() / "remote" / f"{digest}-{source.name}"
   if target.exists():
     return os.fspath(target)
   target.parent.mkdir(parents=True, exist_ok=True)
   temporary = target.with_name(f".{target.name}.tmp-{os.getpid()}")
-  if source.is_dir():
-    copy_tree(source, temporary)
+  if is_dir:
+    copy_tree(source, temporary, skip_suffixes=skip_suffixes)
   else:
-    temporary.write_bytes(source.read_bytes())
+    copy_file(source, temporary)
   try:
     os.rename(temporary, target)
   except OSError:   # another process finished the same copy first

@@ -184,6 +184,7 @@ def test_models_and_data_read_from_the_bucket(gcs, instruction_files, tmp_path, 
   student = tmp_path / "student"
   config = yaml.safe_load((ROOT / "configs" / "tiny.yaml").read_text())["student"]["config"]
   save_pretrained(init_random(config, seed=3), student)
+  (student / "generation_config.json").write_text(json.dumps({"eos_token_id": [7, 9]}))
   bucket = f"gs://{BUCKET}/inputs"
   paths.copy_tree(student, f"{bucket}/student")
   paths.copy_tree(instruction_files, f"{bucket}/data")
@@ -194,7 +195,91 @@ def test_models_and_data_read_from_the_bucket(gcs, instruction_files, tmp_path, 
        f"data.tokenizer={bucket}/data/tokenizer", f"data.train_files=[{bucket}/data/train.jsonl]",
        f"data.eval_files=[{bucket}/data/valid.jsonl]", f"data.data_dir={tmp_path / 'tfds'}")
   assert sorted(_losses(workdir)) == [1, 2]
+  from csd_jax.data.chat import model_eos_ids
+
+  assert {7, 9} <= set(model_eos_ids(f"{bucket}/student")) == set(model_eos_ids(student))
   saved = yaml.safe_load(paths.as_path(f"{workdir}/config.yaml").read_text())
   assert saved["student"]["path"] == f"{bucket}/student"   # the URL, not the local copy
   copies = list((tmp_path / "cache" / "remote").iterdir())
   assert sorted(p.name.split("-", 1)[1] for p in copies) == ["student", "tokenizer"]
+
+
+def test_checksums_check_a_step_moved_into_or_out_of_the_bucket(gcs, tmp_path):
+  """A run uploaded to a bucket (CRC-32 lists) or copied out of one (GCS's CRC-32C lists)
+  checks like one that never moved; a flipped byte is still caught on either side."""
+  from csd_jax import checkpoint_integrity as integrity
+  from csd_jax import paths
+
+  local = tmp_path / "4"
+  for rel, data in {"_CHECKPOINT_METADATA": b"m", "state/d/root": b"r" * 300,
+                    "state/ocdbt.process_0/d/x": b"x" * 1000}.items():
+    (local / rel).parent.mkdir(parents=True, exist_ok=True)
+    (local / rel).write_bytes(data)
+  integrity.write_checksums(local, 0, 1)                       # crc32, on a disk
+  uploaded = f"gs://{BUCKET}/moved/up/4"
+  paths.copy_tree(local, uploaded)
+  assert integrity.verify(uploaded) == integrity.Verdict(None, None)
+
+  saved_remotely = f"gs://{BUCKET}/moved/down/4"
+  paths.copy_tree(local, saved_remotely, skip_suffixes=(".json",))
+  integrity.write_checksums(saved_remotely, 0, 1)              # GCS's own CRC-32C
+  document = json.loads(paths.as_path(f"{saved_remotely}/checksums.process_0.json").read_text())
+  assert document["algorithm"] == integrity.REMOTE_ALGORITHM
+  downloaded = tmp_path / "down" / "4"
+  paths.copy_tree(saved_remotely, downloaded)
+  assert integrity.verify(downloaded) == integrity.Verdict(None, None)
+  (downloaded / "state/d/root").write_bytes(b"r" * 299 + b"s")
+  assert integrity.verify(downloaded).damage == (
+      f"state/d/root does not match its {integrity.REMOTE_ALGORITHM} checksum")
+  paths.as_path(f"{uploaded}/state/d/root").write_bytes(b"r" * 299 + b"s")
+  assert integrity.verify(uploaded).damage == "state/d/root does not match its crc32 checksum"
+
+
+def test_paths_in_a_bucket(gcs, tmp_path, monkeypatch):
+  """What csd_jax.paths adds to etils.epath for object stores."""
+  from csd_jax import paths
+
+  monkeypatch.setenv("CSD_JAX_CACHE", str(tmp_path / "cache"))
+  assert paths.is_remote("gs://b/run") and not paths.is_remote("csd=gs://b/run")
+  assert paths.absolute("gs://b/run") == paths.as_path("gs://b/run")   # never $PWD/gs:/...
+  root = f"gs://{BUCKET}/paths"
+  assert paths.create_exclusive(f"{root}/lock", b"1")
+  assert not paths.create_exclusive(f"{root}/lock", b"2")      # ifGenerationMatch=0
+  assert paths.as_path(f"{root}/lock").read_bytes() == b"1"
+  model = f"{root}/model"
+  for rel, data in {"config.json": b"{}", "model.safetensors": b"w" * 100,
+                    "sub/tokenizer.json": b"t"}.items():
+    paths.as_path(f"{model}/{rel}").write_bytes(data)
+  paths._filesystem(model).pipe(f"{BUCKET}/paths/model/", b"")   # consoles' "folder" objects
+  paths._filesystem(model).pipe(f"{BUCKET}/paths/model/sub/", b"")
+  assert paths.walk_files(model) == ["config.json", "model.safetensors", "sub/tokenizer.json"]
+  copy = pathlib.Path(paths.local_copy(model))
+  assert sorted(p.relative_to(copy).as_posix() for p in copy.rglob("*") if p.is_file()) == [
+      "config.json", "model.safetensors", "sub/tokenizer.json"]
+  assert paths.local_copy(model) == str(copy)                   # unchanged: copied once
+  tokenizer_only = pathlib.Path(paths.local_copy(model, skip_suffixes=(".safetensors",)))
+  assert not (tokenizer_only / "model.safetensors").exists()
+  paths.as_path(f"{model}/model.safetensors").write_bytes(b"v" * 100)   # the bucket changed
+  fresh = pathlib.Path(paths.local_copy(model))
+  assert fresh != copy and (fresh / "model.safetensors").read_bytes() == b"v" * 100
+  paths.rename_tree(model, f"{root}/moved")
+  assert not paths.as_path(model).exists()
+  assert paths.walk_files(f"{root}/moved") == [
+      "config.json", "model.safetensors", "sub/tokenizer.json"]
+
+
+def test_what_must_stay_local_is_refused_in_one_line(tmp_path):
+  from csd_jax import demo
+  from csd_jax.config import load_config
+  from csd_jax.errors import UserError
+  from csd_jax.eval import generate_command
+
+  with pytest.raises(UserError, match=r"^data.data_dir=gs://b/tfds: the TFDS cache .* local "):
+    load_config(ROOT / "configs" / "tiny.yaml", ["data.data_dir=gs://b/tfds"])
+  prompts = tmp_path / "prompts.jsonl"
+  prompts.write_text(json.dumps({"instruction": "Hi."}) + "\n")
+  with pytest.raises(UserError, match=r"^--out gs://b/out.jsonl: generate appends .* locally"):
+    generate_command.run_generate(generate_command.GenerateRequest(
+        prompts=str(prompts), out="gs://b/out.jsonl", model=str(tmp_path)))
+  with pytest.raises(UserError, match=r"^--workdir gs://b/demo: the demo .* local directory"):
+    demo.run("gs://b/demo")

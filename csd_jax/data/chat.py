@@ -21,6 +21,8 @@ import pathlib
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
+from csd_jax import paths
+
 logger = logging.getLogger("csd_jax.data")
 
 # End-of-turn tokens of well-known chat formats: stops too when a vocabulary has them as added
@@ -137,7 +139,7 @@ def model_eos_ids(model: Any) -> list[int]:
   if model is None:
     return []
   if isinstance(model, (str, os.PathLike)):
-    directory = pathlib.Path(model)
+    directory = paths.as_path(model)   # a local directory, gs://..., or a hub id
     ids = []
     for name in ("config.json", "generation_config.json"):
       path = directory / name if directory.is_dir() else _cached_hub_file(str(model), name)

@@ -84,8 +84,9 @@ def _fingerprint(sources: Mapping[str, Sequence[str]]) -> str:
       if not path.exists():
         parts.append(f"{split}|{source}||")
       elif paths.is_remote(path):
-        stat = path.stat()
-        parts.append(f"{split}|{source}|{stat.length}|{stat.mtime}")
+        # The object's checksum, not its time in whole seconds: a rewrite within a second
+        # still changes the key.
+        parts.append(f"{split}|{source}|{paths.file_size(path)}|{paths.object_crc32c(path)}")
       else:
         stat = os.stat(path)
         parts.append(f"{split}|{os.path.realpath(path)}|{stat.st_size}|{stat.st_mtime_ns}")

@@ -48,7 +48,7 @@ def export(workdir: paths.PathLike, out: paths.PathLike, *, best: bool = False
     save_pretrained(run.student, local, run.tokenizer)
     _write_generation_config(paths.as_path(local), run.config, run.tokenizer)
     if local is not out:
-      paths.copy_tree(local, out)
+      paths.copy_tree(local, out, last=("config.json",))   # a cut upload is no model
   logger.info("exported the student of step %d to %s", run.step, out)
   return out, run.step
 

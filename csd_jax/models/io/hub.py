@@ -91,6 +91,9 @@ def _offline() -> bool:
 _RESOLVED: dict[tuple[str, str | None, str, bool], epath.Path] = {}
 
 
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".msgpack", ".h5")
+
+
 def resolve(path: str | os.PathLike, *, weights: bool = True) -> epath.Path:
   """`path` as a directory to read: a local path unchanged, a hub id's cached snapshot.
 
@@ -102,7 +105,8 @@ def resolve(path: str | os.PathLike, *, weights: bool = True) -> epath.Path:
       hub, has no such revision, or has no safetensors weights (only `.bin` / GGUF ones).
   """
   if paths.is_remote(path):   # gs://...: safetensors and tokenizers read local files
-    return epath.Path(paths.local_copy(path))
+    skip = () if weights else _WEIGHT_SUFFIXES   # a tokenizer needs none of the weights
+    return epath.Path(paths.local_copy(path, skip_suffixes=skip))
   hub_id = parse_hub_id(path)
   if hub_id is None:
     return epath.Path(path)
