@@ -4,8 +4,10 @@
 naming the holder) instead of both runs overwriting each other's checkpoints and metrics. The
 lock is `W/.lock`, a JSON file created exclusively by process 0 (O_CREAT|O_EXCL on a disk, a
 create with `ifGenerationMatch=0` on GCS); a lock left by a killed run is taken over with a
-warning. `record_config` keeps W/config.yaml the current config and
-the one it replaces as `config.step-<N>.yaml`, naming the keys that changed.
+warning. A lock on this machine (same host name, pid namespace and boot id) is judged by whether
+its pid still runs, one from another machine or container by its heartbeat's age.
+`record_config` keeps W/config.yaml the current config and the one it replaces as
+`config.step-<N>.yaml`, naming the keys that changed.
 """
 
 from __future__ import annotations
@@ -73,6 +75,23 @@ def _pid_namespace() -> str | None:
     return None
 
 
+def _boot_id() -> str | None:
+  """This boot of this machine: two VMs made from one image share a host name and the root pid
+  namespace (the same inode everywhere), never a boot id. None where there is no /proc."""
+  try:
+    return pathlib.Path("/proc/sys/kernel/random/boot_id").read_text().strip() or None
+  except OSError:
+    return None
+
+
+def _token_of(raw: bytes) -> Any:
+  """The `token` of a lock's content; None when it is no lock (unparseable, not an object)."""
+  try:
+    return json.loads(raw).get("token")
+  except (ValueError, AttributeError):
+    return None
+
+
 def _pid_alive(pid: int) -> bool:
   try:
     os.kill(pid, 0)
@@ -111,7 +130,7 @@ class WorkdirLock:
   def _info(self) -> dict[str, Any]:
     return {"host": socket.gethostname(), "pid": os.getpid(),
             "pid_start": process_start_time(os.getpid()), "pid_ns": _pid_namespace(),
-            "command": shlex.join(sys.argv),
+            "boot": _boot_id(), "command": shlex.join(sys.argv),
             "started": _now(), "heartbeat": _now(), "token": self.token}
 
   def acquire(self) -> None:
@@ -119,14 +138,17 @@ class WorkdirLock:
     info, holder = self._info(), {}
     for attempt in range(_ATTEMPTS):
       if paths.create_exclusive(self.path, json.dumps(info).encode()):
-        self._info_written, self.held = info, True
-        self._thread = threading.Thread(target=self._beat, name="workdir-lock", daemon=True)
-        self._thread.start()
+        self._hold(info)
         return
       try:
         raw, ctime = self.path.read_bytes(), _changed_at(self.path)
       except FileNotFoundError:
         continue   # released meanwhile
+      if _token_of(raw) == self.token:
+        # Our own create: gcsfs retried an upload whose answer was lost, and the retry's 412
+        # made create_exclusive say False although the first try had created the lock.
+        self._hold(info)
+        return
       holder, reason = self._judge(raw, ctime)
       if reason is None and (holder or attempt == _ATTEMPTS - 1):
         break
@@ -139,6 +161,11 @@ class WorkdirLock:
                     f"it to finish or stop it, or use another --workdir; if you are sure it is "
                     f"dead, delete {self.path}")
 
+  def _hold(self, info: dict[str, Any]) -> None:
+    self._info_written, self.held = info, True
+    self._thread = threading.Thread(target=self._beat, name="workdir-lock", daemon=True)
+    self._thread.start()
+
   def _judge(self, raw: bytes, ctime: float) -> tuple[dict[str, Any], str | None]:
     """The lock's holder, and why it is stale (None: it is held)."""
     try:
@@ -147,8 +174,11 @@ class WorkdirLock:
     except (ValueError, KeyError, TypeError):
       stale = time.time() - ctime > _UNREADABLE_GRACE_S
       return {}, "unreadable lock file" if stale else None
-    if (holder.get("host"), holder.get("pid_ns")) != (socket.gethostname(), _pid_namespace()):
-      # Another machine (shared file system) or container: its pids mean nothing here.
+    boot, our_boot = holder.get("boot"), _boot_id()
+    another_boot = None not in (boot, our_boot) and boot != our_boot   # no `boot`: older locks
+    if another_boot or ((holder.get("host"), holder.get("pid_ns"))
+                        != (socket.gethostname(), _pid_namespace())):
+      # Another machine (shared file system, bucket) or container: its pids mean nothing here.
       age = _age_s(holder.get("heartbeat"))
       return holder, (f"no heartbeat for {age:.0f} s" if age > self.stale_after_s else None)
     if not _pid_alive(pid):
@@ -161,18 +191,27 @@ class WorkdirLock:
   def _remove_stale(self, raw: bytes) -> bool:
     """Removes the stale lock whose content is `raw`; False where another run won the race
     or the lock changed. Contenders hard-link the lock to one claim name derived from its
-    content: only one link succeeds, and the winner checks it claimed that very file. An object
-    store has no links: the lock is deleted only while it still holds `raw` (a contender that
+    content: only one link succeeds, and the winner checks it claimed that very file. GCS has no
+    links: the lock's generation is read, then its content, then its generation again (the
+    content read is that generation's), and only that generation is deleted (`ifGenerationMatch`):
+    of two contenders that both judged it stale, one deletes it, and the other's delete fails
+    instead of removing the lock the first has created since. Another object store, with no
+    generations, deletes the lock while it still holds `raw` (not atomic: a contender that
     re-created it in the instant between that read and the delete loses its lock, and learns it
     at its first heartbeat)."""
     if paths.is_remote(self.path):
       try:
+        generation = paths.generation(self.path)
         if self.path.read_bytes() != raw:
           return False
-        self.path.unlink()
+        if generation is None:
+          self.path.unlink()
+          return True
+        if paths.generation(self.path) != generation:   # rewritten while we read it
+          return False
+        return paths.delete_if_generation(self.path, generation)
       except FileNotFoundError:
         return False
-      return True
     claim = self.path.with_name(f"{LOCK_FILE}.takeover-{hashlib.sha1(raw).hexdigest()[:16]}")
     try:
       os.link(self.path, claim)
@@ -194,22 +233,32 @@ class WorkdirLock:
       claim.unlink(missing_ok=True)
 
   def _mine(self) -> bool:
+    """Whether the lock file holds this lock's token (False: gone, or another run's).
+
+    Raises:
+      Whatever reading it raised but FileNotFoundError (OSError, gcsfs's HttpError...): unknown.
+    """
     try:
-      return json.loads(self.path.read_bytes()).get("token") == self.token
-    except (OSError, ValueError, AttributeError):
+      raw = self.path.read_bytes()
+    except FileNotFoundError:
       return False
+    return _token_of(raw) == self.token
 
   def _beat(self) -> None:
     """Refreshes the heartbeat (what runs on other hosts judge the lock by) until release."""
     while not self._stop.wait(self.heartbeat_s):
-      if not self._mine():
-        logger.warning("%s was taken over by another run; this run no longer holds it",
-                       self.path)
-        return
       try:
+        if not self._mine():
+          logger.warning("%s was taken over by another run; this run no longer holds it",
+                         self.path)
+          return
         paths.write_atomic(self.path, json.dumps({**self._info_written, "heartbeat": _now()}))
-      except OSError as error:   # e.g. a full disk: the run goes on, the next beat retries
-        logger.warning("could not refresh the heartbeat of %s: %s", self.path, error)
+      except Exception as error:   # noqa: BLE001
+        # Any error (a full disk, gcsfs's HttpError once its retries are spent: no OSError):
+        # the run goes on and the next beat retries. A dead heartbeat thread would make this
+        # live run's lock look stale, and another host would take it over.
+        logger.warning("could not refresh the heartbeat of %s (retried in %g s): %s: %s",
+                       self.path, self.heartbeat_s, type(error).__name__, error)
 
   def release(self) -> None:
     """Stops the heartbeat and removes the lock, unless another run holds it now."""
@@ -219,7 +268,14 @@ class WorkdirLock:
       self._thread = None
     if self.held:
       self.held = False
-      if self._mine():
+      try:
+        mine = self._mine()
+      except Exception as error:   # noqa: BLE001 - releasing must not mask the run's own error
+        logger.warning("could not read %s to remove it (left in place; the next run takes it "
+                       "over once this one is gone): %s: %s", self.path, type(error).__name__,
+                       error)
+        return
+      if mine:
         self.path.unlink(missing_ok=True)
       else:
         logger.warning("%s is no longer this run's: left in place", self.path)

@@ -1,5 +1,6 @@
 """One run per workdir (W/.lock: refused while held, taken over when its run is gone, race-free
-take-over) and the config history of resumes (config.step-N.yaml); no JAX needed."""
+take-over, on a disk and in a GCS bucket) and the config history of resumes
+(config.step-N.yaml); no JAX needed."""
 
 import json
 import logging
@@ -15,8 +16,11 @@ import time
 import pytest
 import yaml
 
+from csd_jax import paths
 from csd_jax.errors import UserError
-from csd_jax.workdir import WorkdirLock, _now, _pid_namespace, process_start_time, record_config
+from csd_jax.workdir import (WorkdirLock, _boot_id, _now, _pid_namespace, process_start_time,
+                             record_config)
+from gcs_emulator import GcsEmulator
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -25,7 +29,7 @@ def _write_lock(workdir: pathlib.Path, **fields) -> pathlib.Path:
   """A lock as another run would have left it."""
   info = {"host": socket.gethostname(), "pid": os.getpid(),
           "pid_start": process_start_time(os.getpid()), "pid_ns": _pid_namespace(),
-          "command": "csd-jax train ...",
+          "boot": _boot_id(), "command": "csd-jax train ...",
           "started": "2024-01-02T03:04:05Z", "heartbeat": _now(), "token": "theirs", **fields}
   workdir.mkdir(parents=True, exist_ok=True)
   (workdir / ".lock").write_text(json.dumps(info))
@@ -92,6 +96,30 @@ def test_another_hosts_lock_with_a_fresh_heartbeat_is_held(host, pid_ns, tmp_pat
   assert json.loads((tmp_path / ".lock").read_text())["token"] == "theirs"
 
 
+@pytest.mark.parametrize("boot,heartbeat,taken", [
+    ("another-boot", "2024-01-02T03:04:05Z", True),   # another VM of the same name: heartbeat
+    ("another-boot", None, False),
+    (None, "2024-01-02T03:04:05Z", False),   # a lock from before `boot`: judged by its pid
+])
+def test_a_lock_from_another_boot_is_judged_by_its_heartbeat(boot, heartbeat, taken, tmp_path):
+  if _boot_id() is None or process_start_time(os.getpid()) is None:
+    pytest.skip("no /proc")
+  # This host's name, pid namespace and a pid that runs here (this test's own).
+  lock_file = _write_lock(tmp_path, boot=boot, heartbeat=heartbeat or _now())
+  if taken:
+    with WorkdirLock(tmp_path, process_index=0) as lock:
+      assert json.loads(lock_file.read_text())["token"] == lock.token
+  else:
+    with pytest.raises(UserError, match="in use by another run"):
+      WorkdirLock(tmp_path, process_index=0).__enter__()
+    assert json.loads(lock_file.read_text())["token"] == "theirs"
+
+
+def test_the_lock_records_the_boot_id(tmp_path):
+  with WorkdirLock(tmp_path, process_index=0):
+    assert json.loads((tmp_path / ".lock").read_text())["boot"] == _boot_id()
+
+
 def test_released_on_an_exception(tmp_path):
   with pytest.raises(RuntimeError), WorkdirLock(tmp_path, process_index=0):
     assert (tmp_path / ".lock").exists()
@@ -117,6 +145,55 @@ def test_heartbeat_is_refreshed_until_release(tmp_path):
     thread = lock._thread
   assert not thread.is_alive() and not (tmp_path / ".lock").exists()
   assert [p.name for p in tmp_path.iterdir()] == []   # no temporary file left behind
+
+
+@pytest.mark.parametrize("fails", ["write", "read"])
+def test_heartbeat_survives_any_error(fails, tmp_path, monkeypatch, caplog):
+  # gcsfs raises its HttpError (no OSError) once its retries are spent: the thread must live on.
+  calls = []
+  real_write, real_mine = paths.write_atomic, WorkdirLock._mine
+
+  def write_atomic(path, data):
+    calls.append(path)
+    if fails == "write" and len(calls) == 1:
+      raise RuntimeError("503 Service Unavailable")
+    real_write(path, data)
+
+  def mine(self):
+    if fails == "read" and not calls:
+      calls.append("read")
+      raise RuntimeError("503 Service Unavailable")
+    return real_mine(self)
+
+  monkeypatch.setattr(paths, "write_atomic", write_atomic)
+  monkeypatch.setattr(WorkdirLock, "_mine", mine)
+  with caplog.at_level(logging.WARNING, logger="csd_jax.train"):
+    with WorkdirLock(tmp_path, process_index=0, heartbeat_s=0.05) as lock:
+      info = json.loads((tmp_path / ".lock").read_text())
+      (tmp_path / ".lock").write_text(json.dumps({**info, "heartbeat": "2024-01-02T03:04:05Z"}))
+      deadline = time.time() + 5
+      while json.loads((tmp_path / ".lock").read_text())["heartbeat"].startswith("2024"):
+        assert time.time() < deadline, "heartbeat not refreshed after the error"
+        time.sleep(0.02)
+      assert lock._thread.is_alive()
+  assert len(calls) >= 2
+  warnings = [r.getMessage() for r in caplog.records if r.name == "csd_jax.train"]
+  assert len(warnings) == 1 and "RuntimeError: 503" in warnings[0], warnings
+
+
+def test_a_lock_that_a_retried_create_made_is_held(tmp_path, monkeypatch):
+  # The create's first try succeeded, its answer was lost, the retry got 412: False.
+  real = paths.create_exclusive
+
+  def lost_answer(path, data):
+    assert real(path, data)
+    return False
+
+  monkeypatch.setattr(paths, "create_exclusive", lost_answer)
+  with WorkdirLock(tmp_path, process_index=0, heartbeat_s=0.05) as lock:
+    assert lock.held and lock._thread.is_alive()
+    assert json.loads((tmp_path / ".lock").read_text())["token"] == lock.token
+  assert not (tmp_path / ".lock").exists()
 
 
 def test_concurrent_take_overs_in_threads_one_wins(tmp_path):
@@ -170,6 +247,159 @@ def test_concurrent_take_overs_in_processes_one_wins(tmp_path):
   outputs = [c.communicate(timeout=60)[0] for c in contenders]
   assert sorted(o.split()[0] for o in outputs) == ["refused"] * 5 + ["won"], outputs
   assert not (tmp_path / ".lock").exists()
+
+
+# ---- the lock in a GCS bucket (tests/gcs_emulator.py: it honours ifGenerationMatch) ----
+
+BUCKET = "csd-bucket"
+
+
+@pytest.fixture(scope="module")
+def gcs():
+  import gcsfs
+
+  emulator = GcsEmulator((BUCKET,)).start()
+  saved = {k: os.environ.get(k) for k in emulator.env}
+  os.environ.update(emulator.env)
+  gcsfs.GCSFileSystem.clear_instance_cache()   # none made for another module's server
+  yield emulator
+  gcsfs.GCSFileSystem.clear_instance_cache()
+  for key, value in saved.items():
+    if value is None:
+      os.environ.pop(key, None)
+    else:
+      os.environ[key] = value
+  emulator.stop()
+
+
+def _gcs_workdir(gcs, request) -> str:
+  return f"gs://{BUCKET}/{request.node.name.replace('[', '-').rstrip(']')}-{time.time_ns()}"
+
+
+def _write_remote_lock(workdir: str, **fields) -> bytes:
+  info = {"host": socket.gethostname(), "pid": _dead_pid(),
+          "pid_start": None, "pid_ns": _pid_namespace(), "boot": _boot_id(),
+          "command": "csd-jax train ...", "started": "2024-01-02T03:04:05Z",
+          "heartbeat": _now(), "token": "theirs", **fields}
+  raw = json.dumps(info).encode()
+  paths.as_path(f"{workdir}/.lock").write_bytes(raw)
+  return raw
+
+
+def test_gcs_generation_and_conditional_delete(gcs, request, tmp_path):
+  lock = f"{_gcs_workdir(gcs, request)}/.lock"
+  paths.as_path(lock).write_bytes(b"first")
+  first = paths.generation(lock)
+  paths.as_path(lock).write_bytes(b"second")
+  second = paths.generation(lock)
+  assert first and second and first != second
+  assert not paths.delete_if_generation(lock, first)   # rewritten since: refused
+  assert paths.as_path(lock).read_bytes() == b"second"
+  assert paths.delete_if_generation(lock, second)
+  assert not paths.as_path(lock).exists()
+  assert not paths.delete_if_generation(lock, second)   # gone
+  with pytest.raises(FileNotFoundError):
+    paths.generation(lock)
+  local = tmp_path / "f"
+  local.write_bytes(b"x")
+  assert paths.generation(local) == paths.generation(local)
+  with pytest.raises(ValueError, match="gs://"):
+    paths.delete_if_generation(local, paths.generation(local))
+
+
+@pytest.mark.parametrize("fields", [
+    {}, {"host": "other-host", "heartbeat": "2024-01-02T03:04:05Z"}])
+def test_gcs_stale_lock_is_taken_over(fields, gcs, request, caplog):
+  workdir = _gcs_workdir(gcs, request)
+  _write_remote_lock(workdir, **fields)
+  with caplog.at_level(logging.WARNING, logger="csd_jax.train"):
+    with WorkdirLock(workdir, process_index=0) as lock:
+      assert json.loads(paths.as_path(f"{workdir}/.lock").read_bytes())["token"] == lock.token
+  assert "taking over" in caplog.text
+  assert not paths.as_path(f"{workdir}/.lock").exists()
+
+
+def test_gcs_take_over_loses_to_a_contender_that_recreated_the_lock(gcs, request, monkeypatch):
+  """The race of a read-compare-unlink take-over: both contenders read the stale lock, A deletes
+  it and creates its own, then B deletes. B's delete names the stale generation: refused."""
+  workdir = _gcs_workdir(gcs, request)
+  raw = _write_remote_lock(workdir)
+  a, b = WorkdirLock(workdir, process_index=0), WorkdirLock(workdir, process_index=0)
+  real = paths.delete_if_generation
+
+  def b_deletes_late(path, generation):
+    monkeypatch.setattr(paths, "delete_if_generation", real)
+    a.acquire()   # meanwhile A takes the stale lock over: deleted, and created anew
+    return real(path, generation)
+
+  monkeypatch.setattr(paths, "delete_if_generation", b_deletes_late)
+  try:
+    assert b._remove_stale(raw) is False
+    assert a.held
+    assert json.loads(paths.as_path(f"{workdir}/.lock").read_bytes())["token"] == a.token
+  finally:
+    a.release()
+
+
+def test_gcs_two_contenders_deleting_one_stale_lock_one_wins(gcs, request, monkeypatch):
+  workdir = _gcs_workdir(gcs, request)
+  raw = _write_remote_lock(workdir)
+  real, barrier, results = paths.delete_if_generation, threading.Barrier(2), []
+
+  def together(path, generation):
+    barrier.wait(timeout=30)   # both read and compared the stale lock: both delete now
+    return real(path, generation)
+
+  monkeypatch.setattr(paths, "delete_if_generation", together)
+  locks = [WorkdirLock(workdir, process_index=0) for _ in range(2)]
+  threads = [threading.Thread(target=lambda lock=lock: results.append(lock._remove_stale(raw)))
+             for lock in locks]
+  for thread in threads:
+    thread.start()
+  for thread in threads:
+    thread.join()
+  assert sorted(results) == [False, True], results
+  assert not paths.as_path(f"{workdir}/.lock").exists()
+
+
+def test_gcs_concurrent_acquires_one_wins(gcs, request):
+  workdir = _gcs_workdir(gcs, request)
+  _write_remote_lock(workdir)
+  barrier, results = threading.Barrier(4), []
+
+  def contend():
+    lock = WorkdirLock(workdir, process_index=0)
+    barrier.wait()
+    try:
+      lock.acquire()
+      results.append("won")
+    except UserError:
+      results.append("refused")
+    barrier.wait()   # the winner holds the lock until everyone has tried
+    lock.release()
+
+  threads = [threading.Thread(target=contend) for _ in range(4)]
+  for thread in threads:
+    thread.start()
+  for thread in threads:
+    thread.join()
+  assert sorted(results) == ["refused"] * 3 + ["won"], results
+  assert not paths.as_path(f"{workdir}/.lock").exists()
+
+
+def test_gcs_lock_with_this_runs_token_is_held(gcs, request, monkeypatch):
+  workdir = _gcs_workdir(gcs, request)
+  real = paths.create_exclusive
+
+  def lost_answer(path, data):   # gcsfs retried the create: the retry got 412
+    assert real(path, data)
+    return False
+
+  monkeypatch.setattr(paths, "create_exclusive", lost_answer)
+  with WorkdirLock(workdir, process_index=0, heartbeat_s=0.05) as lock:
+    assert lock.held and lock._thread.is_alive()
+    assert json.loads(paths.as_path(f"{workdir}/.lock").read_bytes())["token"] == lock.token
+  assert not paths.as_path(f"{workdir}/.lock").exists()
 
 
 CONFIG = {"loss": {"name": "csd", "params": {}}, "optim": {"lr": 3e-3, "betas": (0.9, 0.95)},
