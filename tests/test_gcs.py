@@ -18,28 +18,13 @@ import time
 import numpy as np
 import pytest
 
-from gcs_emulator import GcsEmulator
+from gcs_emulator import DEFAULT_BUCKET as BUCKET
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-BUCKET = "csd-bucket"
 STEPS = 8
 # As tests/test_multiprocess.py: no dropout, float32, a checkpoint every 2 steps.
 ARGS = ["--config", str(ROOT / "configs" / "tiny.yaml"), f"train.steps={STEPS}",
         "checkpoint.every=2", "student.dtype=float32", "student.dropout=0.0"]
-
-
-@pytest.fixture(scope="module")
-def gcs():
-  emulator = GcsEmulator((BUCKET,)).start()
-  saved = {k: os.environ.get(k) for k in emulator.env}
-  os.environ.update(emulator.env)   # this process reads the bucket too
-  yield emulator
-  for key, value in saved.items():
-    if value is None:
-      os.environ.pop(key, None)
-    else:
-      os.environ[key] = value
-  emulator.stop()
 
 
 def _port():

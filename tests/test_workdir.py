@@ -20,7 +20,7 @@ from csd_jax import paths
 from csd_jax.errors import UserError
 from csd_jax.workdir import (WorkdirLock, _boot_id, _now, _pid_namespace, process_start_time,
                              record_config)
-from gcs_emulator import GcsEmulator
+from gcs_emulator import DEFAULT_BUCKET as BUCKET
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -196,28 +196,35 @@ def test_a_lock_that_a_retried_create_made_is_held(tmp_path, monkeypatch):
   assert not (tmp_path / ".lock").exists()
 
 
+def _race_to_acquire(workdir, contenders: int) -> list[str]:
+  """`contenders` threads acquire the workdir's lock at once: "won" or "refused" each (the
+  winner holds it until every one has tried)."""
+  barrier, results = threading.Barrier(contenders), []
+
+  def contend():
+    lock = WorkdirLock(workdir, process_index=0)
+    barrier.wait()
+    try:
+      lock.acquire()
+      results.append("won")
+    except UserError:
+      results.append("refused")
+    barrier.wait()
+    lock.release()
+
+  threads = [threading.Thread(target=contend) for _ in range(contenders)]
+  for thread in threads:
+    thread.start()
+  for thread in threads:
+    thread.join()
+  return results
+
+
 def test_concurrent_take_overs_in_threads_one_wins(tmp_path):
   for round_ in range(10):
     workdir = tmp_path / str(round_)
     _write_lock(workdir, pid=_dead_pid())
-    barrier, results = threading.Barrier(8), []
-
-    def contend():
-      lock = WorkdirLock(workdir, process_index=0)
-      barrier.wait()
-      try:
-        lock.acquire()
-        results.append("won")
-      except UserError:
-        results.append("refused")
-      barrier.wait()   # the winner holds the lock until everyone has tried
-      lock.release()
-
-    threads = [threading.Thread(target=contend) for _ in range(8)]
-    for thread in threads:
-      thread.start()
-    for thread in threads:
-      thread.join()
+    results = _race_to_acquire(workdir, 8)
     assert sorted(results) == ["refused"] * 7 + ["won"], results
     assert [p.name for p in workdir.iterdir()] == []
 
@@ -251,25 +258,6 @@ def test_concurrent_take_overs_in_processes_one_wins(tmp_path):
 
 # ---- the lock in a GCS bucket (tests/gcs_emulator.py: it honours ifGenerationMatch) ----
 
-BUCKET = "csd-bucket"
-
-
-@pytest.fixture(scope="module")
-def gcs():
-  import gcsfs
-
-  emulator = GcsEmulator((BUCKET,)).start()
-  saved = {k: os.environ.get(k) for k in emulator.env}
-  os.environ.update(emulator.env)
-  gcsfs.GCSFileSystem.clear_instance_cache()   # none made for another module's server
-  yield emulator
-  gcsfs.GCSFileSystem.clear_instance_cache()
-  for key, value in saved.items():
-    if value is None:
-      os.environ.pop(key, None)
-    else:
-      os.environ[key] = value
-  emulator.stop()
 
 
 def _gcs_workdir(gcs, request) -> str:
@@ -365,24 +353,7 @@ def test_gcs_two_contenders_deleting_one_stale_lock_one_wins(gcs, request, monke
 def test_gcs_concurrent_acquires_one_wins(gcs, request):
   workdir = _gcs_workdir(gcs, request)
   _write_remote_lock(workdir)
-  barrier, results = threading.Barrier(4), []
-
-  def contend():
-    lock = WorkdirLock(workdir, process_index=0)
-    barrier.wait()
-    try:
-      lock.acquire()
-      results.append("won")
-    except UserError:
-      results.append("refused")
-    barrier.wait()   # the winner holds the lock until everyone has tried
-    lock.release()
-
-  threads = [threading.Thread(target=contend) for _ in range(4)]
-  for thread in threads:
-    thread.start()
-  for thread in threads:
-    thread.join()
+  results = _race_to_acquire(workdir, 4)
   assert sorted(results) == ["refused"] * 3 + ["won"], results
   assert not paths.as_path(f"{workdir}/.lock").exists()
 
