@@ -2,9 +2,9 @@
 
     PYTHONPATH=. python bench/checkpoint_checksums.py [--gb 1.0] [--arrays 16] [--repeats 3]
 
-Saves ~`--gb` GB of float32 arrays the way `csd_jax.checkpoint.Checkpointer` does (an Orbax
+Saves ~`--gb` GB of float32 arrays the way `csd_jax.run.checkpoint.Checkpointer` does (an Orbax
 CheckpointManager, a Composite with a StandardSave item, OCDBT), then times, best of
-`--repeats`: Orbax's restore of it into arrays, and `checkpoint_integrity.write_checksums`
+`--repeats`: Orbax's restore of it into arrays, and `integrity.write_checksums`
 (read + hash every file) with each hash. Both from the page cache ("warm": the files were just
 written or read, as when a process hashes the shards it just saved) and, unless --no-cold, after
 evicting the files from it with posix_fadvise(DONTNEED) ("cold": a resume after a reboot).
@@ -23,7 +23,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from csd_jax import checkpoint_integrity as integrity
+from csd_jax.run import integrity
 
 
 def _evict(directory: pathlib.Path) -> None:

@@ -21,7 +21,7 @@ import torch
 import transformers
 from safetensors.numpy import load_file
 
-from csd_jax.assets import gemma3_gguf_path, smollm2_gguf_path
+from csd_jax.demo.assets import gemma3_gguf_path, smollm2_gguf_path
 from csd_jax.models.io.gguf import convert_gguf
 
 TEXT = ("Hello world, how are you?  Two  spaces\n\nnew lines 123 café <start_of_turn>user\nhi"

@@ -27,8 +27,8 @@ from flax import nnx
 from bench.presets import shared_vocab
 from csd_jax.config import OptimConfig
 from csd_jax.models import CausalLM, config_from_hf
-from csd_jax.sharding import make_mesh
-from csd_jax.state import TrainState, make_optimizer
+from csd_jax.runtime.sharding import make_mesh
+from csd_jax.run.state import TrainState, make_optimizer
 from csd_jax.train.step import Objective, make_train_step
 
 

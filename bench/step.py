@@ -36,9 +36,9 @@ from bench.presets import PAIRS, shared_vocab
 from csd_jax.config import OptimConfig
 from csd_jax.metrics import peak_flops_per_device
 from csd_jax.models import init_random
-from csd_jax.sharding import make_mesh
-from csd_jax.state import init_train_state, make_optimizer
-from csd_jax.train.flops import model_flops_per_token
+from csd_jax.runtime.sharding import make_mesh
+from csd_jax.run.state import init_train_state, make_optimizer
+from csd_jax.metrics.flops import model_flops_per_token
 from csd_jax.train.step import Objective, make_train_step
 
 # name: (teacher config, student config, batch, sequence length); see bench/presets.py.

@@ -29,8 +29,8 @@ timed() { local name=$1; shift; local start=$SECONDS; "$@"; echo "TIME $name $((
 A=$W/assets; D=$W/data; T=$A/smollm2-135m-instruct; S=$A/student_init
 timed assets "$PY" -c "
 import pathlib, sys
-from csd_jax.assets import converted_smollm2
-from csd_jax.demo import STUDENT_LAYERS
+from csd_jax.demo.assets import converted_smollm2
+from csd_jax.demo.command import STUDENT_LAYERS
 from csd_jax.models.io.layer_drop import layer_dropped_copy
 root = pathlib.Path(sys.argv[1]); teacher = converted_smollm2(root)
 if not (root / 'student_init' / 'config.json').exists():
@@ -68,7 +68,7 @@ pairs() {
   local P=$W/pairs; mkdir -p "$P"
   "$PY" -c "
 import json, sys
-from csd_jax.demo import instruction_prompts
+from csd_jax.demo.command import instruction_prompts
 prompts, heldout = instruction_prompts()[:$PAIR_PROMPTS], instruction_prompts()[-$EXAMPLES:]
 for name, rows in (('prompts', prompts), ('heldout_prompts', heldout)):
   with open(f'{sys.argv[1]}/{name}.jsonl', 'w') as f:

@@ -171,8 +171,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 # The commands import their modules when they run: `csd-jax --help` should not start JAX.
 
 def _demo(args: argparse.Namespace) -> int:
-  from csd_jax import demo
-  from csd_jax.logs import setup_logging
+  from csd_jax.demo import command as demo
+  from csd_jax.runtime.logs import setup_logging
 
   setup_logging()
   workdir = args.workdir or ("workdirs/demo" if args.teacher == "smollm2"
@@ -184,11 +184,11 @@ def _demo(args: argparse.Namespace) -> int:
 
 def _train(args: argparse.Namespace) -> int:
   from csd_jax.config import load_config
-  from csd_jax.logs import setup_logging
+  from csd_jax.runtime.logs import setup_logging
 
   setup_logging()
   config = load_config(args.config, args.overrides)
-  from csd_jax import distributed
+  from csd_jax.runtime import distributed
   from csd_jax.train.loop import train
 
   distributed.initialize()
@@ -197,7 +197,7 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
-  from csd_jax.logs import setup_logging
+  from csd_jax.runtime.logs import setup_logging
   from csd_jax.train.export import export
 
   setup_logging()
@@ -209,7 +209,7 @@ def _export(args: argparse.Namespace) -> int:
 def _eval(args: argparse.Namespace) -> int:
   from csd_jax.eval.command import EvalRequest, run_eval
   from csd_jax.eval.generation import format_table
-  from csd_jax.logs import setup_logging
+  from csd_jax.runtime.logs import setup_logging
 
   setup_logging()
   if args.task:
@@ -268,8 +268,8 @@ def _convert_gguf(args: argparse.Namespace) -> int:
 
 
 def _generate(args: argparse.Namespace) -> int:
-  from csd_jax.eval.generate_command import GenerateRequest, run_generate
-  from csd_jax.logs import setup_logging
+  from csd_jax.generate.command import GenerateRequest, run_generate
+  from csd_jax.runtime.logs import setup_logging
 
   setup_logging()
   out, summary = run_generate(GenerateRequest(
@@ -297,10 +297,10 @@ def _report(args: argparse.Namespace) -> int:
 
 
 def _pairs(args: argparse.Namespace) -> int:
-  from csd_jax.data import pair_files
+  from csd_jax.generate import pairs_file
 
-  records = pair_files.join(args.teacher, args.student)
-  pair_files.write(records, args.out)
+  records = pairs_file.join(args.teacher, args.student)
+  pairs_file.write(records, args.out)
   print(f"{len(records)} pairs in {args.out}")
   return 0
 

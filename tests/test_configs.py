@@ -7,7 +7,7 @@ import pytest
 
 from csd_jax.config import load_config
 from csd_jax.data.chat import run_model_stop_ids
-from csd_jax.sharding import data_parallel_size, make_mesh
+from csd_jax.runtime.sharding import data_parallel_size, make_mesh
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
@@ -30,7 +30,7 @@ def offline(monkeypatch, tmp_path):
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
 def test_every_config_loads_and_fits_an_8_device_host(path):
-  config = load_config(path)   # parsing and every cross-field check (config_checks.check)
+  config = load_config(path)   # parsing and every cross-field check (csd_jax.config.checks)
   mesh = make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
   assert mesh.devices.size == 8
   train = config.train

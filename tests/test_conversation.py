@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 
 from chat_tokenizers import chat_tokenizer
-from csd_jax.data.instruct import (IGNORE_INDEX, InstructionTokenizer, load_records,
-                                   records_from_json, render_prompt)
+from csd_jax.data.fields import IGNORE_INDEX
+from csd_jax.data.instruct import (InstructionTokenizer, load_records, records_from_json,
+                                   render_prompt)
 from csd_jax.errors import UserError
 
 SYSTEM = {"role": "system", "content": "Zebrafish rules apply."}
@@ -203,7 +204,7 @@ def test_ultrachat_parquet_and_jsonl_train_through_the_data_path(smol, converted
                                                                  caplog):
   from csd_jax.config import load_config
   from csd_jax.data.inputs import build_inputs, validation_records
-  from csd_jax.sharding import make_mesh
+  from csd_jax.runtime.sharding import make_mesh
 
   rows = ultrachat_rows()
   train = write_parquet(tmp_path / "train_sft-00000-of-00001.parquet", rows)

@@ -10,7 +10,7 @@ import json
 import numpy as np
 import pytest
 
-from csd_jax import demo
+from csd_jax.demo import command as demo
 from csd_jax.models import load_pretrained
 from csd_jax.models.io.layer_drop import layer_dropped_copy
 
@@ -73,7 +73,7 @@ def test_reduced_gemma3_demo_brings_the_student_to_the_teacher(tmp_path, gemma3_
   import subprocess
   import sys
 
-  code = (f"from csd_jax import demo; import json; print(json.dumps(demo.run({str(tmp_path)!r}, "
+  code = (f"from csd_jax.demo import command as demo; import json; print(json.dumps(demo.run({str(tmp_path)!r}, "
           f"teacher='gemma3-270m', steps=4, num_prompts=12, num_eval=4, max_new_tokens=8, "
           f"assets={str(gemma3_dir.parent)!r}, overrides=['train.log_every=2', "
           f"'train.heldout_every=0'])))")

@@ -99,7 +99,8 @@ def test_generation_compiles_once_per_prompt_width_and_keeps_the_tokenizer(tiny_
   pass; the tokenizer given comes back as it was."""
   from csd_jax.data.batching import bucket_length
   from csd_jax.data.instruct import render_prompt
-  from csd_jax.eval.generation import WIDTH_MULTIPLE, _token_sums, encode_prompts
+  from csd_jax.data.batching import PROMPT_WIDTH_MULTIPLE
+  from csd_jax.eval.generation import _token_sums, encode_prompts
   from csd_jax.models import load_pretrained
   from csd_jax.models.generate import _generate
 
@@ -113,7 +114,7 @@ def test_generation_compiles_once_per_prompt_width_and_keeps_the_tokenizer(tiny_
   lengths = [len(ids) for ids in encode_prompts(tokenizer, [render_prompt(r, cfg.template)
                                                             for r in records], cfg)]
   longest = [max(lengths[s:s + 10]) for s in range(0, 64, 10)]
-  widths = {bucket_length(n, multiple=WIDTH_MULTIPLE, cap=160) for n in longest}
+  widths = {bucket_length(n, multiple=PROMPT_WIDTH_MULTIPLE, cap=160) for n in longest}
   # the test bites: batches differ in their longest prompt more often than in their width
   assert len(widths) >= 2 and len(set(longest)) > len(widths), (longest, widths)
   _generate.clear_cache()
@@ -121,7 +122,7 @@ def test_generation_compiles_once_per_prompt_width_and_keeps_the_tokenizer(tiny_
   result = evaluate(model, tokenizer, {"mixed": records}, teacher=model, config=cfg)["mixed"]
   assert len(result["samples"]["10"]) == 64
   assert 1 <= _generate._cache_size() <= len(widths)
-  assert 1 <= _token_sums._cache_size() <= -(-cfg.max_length // WIDTH_MULTIPLE)  # 64..192
+  assert 1 <= _token_sums._cache_size() <= -(-cfg.max_length // PROMPT_WIDTH_MULTIPLE)  # 64..192
   assert {name: getattr(tokenizer, name) for name in settings} == before
 
 

@@ -42,7 +42,7 @@ def test_a_run_is_judged_on_its_own_format_and_opens_sharded(run_dir, monkeypatc
   import jax
   from flax import nnx
 
-  from csd_jax.run import open_run
+  from csd_jax.run.models import open_run
 
   data = [f"set={run_dir / 'set.jsonl'}"]
   seen, _, out = _settings(monkeypatch, command.EvalRequest(

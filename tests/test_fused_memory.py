@@ -53,8 +53,8 @@ def test_eval_step_temp_memory_does_not_grow_with_tokens():
   from flax import nnx
 
   from csd_jax.models import init_random
-  from csd_jax.sharding import make_mesh
-  from csd_jax.state import init_train_state
+  from csd_jax.runtime.sharding import make_mesh
+  from csd_jax.run.state import init_train_state
   from csd_jax.train.step import Objective, make_eval_step
 
   vocab, seq, chunk = 32768, 128, 256

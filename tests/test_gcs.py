@@ -70,7 +70,7 @@ def _losses(workdir):
 @pytest.fixture(scope="module")
 def tokenizer_in_bucket(gcs, gpt2_tokenizer, tmp_path_factory):
   """The GPT-2 tokenizer's files, uploaded: `data.tokenizer=gs://...` is read from the bucket."""
-  from csd_jax import paths
+  from csd_jax.runtime import paths
 
   local = tmp_path_factory.mktemp("tokenizer")
   gpt2_tokenizer.save_pretrained(local)
@@ -81,7 +81,7 @@ def tokenizer_in_bucket(gcs, gpt2_tokenizer, tmp_path_factory):
 
 def test_gs_workdir_killed_and_resumed_matches_a_local_run(gcs, tokenizer_in_bucket, tmp_path,
                                                             monkeypatch):
-  from csd_jax import paths
+  from csd_jax.runtime import paths
   from csd_jax.train.storage import complete_checkpoints
 
   tokenizer = [f"data.tokenizer={tokenizer_in_bucket}"]
@@ -162,7 +162,7 @@ def test_models_and_data_read_from_the_bucket(gcs, instruction_files, tmp_path, 
   tokenizers read local files), the data files are read from the bucket directly."""
   import yaml
 
-  from csd_jax import paths
+  from csd_jax.runtime import paths
   from csd_jax.models import init_random, save_pretrained
 
   monkeypatch.setenv("CSD_JAX_CACHE", str(tmp_path / "cache"))
@@ -192,8 +192,8 @@ def test_models_and_data_read_from_the_bucket(gcs, instruction_files, tmp_path, 
 def test_checksums_check_a_step_moved_into_or_out_of_the_bucket(gcs, tmp_path):
   """A run uploaded to a bucket (CRC-32 lists) or copied out of one (GCS's CRC-32C lists)
   checks like one that never moved; a flipped byte is still caught on either side."""
-  from csd_jax import checkpoint_integrity as integrity
-  from csd_jax import paths
+  from csd_jax.run import integrity
+  from csd_jax.runtime import paths
 
   local = tmp_path / "4"
   for rel, data in {"_CHECKPOINT_METADATA": b"m", "state/d/root": b"r" * 300,
@@ -221,8 +221,8 @@ def test_checksums_check_a_step_moved_into_or_out_of_the_bucket(gcs, tmp_path):
 
 
 def test_paths_in_a_bucket(gcs, tmp_path, monkeypatch):
-  """What csd_jax.paths adds to etils.epath for object stores."""
-  from csd_jax import paths
+  """What csd_jax.runtime.paths adds to etils.epath for object stores."""
+  from csd_jax.runtime import paths
 
   monkeypatch.setenv("CSD_JAX_CACHE", str(tmp_path / "cache"))
   assert paths.is_remote("gs://b/run") and not paths.is_remote("csd=gs://b/run")
@@ -254,10 +254,10 @@ def test_paths_in_a_bucket(gcs, tmp_path, monkeypatch):
 
 
 def test_what_must_stay_local_is_refused_in_one_line(tmp_path):
-  from csd_jax import demo
+  from csd_jax.demo import command as demo
   from csd_jax.config import load_config
   from csd_jax.errors import UserError
-  from csd_jax.eval import generate_command
+  from csd_jax.generate import command as generate_command
 
   with pytest.raises(UserError, match=r"^data.data_dir=gs://b/tfds: the TFDS cache .* local "):
     load_config(ROOT / "configs" / "tiny.yaml", ["data.data_dir=gs://b/tfds"])

@@ -16,7 +16,7 @@ import torch
 import transformers
 
 from csd_jax.models import generate, load_pretrained
-from csd_jax.sharding import make_mesh
+from csd_jax.runtime.sharding import make_mesh
 
 TOL = 1e-4
 PROMPTS = ["What is the capital of France?", "Write a haiku about rain.",

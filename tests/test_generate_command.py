@@ -15,8 +15,8 @@ import pytest
 from chat_tokenizers import chat_tokenizer
 from csd_jax import cli
 from csd_jax.errors import UserError
-from csd_jax.eval import prompt_sets, responses
-from csd_jax.eval.generate_command import GenerateRequest, run_generate
+from csd_jax.generate import prompt_sets, responses
+from csd_jax.generate.command import GenerateRequest, run_generate
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 FAST = {"max_new_tokens": 6, "batch_size": 4, "progress_every": 0.0}

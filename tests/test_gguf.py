@@ -24,7 +24,7 @@ import pytest
 
 from csd_jax.errors import UserError
 from csd_jax.models.io.gguf import convert_gguf, unpermute_rotary_rows
-from csd_jax.assets import MARKER, converted_smollm2
+from csd_jax.demo.assets import MARKER, converted_smollm2
 
 PROMPT = [{"role": "user", "content": "What is the capital of France?"}]
 

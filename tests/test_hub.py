@@ -15,7 +15,7 @@ import yaml
 from flax import nnx
 
 from csd_jax.config import load_config
-from csd_jax.config_paths import resolve_paths
+from csd_jax.config.paths import resolve_paths
 from csd_jax.errors import UserError
 from csd_jax.models import load_pretrained
 from csd_jax.models.io import hub
@@ -173,7 +173,7 @@ def test_only_the_files_the_port_reads_are_asked_for(cache, tmp_path, monkeypatc
 
 
 def test_the_tokenizer_of_a_hub_id_through_the_run(cache):
-  from csd_jax.run import resolve_tokenizer
+  from csd_jax.run.models import resolve_tokenizer
 
   config = load_config(ROOT / "configs" / "tiny.yaml",
                        [f"data.tokenizer={REPO}@v1.0"])
@@ -282,7 +282,7 @@ def test_hub_errors_online_are_one_line(cache, monkeypatch, error, message):
 def test_a_train_run_from_a_hub_id_keeps_the_id(cache, tmp_path):
   """`csd-jax train` with `student.path: owner/name` (offline, from the cache); its config.yaml
   keeps the id, and reopening the run resolves it again."""
-  from csd_jax.run import load_run_config, open_run
+  from csd_jax.run.models import load_run_config, open_run
 
   workdir = tmp_path / "w"
   result = subprocess.run(

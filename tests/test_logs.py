@@ -1,4 +1,4 @@
-"""csd_jax.logs: the commands' output carries no third-party banners."""
+"""csd_jax.runtime.logs: the commands' output carries no third-party banners."""
 
 import os
 import pathlib
@@ -12,7 +12,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 _SCRIPT = textwrap.dedent("""
     import json, sys
     sys.modules["torch"] = None  # as on a machine without torch: transformers' banner case
-    from csd_jax.logs import setup_logging
+    from csd_jax.runtime.logs import setup_logging
 
     setup_logging()
     import transformers  # noqa: F401
@@ -44,7 +44,7 @@ def test_no_third_party_banners(tmp_path):
 
 _WAKEUP_SCRIPT = textwrap.dedent("""
     import asyncio, gc
-    from csd_jax.logs import setup_logging
+    from csd_jax.runtime.logs import setup_logging
 
     class Wakeup:  # Python reports an error raised in __del__ as unraisable, as it does an
       def __init__(self, call):  # error raised in TensorStore's C++ callbacks

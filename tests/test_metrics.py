@@ -367,7 +367,7 @@ def test_the_loop_stores_every_logged_step_before_each_checkpoint(tmp_path, obje
                                                                   monkeypatch):
   """On object storage with a flush interval longer than the run, each checkpoint is started
   only after the steps before it are stored: a kill after it loses none of them."""
-  from csd_jax.checkpoint import Checkpointer
+  from csd_jax.run.checkpoint import Checkpointer
   from csd_jax.config import load_config
   from csd_jax.metrics import writer
   from csd_jax.train.loop import train

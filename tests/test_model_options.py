@@ -109,7 +109,7 @@ def test_dropout_follows_the_checkpoint_and_needs_a_key():
 
 def test_student_dropout_overrides_the_checkpoint_and_the_teacher_never_drops():
   from csd_jax.config import ConfigError, ModelSpec, load_config
-  from csd_jax.run import build_model
+  from csd_jax.run.models import build_model
 
   spec = ModelSpec(config=CONFIGS["gpt2_n_inner"]().to_dict(), dtype="float32", dropout=0.0)
   cfg = build_model(spec, None, trainable=True).cfg
@@ -155,7 +155,7 @@ def test_unsupported_switches_are_refused_in_one_line(config, message):
 
 
 def test_flops_per_token_counts_the_head_once_tied_or_not():
-  from csd_jax.train.flops import model_flops_per_token
+  from csd_jax.metrics.flops import model_flops_per_token
 
   tied = init_random(CONFIGS["llama_mqa_tied"](), seed=0)
   untied = init_random({**CONFIGS["llama_mqa_tied"]().to_dict(), "tie_word_embeddings": False},

@@ -6,7 +6,7 @@ import pathlib
 
 import pytest
 
-from csd_jax.checkpoint import Checkpointer
+from csd_jax.run.checkpoint import Checkpointer
 from csd_jax.config import ConfigError, load_config
 from csd_jax.metrics import read_metrics
 from csd_jax.train.export import export

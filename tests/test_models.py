@@ -12,7 +12,7 @@ from flax import nnx
 
 from csd_jax.errors import UserError
 from csd_jax.models import generate, init_random, load_pretrained, save_pretrained
-from csd_jax.sharding import make_mesh, state_shardings
+from csd_jax.runtime.sharding import make_mesh, state_shardings
 from hf_tiny import CONFIGS, VOCAB, make_checkpoint
 
 TOL = 1e-4  # max relative error, float32 (rounding only: different matmul orders)

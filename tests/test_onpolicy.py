@@ -8,11 +8,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from csd_jax import onpolicy
+from csd_jax.train import onpolicy
 from csd_jax.config import ConfigError, load_config
 from csd_jax.data.instruct import InstructionTokenizer
 from csd_jax.data.loader import pad_batch
 from csd_jax.metrics import read_metrics
+from csd_jax.run.state import ROW_KEYS, empty_replay
 from csd_jax.train.loop import build_trainer, train
 
 TINY = pathlib.Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
@@ -83,7 +84,7 @@ def test_data_rows_round_trip(gpt2_tokenizer):
     assert int(mask[i].sum()) == start + 1
   rows = onpolicy.answer_rows(prompt, lengths, jnp.asarray(answers), eos_ids=(encode.eos_id,),
                               pad_id=encode.pad_id, length=48)
-  for key in onpolicy.ROW_KEYS:
+  for key in ROW_KEYS:
     np.testing.assert_array_equal(np.asarray(rows[key]), np.asarray(batch[key]), err_msg=key)
 
 
@@ -102,11 +103,11 @@ def test_prompts_keep_their_end_and_rows_without_targets_are_dropped():
 
 def _marked(values):
   return {k: jnp.asarray(np.repeat(np.asarray(values)[:, None], 3, 1), jnp.int32)
-          for k in onpolicy.ROW_KEYS}
+          for k in ROW_KEYS}
 
 
 def test_replay_buffer_is_a_ring_and_draws_distinct_filled_rows():
-  buffer = onpolicy.init_buffer(5, 3, PAD)
+  buffer = empty_replay(5, 3, PAD)
   buffer = onpolicy.push(buffer, _marked([1, 2, 3]))
   assert int(buffer["filled"]) == 3
   drawn = onpolicy.draw(buffer, jax.random.key(0), 3)
@@ -212,7 +213,7 @@ def _copied(state):
 
 def _row_list(rows, count=None):
   """The rows (all keys of each) as hashable tuples, the first `count` of them."""
-  columns = [np.asarray(rows[k])[:count] for k in onpolicy.ROW_KEYS]
+  columns = [np.asarray(rows[k])[:count] for k in ROW_KEYS]
   return [tuple(np.concatenate([c[i] for c in columns]).tolist())
           for i in range(len(columns[0]))]
 
@@ -260,7 +261,7 @@ def test_distillm_is_deterministic_given_state_and_step(distillm_trainer):
 
 
 def test_export_reads_an_onpolicy_checkpoint(tmp_path):
-  from csd_jax.run import open_run
+  from csd_jax.run.models import open_run
 
   _tiny(tmp_path, "train.steps=2")
   run = open_run(tmp_path)

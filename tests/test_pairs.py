@@ -281,7 +281,7 @@ def test_the_official_config():
   assert config.train.batch_size == 2 * 128   # 128 pairs a step
   assert (config.loss.pair_beta, config.loss.pair_beta_end, config.loss.normalize) == (
       1.0, None, "sequence")
-  from csd_jax.state import learning_rate_schedule
+  from csd_jax.run.state import learning_rate_schedule
 
   schedule = learning_rate_schedule(config.optim, 389)   # 49.8k pairs / 128: ceil(38.9) warm-up
   assert float(schedule(39)) == pytest.approx(5e-5) and float(schedule(38)) < 5e-5

@@ -14,10 +14,10 @@ import numpy as np
 import pytest
 
 from csd_jax import cli
-from csd_jax.checkpoint import Checkpointer
+from csd_jax.run.checkpoint import Checkpointer
 from csd_jax.config import load_config
 from csd_jax.metrics import read_metrics
-from csd_jax.state import all_finite
+from csd_jax.run.state import all_finite
 from csd_jax.train.loop import build_trainer
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]

@@ -13,7 +13,7 @@ from jax.sharding import AxisType, PartitionSpec as P
 from csd_jax.config import ConfigError, load_config
 from csd_jax.errors import UserError
 from csd_jax.losses import fused_logit_loss, logit_loss
-from csd_jax.sharding import (RULES, batch_sharding, data_parallel_size, logical_to_spec,
+from csd_jax.runtime.sharding import (RULES, batch_sharding, data_parallel_size, logical_to_spec,
                               loss_axes, resolve_rules, state_shardings)
 
 TINY = pathlib.Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"

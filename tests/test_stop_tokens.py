@@ -10,12 +10,14 @@ import numpy as np
 import pytest
 
 from chat_tokenizers import chat_tokenizer
-from csd_jax import onpolicy
+from csd_jax.train import onpolicy
 from csd_jax.data.batching import pad_batch
 from csd_jax.data.chat import (chat_response, end_of_turn, model_eos_ids, run_model_stop_ids,
                                stop_ids)
-from csd_jax.data.instruct import IGNORE_INDEX, InstructionTokenizer, render_prompt
+from csd_jax.data.fields import IGNORE_INDEX
+from csd_jax.data.instruct import InstructionTokenizer, render_prompt
 from csd_jax.eval import generation
+from csd_jax.run.state import ROW_KEYS
 
 RECORD = {"instruction": "Name a primary color.", "context": "", "response": " Blue is one. "}
 END = {"smollm2": "<|im_end|>", "qwen2.5": "<|im_end|>", "gemma2": "<end_of_turn>",
@@ -235,5 +237,5 @@ def test_onpolicy_chat_rows_round_trip():
   answer = np.asarray([response + encode(tok, "\nmore") + [0] * 8], np.int32)[:, :32]
   rows = onpolicy.answer_rows(prompt, lengths, jnp.asarray(answer), eos_ids=stop_ids(tok),
                               pad_id=encode_row.pad_id, length=192)
-  for key in onpolicy.ROW_KEYS:
+  for key in ROW_KEYS:
     np.testing.assert_array_equal(np.asarray(rows[key]), np.asarray(batch[key]), err_msg=key)

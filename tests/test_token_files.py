@@ -7,7 +7,8 @@ import struct
 import numpy as np
 import pytest
 
-from csd_jax.data.loader import IGNORE_INDEX, BatchLoader, LoaderConfig
+from csd_jax.data.fields import IGNORE_INDEX
+from csd_jax.data.loader import BatchLoader, LoaderConfig
 from csd_jax.data.token_files import (MAGIC, ChunkEncoder, TokenChunks, best_fitting_dtype,
                                       convert_texts, is_token_file, token_file_paths,
                                       write_token_files)

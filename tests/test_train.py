@@ -10,7 +10,7 @@ from flax import nnx
 from csd_jax.config import load_config
 from csd_jax.metrics import read_metrics, read_tensorboard_scalars
 from csd_jax.models.lora import LoraParam
-from csd_jax.sharding import make_mesh
+from csd_jax.runtime.sharding import make_mesh
 from csd_jax.train.loop import build_trainer, train
 
 TINY = pathlib.Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"

@@ -16,9 +16,9 @@ import time
 import pytest
 import yaml
 
-from csd_jax import paths
+from csd_jax.runtime import paths
 from csd_jax.errors import UserError
-from csd_jax.workdir import (WorkdirLock, _boot_id, _now, _pid_namespace, process_start_time,
+from csd_jax.run.lock import (WorkdirLock, _boot_id, _now, _pid_namespace, process_start_time,
                              record_config)
 from lock_helpers import dead_pid as _dead_pid, race_to_acquire as _race_to_acquire
 
@@ -202,7 +202,7 @@ def test_concurrent_take_overs_in_threads_one_wins(tmp_path):
 _CONTENDER = """
 import sys, time
 from csd_jax.errors import UserError
-from csd_jax.workdir import WorkdirLock
+from csd_jax.run.lock import WorkdirLock
 lock = WorkdirLock(sys.argv[1], process_index=0)
 time.sleep(max(0.0, float(sys.argv[2]) - time.time()))
 try:

@@ -10,8 +10,8 @@ import time
 
 import pytest
 
-from csd_jax import paths
-from csd_jax.workdir import WorkdirLock, _boot_id, _now, _pid_namespace
+from csd_jax.runtime import paths
+from csd_jax.run.lock import WorkdirLock, _boot_id, _now, _pid_namespace
 from gcs_emulator import DEFAULT_BUCKET as BUCKET
 from lock_helpers import dead_pid as _dead_pid, race_to_acquire as _race_to_acquire
 

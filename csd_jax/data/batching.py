@@ -4,6 +4,9 @@ A batch is a dict of `[B, T]` int32 arrays: `input_ids`, `labels` (pre-shifted n
 targets, -100 where no loss), `attention_mask` (1 real, 0 padding) and `positions`, plus any
 other per-token field the examples carry (the chat pairs' `pair_role`), 0 on padding. This
 module imports neither grain nor tensorflow-datasets, so evaluation can batch without them.
+
+Generation's prompts are left-padded instead (`left_pad`, widths multiples of
+`PROMPT_WIDTH_MULTIPLE`), and its rows cut at their first stop id (`until_stop`).
 """
 
 from __future__ import annotations
@@ -13,10 +16,13 @@ from typing import Any
 
 import numpy as np
 
-from csd_jax.data.instruct import IGNORE_INDEX
+from csd_jax.data.fields import IGNORE_INDEX
 
 Example = dict[str, np.ndarray]
 Batch = dict[str, Any]
+
+# Left-padded prompt widths are multiples of this: a sampler compiles once per width used.
+PROMPT_WIDTH_MULTIPLE = 64
 
 
 def bucket_length(longest: int, *, multiple: int, cap: int) -> int:
@@ -46,3 +52,21 @@ def pad_batch(examples: Sequence[Example], *, pad_id: int, max_length: int,
     for k in extra:
       batch[k][i, :n] = example[k]
   return batch
+
+
+def left_pad(rows: Sequence[Sequence[int]], width: int, pad_id: int
+             ) -> tuple[np.ndarray, np.ndarray]:
+  """`[len(rows), width]` int32 ids and attention mask of token rows, each right-aligned (the
+  layout a sampler continues from)."""
+  ids = np.full((len(rows), width), pad_id, np.int32)
+  mask = np.zeros((len(rows), width), np.int32)
+  for i, row in enumerate(rows):
+    if row:
+      ids[i, width - len(row):], mask[i, width - len(row):] = row, 1
+  return ids, mask
+
+
+def until_stop(row: np.ndarray, stops: Sequence[int]) -> np.ndarray:
+  """`row` up to its first stop id (excluded)."""
+  hits = np.flatnonzero(np.isin(row, stops)) if stops else []
+  return row[:hits[0]] if len(hits) else row

@@ -21,7 +21,7 @@ import pathlib
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
-from csd_jax import paths
+from csd_jax.runtime import paths
 
 logger = logging.getLogger("csd_jax.data")
 

@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 
 from csd_jax.data.chat import render_chat
-from csd_jax.data.instruct import IGNORE_INDEX, RESPONSE_FIELDS
+from csd_jax.data.fields import IGNORE_INDEX, RESPONSE_FIELDS
 from csd_jax.errors import UserError
 
 ASSISTANT = "assistant"

@@ -18,7 +18,7 @@ from jax.sharding import Mesh
 
 from csd_jax.config import Config
 from csd_jax.errors import UserError
-from csd_jax.sharding import batch_sharding, resolve_rules
+from csd_jax.runtime.sharding import batch_sharding, resolve_rules
 
 SYNTHETIC_EVAL_OFFSET = 1 << 20  # eval records' seeds never collide with training records'
 
@@ -96,7 +96,7 @@ def validation_records(config: Config, limit: int | None = None) -> list[dict[st
 
 def build_inputs(config: Config, mesh: Mesh, vocab_size: int, tokenizer: Any | None) -> Inputs:
   """Loaders for training, held-out evaluation and (with `loss.lm_coef`) pre-training text,
-  tokenised with `tokenizer` (the run's: `csd_jax.run.resolve_tokenizer`; unused by synthetic
+  tokenised with `tokenizer` (the run's: `csd_jax.run.models.resolve_tokenizer`; unused by synthetic
   data)."""
   from csd_jax.data import tfds_builder
   from csd_jax.data.instruct import InstructionTokenizer, TextTokenizer

@@ -24,13 +24,14 @@ from typing import Any
 
 import numpy as np
 
+from csd_jax.data import conversation, minillm
 from csd_jax.data.chat import chat_response, end_of_turn
+from csd_jax.data.fields import (CONTEXT_FIELDS, IGNORE_INDEX, INSTRUCTION_FIELDS,
+                                 RESPONSE_FIELDS, TEMPLATE_NAMES)
 from csd_jax.data.records import read_json_records
 from csd_jax.errors import UserError
 
 logger = logging.getLogger("csd_jax.data")
-
-IGNORE_INDEX = -100
 
 PROMPT_TEMPLATES: dict[str, str] = {
     "with_context": (
@@ -41,13 +42,6 @@ PROMPT_TEMPLATES: dict[str, str] = {
         "Below is an instruction that describes a task. Write a response that appropriately"
         " completes the request.\n\n### Instruction:\n{instruction}\n\n### Response:\n"),
 }
-TEMPLATE_NAMES = ("minillm", "chat", "none")
-
-# The aliases of each field, first found first used; `dialogue` / `summary` are DialogSum's
-# (speculative_kd's summ_*.json), the others cover Dolly, Alpaca, GSM8K and prompt pairs.
-INSTRUCTION_FIELDS = ("instruction", "prompt", "question", "dialogue")
-CONTEXT_FIELDS = ("context", "input")
-RESPONSE_FIELDS = ("response", "output", "completion", "answer", "summary")
 
 
 def _user_text(record: Mapping[str, str]) -> str:
@@ -59,9 +53,7 @@ def render_prompt(record: Mapping[str, str], template: str, tokenizer: Any = Non
   """The prompt text for `record` under `template` ("minillm", "chat" or "none"); a
   conversation's (`messages`, chat only) is its start up to the first answer."""
   if record.get("messages"):
-    from csd_jax.data.conversation import conversation_prompt
-
-    return conversation_prompt(record, template, tokenizer)
+    return conversation.conversation_prompt(record, template, tokenizer)
   context = record.get("context") or ""
   if template == "minillm":
     if record.get("prompt"):   # an official evaluation file's prompt, used as it is
@@ -219,9 +211,7 @@ class InstructionTokenizer:
   def __call__(self, record: Mapping[str, str]) -> dict[str, np.ndarray] | None:
     self.stats.samples += 1
     if record.get("messages"):   # a chat conversation: every assistant turn is trained
-      from csd_jax.data.conversation import encode_conversation
-
-      return encode_conversation(self, record)
+      return conversation.encode_conversation(self, record)
     prompt = _encode(self.tokenizer, render_prompt(record, self.template, self.tokenizer))
     head = [] if self.bos_id is None else [self.bos_id]
     keep = self.max_prompt_length - len(head)
@@ -313,8 +303,6 @@ def records_from_json(obj: Mapping[str, Any]) -> dict[str, Any]:
   evaluation files, `csd_jax.data.minillm`) adds `prompt`, used verbatim by that template.
   A chat conversation (a `messages` list) is `conversation.conversation_record`'s: its first
   exchange and `messages`."""
-  from csd_jax.data import conversation, minillm
-
   if conversation.is_conversation(obj):
     return conversation.conversation_record(obj)
   instruction = _first(obj, INSTRUCTION_FIELDS)

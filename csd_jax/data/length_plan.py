@@ -10,7 +10,7 @@ between them and share, in ONE all-gather, each record's example count and longe
 shuffle (`LengthPlan`, integer look-ups) and knows every global batch's `T` with no
 collective: the `T` a per-batch all-gather gave, so as few compiles. The encoder must be
 deterministic (a longer row than planned is an error). `csd_jax.data.loader.BatchLoader`
-builds the plan and pads each local batch to its `T`; `_allgather` is also its per-batch
+builds the plan and pads each local batch to its `T`; `allgather` is also its per-batch
 fallback for a state saved without a plan (older csd-jax, a 1-process run).
 """
 
@@ -26,6 +26,7 @@ import numpy as np
 
 from csd_jax.data.batching import Example, bucket_length
 from csd_jax.errors import UserError
+from csd_jax.runtime.distributed import allgather
 
 logger = logging.getLogger("csd_jax.data")
 
@@ -60,7 +61,7 @@ class LengthTable:
     """Every process's block, joined by the loader's only collective (at construction)."""
     start = time.perf_counter()
     if jax.process_count() == process_count:
-      parts = _allgather(cls.part(source, examples, process_index, process_count))
+      parts = allgather(cls.part(source, examples, process_index, process_count))
     else:   # processes simulated in one (tests): every block here
       parts = np.stack([cls.part(source, examples, i, process_count)
                         for i in range(process_count)])
@@ -68,13 +69,6 @@ class LengthTable:
       logger.info("length plan: %d records tokenised by %d processes in %.1f s", len(source),
                   process_count, time.perf_counter() - start)
     return cls(np.asarray(parts).reshape(-1, 2)[:len(source)])
-
-
-def _allgather(value: np.ndarray) -> np.ndarray:
-  """[process_count, ...] of every process's `value`: a host-level all-gather."""
-  from jax.experimental import multihost_utils
-
-  return np.asarray(multihost_utils.process_allgather(value))
 
 
 class LengthPlan:

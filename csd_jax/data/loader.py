@@ -35,12 +35,13 @@ import numpy as np
 
 from csd_jax.data.batching import bucket_length, pad_batch
 from csd_jax.data.instruct import TokenizeStats
-from csd_jax.data.length_plan import LengthPlan, LengthTable, _allgather
+from csd_jax.data.fields import IGNORE_INDEX
+from csd_jax.data.length_plan import LengthPlan, LengthTable
 from csd_jax.errors import UserError
+from csd_jax.runtime.distributed import allgather
 
 logger = logging.getLogger("csd_jax.data")
 
-IGNORE_INDEX = -100
 Example = dict[str, np.ndarray]
 Batch = dict[str, Any]
 # Records tokenised at construction to report drops and truncation: all of them up to this
@@ -210,7 +211,7 @@ class BatchLoader:
 
   def _gathered_length(self, local: Batch) -> int:
     """The per-batch agreement of older versions: an all-gather of every process's width."""
-    return int(np.max(_allgather(np.int32(local["input_ids"].shape[1]))))
+    return int(np.max(allgather(np.int32(local["input_ids"].shape[1]))))
 
   def _pad_to(self, local: Batch, length: int) -> Batch:
     """Right-pad a local batch to the agreed width (padding is masked: labels -100)."""

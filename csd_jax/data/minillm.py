@@ -26,7 +26,7 @@ from collections.abc import Mapping
 
 from etils import epath
 
-from csd_jax import paths
+from csd_jax.runtime import paths
 from csd_jax.errors import UserError
 
 NEWLINE_MARK = "<n>"            # the official files' stand-in for "\n" in prompts

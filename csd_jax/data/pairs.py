@@ -35,7 +35,8 @@ from typing import Any
 import numpy as np
 
 from csd_jax.data.chat import chat_response, render_chat
-from csd_jax.data.instruct import IGNORE_INDEX, InstructionTokenizer, TokenizeStats, render_prompt
+from csd_jax.data.fields import IGNORE_INDEX
+from csd_jax.data.instruct import InstructionTokenizer, TokenizeStats, render_prompt
 from csd_jax.errors import UserError
 
 PAIR_TEACHER, PAIR_STUDENT = 1, 2   # = csd_jax.losses.reduce.PAIR_TEACHER / PAIR_STUDENT

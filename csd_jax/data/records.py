@@ -15,7 +15,7 @@ import os
 from collections.abc import Iterator, Mapping
 from typing import Any
 
-from csd_jax import paths
+from csd_jax.runtime import paths
 from csd_jax.errors import UserError
 
 

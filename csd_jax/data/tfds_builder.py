@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 import tensorflow_datasets as tfds
 
-from csd_jax import paths
+from csd_jax.runtime import paths
 from csd_jax.data import minillm
 from csd_jax.data.instruct import records_from_json, text_from_json
 from csd_jax.data.pairs import PAIR_FIELDS, pair_record

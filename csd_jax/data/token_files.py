@@ -33,7 +33,7 @@ from typing import Any
 
 import numpy as np
 
-from csd_jax import paths
+from csd_jax.runtime import paths
 from csd_jax.errors import UserError
 
 MAGIC = b"MMIDIDX\x00\x00"

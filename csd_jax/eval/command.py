@@ -6,7 +6,7 @@ either protocol (under `run`, its lengths too) and its tokenizer; `--best` takes
 checkpoint (W/best/) instead of its latest. Answers end at any stop id: the
 tokenizer's eos and end-of-turn token, and the eos ids of the model's config.json and
 generation_config.json (a run's student and teacher). Models load sharded over every local
-device (`csd_jax.run.inference_mesh`), so a teacher need not fit on one chip.
+device (`csd_jax.run.models.inference_mesh`), so a teacher need not fit on one chip.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from typing import Any
 
 from etils import epath
 
-from csd_jax import paths
+from csd_jax.runtime import paths
 from csd_jax.data.chat import run_model_stop_ids, stop_ids
 from csd_jax.errors import UserError
 from csd_jax.eval import generation
@@ -70,7 +70,7 @@ def load_model(workdir: str | None, model_dir: str | None, *, best: bool = False
   path) of a run's student (`workdir`; `best`: its best checkpoint) or of a Hugging Face
   directory (`model_dir`, loaded in `dtype`, default float32), sharded over every local device.
   Shared by `csd-jax eval` and `csd-jax generate`."""
-  from csd_jax.run import inference_mesh, open_run
+  from csd_jax.run.models import inference_mesh, open_run
 
   if workdir:
     run = open_run(workdir, best=best)
@@ -119,7 +119,7 @@ def run_eval(request: EvalRequest) -> tuple[dict[str, dict[str, Any]], epath.Pat
   """Evaluate as `request` says; the results are written to their JSON file, whose path is
   returned with them."""
   from csd_jax.models import load_pretrained
-  from csd_jax.run import inference_mesh
+  from csd_jax.run.models import inference_mesh
 
   datasets = parse_datasets(request.data, request.max_examples)
   model, tokenizer, run, out = load_model(request.workdir, request.model, best=request.best)

@@ -10,7 +10,7 @@ at T = 1 and the top-1 agreement on the reference responses.
 
 Shapes are fixed so that compiles do not grow with the data: every batch has `batch_size`
 rows, and prompts (left-padded) and teacher-forced rows (right-padded) are padded to multiples
-of `WIDTH_MULTIPLE`; a prompt bucket of width w gets `max_length - w` new tokens. The
+of `PROMPT_WIDTH_MULTIPLE`; a prompt bucket of width w gets `max_length - w` new tokens. The
 teacher-forced metrics come from hidden states and LM heads a chunk of tokens at a time
 (`losses.chunked_token_sums`), never `[N, V]` logits. The tokenizer given is only read.
 This package imports neither grain nor tensorflow-datasets (csd_jax.data.records / batching).
@@ -31,11 +31,12 @@ import jax
 import numpy as np
 from flax import nnx
 
-from csd_jax import paths
-from csd_jax.data.batching import bucket_length, pad_batch
+from csd_jax.runtime import paths
+from csd_jax.data.batching import (PROMPT_WIDTH_MULTIPLE, bucket_length, left_pad, pad_batch,
+                                   until_stop)
 from csd_jax.data.chat import run_model_stop_ids, stop_ids
-from csd_jax.data.instruct import (IGNORE_INDEX, InstructionTokenizer, load_records,
-                                   render_prompt)
+from csd_jax.data.fields import IGNORE_INDEX
+from csd_jax.data.instruct import InstructionTokenizer, load_records, render_prompt
 from csd_jax.errors import UserError
 from csd_jax.eval.text_metrics import rouge_l, self_bleu
 from csd_jax.losses import chunked_token_sums
@@ -45,7 +46,6 @@ from csd_jax.sampling import Sampling
 DEFAULT_SEEDS = (10, 20, 30, 40, 50)
 # Prompts and teacher-forced rows are padded to multiples of this (capped at the maximum
 # length): a handful of shapes, so each jitted function compiles once per width, not per batch.
-WIDTH_MULTIPLE = 64
 # Tokens per chunk of the teacher-forced metrics: each chunk holds a few [chunk, V] float32
 # temporaries per model (0.2 GB each at 1024 x 50257), which a CPU host pays in RAM.
 CHUNK_SIZE = 256
@@ -139,29 +139,13 @@ def encode_prompts(tokenizer: Any, prompts: Sequence[str], cfg: EvalConfig) -> l
           for ids in encoded]
 
 
-def _left_padded(rows: Sequence[Sequence[int]], width: int, pad_id: int
-                 ) -> tuple[np.ndarray, np.ndarray]:
-  ids = np.full((len(rows), width), pad_id, np.int32)
-  mask = np.zeros((len(rows), width), np.int32)
-  for i, row in enumerate(rows):
-    if row:
-      ids[i, width - len(row):], mask[i, width - len(row):] = row, 1
-  return ids, mask
-
-
-def _until_stop(row: np.ndarray, stops: Sequence[int]) -> np.ndarray:
-  """`row` up to its first stop id (excluded)."""
-  hits = np.flatnonzero(np.isin(row, stops)) if stops else []
-  return row[:hits[0]] if len(hits) else row
-
-
 def generate_answers(model: Any, tokenizer: Any, prompt_ids: Sequence[Sequence[int]],
                      seed: int, cfg: EvalConfig, stops: Sequence[int], *,
                      decode: Callable[[np.ndarray], str] | None = None) -> list[str]:
   """One sampled answer per prompt, ended by the first of `stops` (`decode`, given, turns a
   row of new token ids into the answer instead: the task evaluators cut at stop strings too).
   Batches are `batch_size` rows (the last one completed with copies of its last prompt, answers
-  dropped) and `WIDTH_MULTIPLE`-wide buckets, with `cfg.max_new_tokens` new tokens or else the
+  dropped) and `PROMPT_WIDTH_MULTIPLE`-wide buckets, with `cfg.max_new_tokens` new tokens or else the
   length budget of the bucket (`max_length - width`): `generate` compiles once per width used,
   whatever the number of batches."""
   pad = _token_id(tokenizer, "pad")
@@ -170,16 +154,16 @@ def generate_answers(model: Any, tokenizer: Any, prompt_ids: Sequence[Sequence[i
   for start in range(0, len(prompt_ids), cfg.batch_size):
     chunk = list(prompt_ids[start:start + cfg.batch_size])
     rows = chunk + [chunk[-1]] * (cfg.batch_size - len(chunk))
-    width = bucket_length(max(map(len, rows)), multiple=WIDTH_MULTIPLE,
+    width = bucket_length(max(map(len, rows)), multiple=PROMPT_WIDTH_MULTIPLE,
                           cap=cfg.max_prompt_length)
-    ids, mask = _left_padded(rows, width, pad)
+    ids, mask = left_pad(rows, width, pad)
     new_tokens = cfg.max_new_tokens or cfg.max_length - width
     out = np.asarray(generate(model, ids, prompt_mask=mask, max_new_tokens=new_tokens,
                               sampling=cfg.sampling,
                               seed=seed * 1_000_003 + start,  # no two (seed, batch) alike
                               eos_id=tuple(stops)))
     answers += [decode(row) if decode is not None else
-                tokenizer.decode(_until_stop(row, stops), skip_special_tokens=True).strip()
+                tokenizer.decode(until_stop(row, stops), skip_special_tokens=True).strip()
                 for row in out[:len(chunk)]]
   return answers
 
@@ -218,7 +202,7 @@ def teacher_forced_metrics(model: Any, teacher: Any | None, tokenizer: Any,
   """Perplexity of the reference responses; with a teacher, KL(p||q), CSD and the top-1
   agreement on them (the teacher and student compared on the vocabulary both have).
 
-  One jitted function, compiled once per row width (multiples of `WIDTH_MULTIPLE`); the logits
+  One jitted function, compiled once per row width (multiples of `PROMPT_WIDTH_MULTIPLE`); the logits
   are formed a chunk of tokens at a time.
   """
   encode = InstructionTokenizer(tokenizer, template=cfg.template, max_length=cfg.max_length,
@@ -236,7 +220,7 @@ def teacher_forced_metrics(model: Any, teacher: Any | None, tokenizer: Any,
     filler = {"input_ids": chunk[-1]["input_ids"],
               "labels": np.full_like(chunk[-1]["labels"], IGNORE_INDEX)}
     batch = pad_batch(chunk + [filler] * (cfg.batch_size - len(chunk)), pad_id=encode.pad_id,
-                      max_length=cfg.max_length, bucket_multiple=WIDTH_MULTIPLE)
+                      max_length=cfg.max_length, bucket_multiple=PROMPT_WIDTH_MULTIPLE)
     pending.append(_token_sums(graphdef, state, teacher_graphdef, teacher_state, batch,
                                vocab=vocab, separate_ce=(teacher is not None
                                                          and vocab < model.cfg.vocab_size)))

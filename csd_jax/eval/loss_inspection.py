@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from etils import epath
 
-from csd_jax import paths
+from csd_jax.runtime import paths
 from csd_jax.errors import UserError
 from csd_jax.losses import IGNORE_LABEL, per_token_loss
 from csd_jax.metrics import read_metrics
@@ -56,9 +56,9 @@ class Run:
 def open_run(workdir: PathLike) -> Run:
   """The run's latest checkpoint's student, its teacher (rebuilt from the config, as training
   built it) and the first batch of its held-out data (else of its training data)."""
-  from csd_jax import run as run_lib
+  from csd_jax.run import models as run_lib
   from csd_jax.data.inputs import build_inputs  # grain / TFDS: only when a notebook asks
-  from csd_jax.sharding import make_mesh
+  from csd_jax.runtime.sharding import make_mesh
 
   opened = run_lib.open_run(workdir, teacher=True)
   if opened.teacher is None:

@@ -37,7 +37,7 @@ from typing import Any
 import numpy as np
 from etils import epath
 
-from csd_jax import paths
+from csd_jax.runtime import paths
 from csd_jax.errors import UserError
 
 # The paper's sets in its column order: canonical name -> column label.

@@ -7,7 +7,8 @@
 - `wandb_logger`: Weights & Biases, optional (`metrics.wandb.project`); imported by the writer
   only when configured, so that `wandb` is never imported otherwise.
 - `progress`: `ProgressBar`, the trainer's one-line display (loss, tokens/s, MFU, ETA).
-- `flops`: `transformer_flops_per_token`, `mfu` and `peak_flops_per_device` (the device table).
+- `flops`: `transformer_flops_per_token`, `model_flops_per_token` (of a model), `count_params`,
+  `mfu` and `peak_flops_per_device` (the device table).
 
 The names below are the ones the rest of the project imports from `csd_jax.metrics`.
 """

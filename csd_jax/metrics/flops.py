@@ -1,9 +1,13 @@
-"""Model FLOPs per token, model FLOP utilisation (MFU) and the per-device peak FLOP/s table."""
+"""Parameter counts, model FLOPs per token (of a formula or of a model), model FLOP utilisation
+(MFU) and the per-device peak FLOP/s table: for the loop's progress line and bench/."""
 
 from __future__ import annotations
 
 import re
 from typing import Any
+
+import jax
+from flax import nnx
 
 # bf16 dense peak FLOP/s of one device, by `device.device_kind` (case-insensitive); first match
 # wins, so the specific patterns come first ("H100 PCIe" before "H100", "v5 lite" before "v5").
@@ -48,3 +52,22 @@ def transformer_flops_per_token(num_params_matmul: int, num_layers: int, seq_len
   """
   factor = 3 if backward else 1
   return factor * (2.0 * num_params_matmul + 4.0 * num_layers * seq_len * hidden)
+
+
+def count_params(state: Any) -> int:
+  """The number of values in a pytree of arrays (an NNX state)."""
+  return sum(x.size for x in jax.tree.leaves(state))
+
+
+def model_flops_per_token(model: Any, seq_len: int, *, backward: bool) -> float:
+  """Matmul FLOPs per token of a forward (x3 with the backward) pass: every parameter that
+  multiplies (the LM head included, the embedding lookup and learned positions not) plus
+  attention's scores and values."""
+  cfg = model.cfg
+  matmul = count_params(nnx.state(model, nnx.Param))
+  if not cfg.tie_word_embeddings:
+    matmul -= cfg.vocab_size * cfg.hidden_size  # the lookup table; the head is counted
+  if model.pos_embed is not None:
+    matmul -= model.pos_embed.get_value().size
+  return transformer_flops_per_token(matmul, cfg.num_layers, seq_len,
+                                     cfg.num_heads * cfg.head_dim, backward=backward)

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 from etils import epath
 
-from csd_jax import paths
+from csd_jax.runtime import paths
 from csd_jax.metrics.tfevents import decode_records, decode_scalars, encode_event, encode_record
 
 if TYPE_CHECKING:

@@ -37,7 +37,7 @@ from jax.sharding import NamedSharding
 
 from csd_jax.models.transformer import CausalLM, positions_from_mask
 from csd_jax.sampling import GREEDY, Sampling
-from csd_jax.sharding import batch_sharding, data_parallel_size
+from csd_jax.runtime.sharding import batch_sharding, data_parallel_size
 
 Array = jax.Array
 

@@ -1,8 +1,15 @@
-"""Training: the jitted distillation step, the loop and its periodic actions, export.
+"""Training: the jitted distillation step, the loop and its periodic actions, on-policy rows,
+export.
 
-`loop.py` is the one module that ties config, mesh, models, data, step, checkpoints and
-metrics together; `actions.py` holds its periodic actions (log, held-out eval, evaluation by
-generation, save, preemption). The train state lives in `csd_jax.state`, a run's models in
-`csd_jax.run`. `step.py` and `flops.py` import no data code (grain, TFDS), so the benches run
-where those are not installed.
+- `loop`: the one module that ties config, mesh, models, data, step, checkpoints and metrics
+  together (`build_trainer`, `train`).
+- `actions`: the loop's periodic actions (log, held-out loss, evaluation by generation, save,
+  preemption).
+- `step`: the jitted train and eval steps. It imports no data code (grain, TFDS), so the
+  benches run where those are not installed.
+- `onpolicy`: rows of the student's own answers (ImitKD, GKD, DistiLLM mixing).
+- `compile_cache`: XLA's persistent compilation cache of a run; `storage`: failed writes told
+  in one line; `export`: a run's student as a Hugging Face directory.
+
+The train state and a run's models live in `csd_jax.run`.
 """

@@ -26,14 +26,14 @@ from typing import Any
 import jax
 import numpy as np
 
-from csd_jax import paths
-from csd_jax.checkpoint import Checkpointer
+from csd_jax.runtime import paths
+from csd_jax.run.checkpoint import Checkpointer
 from csd_jax.config import to_dict
-from csd_jax.distributed import from_every_process
+from csd_jax.runtime.distributed import from_every_process
 from csd_jax.errors import UserError
 from csd_jax.metrics import ProgressBar, mfu, peak_flops_per_device
-from csd_jax.state import TrainState, all_finite
-from csd_jax.train.flops import model_flops_per_token
+from csd_jax.run.state import TrainState, all_finite
+from csd_jax.metrics.flops import model_flops_per_token
 
 logger = logging.getLogger("csd_jax.train")
 
@@ -196,7 +196,7 @@ class GenerationEval:
       raise UserError("eval.every / eval.every_epoch run on one process only; turn them off and "
                       "run `csd-jax eval --workdir W` on the checkpoints")
     from csd_jax.eval import generation
-    from csd_jax.run import selection_metric
+    from csd_jax.run.models import selection_metric
 
     self.generation = generation
     self.settings = generation.run_settings(config)

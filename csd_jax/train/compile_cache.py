@@ -22,7 +22,7 @@ import jax
 from etils import epath
 from jax import monitoring
 
-from csd_jax import paths
+from csd_jax.runtime import paths
 
 CACHE_DIR = "xla_cache"
 # JAX's event names (jax/_src/dispatch.py, jax/_src/compiler.py): the time of each program's

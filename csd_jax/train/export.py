@@ -19,12 +19,12 @@ from typing import Any
 
 from etils import epath
 
-from csd_jax import paths
+from csd_jax.runtime import paths
 from csd_jax.data.chat import run_model_stop_ids, stop_ids
 from csd_jax.errors import UserError
 from csd_jax.models import save_pretrained
 from csd_jax.models.io import hub
-from csd_jax.run import open_run
+from csd_jax.run.models import open_run
 
 logger = logging.getLogger("csd_jax.export")
 

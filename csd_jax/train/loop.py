@@ -24,24 +24,24 @@ import jax
 from flax import nnx
 from jax.sharding import Mesh
 
-from csd_jax import onpolicy as onpolicy_lib
-from csd_jax import paths
-from csd_jax.checkpoint import CHECKPOINTS, Checkpointer
+from csd_jax.train import onpolicy as onpolicy_lib
+from csd_jax.runtime import paths
+from csd_jax.run.checkpoint import CHECKPOINTS, Checkpointer
 from csd_jax.config import Config, to_dict
-from csd_jax.config_paths import resolve_paths
+from csd_jax.config.paths import resolve_paths
 from csd_jax.errors import UserError, storage_failure
 from csd_jax.metrics import MetricsWriter
 from csd_jax.data.inputs import Inputs, build_inputs
-from csd_jax.distributed import from_every_process
+from csd_jax.runtime.distributed import from_every_process
 from csd_jax.losses import pair_beta
-from csd_jax.run import Models, build_models, resolve_tokenizer, train_state_template
-from csd_jax.sharding import data_parallel_size, make_mesh, resolve_rules
-from csd_jax.state import TrainState, make_optimizer
+from csd_jax.run.models import Models, build_models, resolve_tokenizer, train_state_template
+from csd_jax.runtime.sharding import data_parallel_size, make_mesh, resolve_rules
+from csd_jax.run.state import TrainState, make_optimizer
 from csd_jax.train import actions, compile_cache
 from csd_jax.train.storage import storage_error
-from csd_jax.train.flops import count_params
+from csd_jax.metrics.flops import count_params
 from csd_jax.train.step import Objective, make_eval_step, make_train_step
-from csd_jax.workdir import WorkdirLock, record_config
+from csd_jax.run.lock import WorkdirLock, record_config
 
 logger = logging.getLogger("csd_jax.train")
 

@@ -26,8 +26,8 @@ from flax import nnx
 
 from csd_jax.losses import (IGNORE_LABEL, PAIR_TEACHER, chunked_token_sums, fused_logit_loss,
                             logit_loss, num_pairs, pair_row_weights)
-from csd_jax.sharding import loss_axes
-from csd_jax.state import TrainState, all_finite
+from csd_jax.runtime.sharding import loss_axes
+from csd_jax.run.state import TrainState, all_finite
 
 Array = jax.Array
 Batch = Mapping[str, Array]
@@ -196,7 +196,7 @@ def make_train_step(student_graphdef: nnx.GraphDef, teacher_graphdef: nnx.GraphD
       return jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
 
     metrics = {"loss": loss, "grad_norm": grad_norm,
-               "lr": schedule(state.step), "valid_tokens": jnp.sum(batch["labels"] != -100),
+               "lr": schedule(state.step), "valid_tokens": jnp.sum(batch["labels"] != IGNORE_LABEL),
                "nonfinite": jnp.logical_not(finite).astype(jnp.int32),
                **{k: jnp.sum(v) for k, v in parts.items()},
                **({"pair_beta": beta} if "pair_role" in batch else {})}

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import os
 
-from csd_jax import paths
+from csd_jax.runtime import paths
 from csd_jax.errors import UserError
 
 

@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 from etils import epath
 
-from csd_jax import paths
+from csd_jax.runtime import paths
 from csd_jax.errors import UserError
 from csd_jax.eval.tasks import get_task
 

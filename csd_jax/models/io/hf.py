@@ -28,7 +28,7 @@ from csd_jax.models.io import hub
 from csd_jax.models.io.safetensors import SafetensorsCheckpoint, write_sharded
 from csd_jax.models.lora import LoraParam, merge_lora
 from csd_jax.models.transformer import CausalLM
-from csd_jax.sharding import state_shardings
+from csd_jax.runtime.sharding import state_shardings
 
 MAX_SHARD_BYTES = 5 * 2**30
 
@@ -59,7 +59,7 @@ def init_random(hf_config: Any, seed: int = 0, *, dtype: Any = jnp.float32,
                 param_dtype: Any = None, mesh: Mesh | None = None,
                 rules: Mapping[str, Sequence[str]] | None = None, **overrides: Any) -> CausalLM:
   """A randomly initialised model for a transformers config (dict or `PretrainedConfig`),
-  born sharded over `mesh` when one is given (by `rules`, default `csd_jax.sharding.RULES`)."""
+  born sharded over `mesh` when one is given (by `rules`, default `csd_jax.runtime.sharding.RULES`)."""
   cfg = config_from_hf(hf_config, dtype=dtype, param_dtype=param_dtype, **overrides)
   graphdef, abstract = _abstract(cfg)
 
@@ -86,7 +86,7 @@ def load_pretrained(path_or_hub_id: str | os.PathLike, *, dtype: Any = jnp.float
   Args:
     dtype: compute dtype. param_dtype: storage dtype (default float32).
     mesh: place each parameter straight into its sharded array.
-    rules: logical axis -> mesh axes (default `csd_jax.sharding.RULES`).
+    rules: logical axis -> mesh axes (default `csd_jax.runtime.sharding.RULES`).
     **overrides: `ModelConfig` fields (`remat`, `attention_impl`, ...).
 
   Raises:

@@ -6,7 +6,7 @@
 One resolution order, used by every place that opens a model or tokenizer directory: a string
 that exists on disk (a directory named like a hub id included), a URL (`gs://...`), an absolute
 path, or one starting with `.` or `~` is a local path and is returned unchanged (a URL copied
-into a local cache first, `csd_jax.paths.local_copy`); otherwise a
+into a local cache first, `csd_jax.runtime.paths.local_copy`); otherwise a
 string of the form `owner/name[@revision]` (a branch, tag or commit hash) is a hub id, fetched
 with `huggingface_hub.snapshot_download` into (or read from) huggingface_hub's cache, so that
 `HF_HUB_OFFLINE=1` with a filled cache works. Only what the port reads is fetched: config,
@@ -28,7 +28,7 @@ import re
 
 from etils import epath
 
-from csd_jax import paths
+from csd_jax.runtime import paths
 from csd_jax.errors import UserError
 
 logger = logging.getLogger("csd_jax.hub")

@@ -28,13 +28,13 @@ from typing import Any
 
 import yaml
 
-from csd_jax import paths
+from csd_jax.runtime import paths
 from csd_jax.errors import UserError
 
 logger = logging.getLogger("csd_jax.train")
 
 LOCK_FILE = ".lock"
-CONFIG_FILE = "config.yaml"   # the same name as csd_jax.run.CONFIG_FILE (not imported: JAX)
+CONFIG_FILE = "config.yaml"   # the same name as csd_jax.run.models.CONFIG_FILE (not imported: JAX)
 _TIME_FORMAT = "%Y-%m-%dT%H:%M:%SZ"
 _UNREADABLE_GRACE_S = 10.0    # a lock is written microseconds after its creation
 _ATTEMPTS = 20

@@ -20,7 +20,7 @@ import numpy as np
 
 from csd_jax.errors import UserError
 
-logger = logging.getLogger("csd_jax.distributed")
+logger = logging.getLogger("csd_jax.runtime.distributed")
 
 
 def _multi_host_cluster() -> bool:
@@ -51,6 +51,13 @@ def initialize() -> None:
     return
   logger.info("process %d of %d, %d local / %d global devices", jax.process_index(),
               jax.process_count(), jax.local_device_count(), jax.device_count())
+
+
+def allgather(value: np.ndarray) -> np.ndarray:
+  """[process_count, ...] of every process's `value`: a host-level all-gather."""
+  from jax.experimental import multihost_utils
+
+  return np.asarray(multihost_utils.process_allgather(value))
 
 
 def from_every_process(obj: Any) -> list[Any]:

@@ -25,7 +25,8 @@ import optax
 from flax import nnx, struct
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from csd_jax.config import LoraConfig, OptimConfig
+from csd_jax.config import Config, LoraConfig, OptimConfig
+from csd_jax.data.fields import IGNORE_INDEX
 
 
 @struct.dataclass
@@ -42,6 +43,26 @@ class TrainState:
   def student(self, graphdef: nnx.GraphDef) -> Any:
     """The student model with this state's variables."""
     return nnx.merge(graphdef, self.params, self.untrained)
+
+
+# The on-policy replay buffer's rows (csd_jax.train.onpolicy fills it): a ring of data rows,
+# part of the train state and so of the checkpoint's schema.
+ROW_KEYS = ("input_ids", "labels", "attention_mask", "positions")
+
+
+def empty_replay(size: int, length: int, pad_id: int) -> dict[str, Any]:
+  """An empty replay buffer of `size` rows of `length` tokens."""
+  fill = {"input_ids": pad_id, "labels": IGNORE_INDEX, "attention_mask": 0, "positions": 0}
+  return {"rows": {k: jnp.full((size, length), fill[k], jnp.int32) for k in ROW_KEYS},
+          "filled": jnp.zeros((), jnp.int32), "cursor": jnp.zeros((), jnp.int32)}
+
+
+def initial_replay(config: Config, pad_id: int = 0) -> dict[str, Any] | None:
+  """The empty replay buffer a run's train state holds (and its checkpoints), or None when
+  the run has none (no on-policy data, or gkd, which trains on fresh answers only)."""
+  if not config.onpolicy.ratio or config.onpolicy.mix not in ("imitkd", "distillm"):
+    return None
+  return empty_replay(config.onpolicy.buffer_size, config.data.max_length, pad_id)
 
 
 def all_finite(tree: Any) -> jax.Array:

@@ -27,7 +27,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from csd_jax.assets import converted_gemma3, converted_smollm2
+from csd_jax.demo.assets import converted_gemma3, converted_smollm2
 from csd_jax.config import load_config
 from csd_jax.data.chat import stop_ids
 from csd_jax.errors import UserError
@@ -154,7 +154,7 @@ def run(workdir: str | pathlib.Path = "workdirs/demo", *, teacher: str = "smollm
   """
   import transformers
 
-  from csd_jax.run import open_run
+  from csd_jax.run.models import open_run
   from csd_jax.train.loop import train
 
   if teacher not in TEACHERS:

@@ -8,7 +8,7 @@ import os
 import pathlib
 from collections.abc import Sequence
 
-from csd_jax.config import VALIDATION_SPLIT, Config
+from csd_jax.config.schema import VALIDATION_SPLIT, Config
 
 
 def resolve_paths(config: Config, base: str | os.PathLike) -> Config:

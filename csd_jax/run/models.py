@@ -22,16 +22,17 @@ import jax.numpy as jnp
 from etils import epath
 from jax.sharding import Mesh
 
-from csd_jax import paths
+from csd_jax.runtime import paths
 from csd_jax.config import Config, ModelSpec, load_config
-from csd_jax.config_paths import resolve_paths
+from csd_jax.config.paths import resolve_paths
 from csd_jax.errors import UserError
 from csd_jax.models import CausalLM, init_random, load_pretrained
 from csd_jax.models.io import hub
-from csd_jax.sharding import make_mesh, resolve_rules
-from csd_jax.state import TrainState, init_train_state, make_optimizer, trainable_filter
+from csd_jax.runtime.sharding import make_mesh, resolve_rules
+from csd_jax.run.state import (TrainState, init_train_state, initial_replay, make_optimizer,
+                               trainable_filter)
 
-logger = logging.getLogger("csd_jax.run")
+logger = logging.getLogger("csd_jax.run.models")
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 CONFIG_FILE = "config.yaml"
@@ -176,7 +177,6 @@ def train_state_template(config: Config, student: CausalLM, mesh: Mesh, *, pad_i
   """The student's graph and a fresh train state of the run's structure (the optimizer over the
   run's steps, the LoRA split, the replay buffer): what training starts from and what a
   checkpoint of the run restores into."""
-  from csd_jax.onpolicy import initial_replay
 
   optimizer, _ = make_optimizer(config.optim, max(config.train.steps, 1))
   return init_train_state(student, optimizer, mesh, trainable=trainable_filter(config.lora),
@@ -206,7 +206,7 @@ def open_run(workdir: paths.PathLike, *, teacher: bool = False,
   Raises:
     UserError: no config.yaml, or no readable checkpoint.
   """
-  from csd_jax.checkpoint import Checkpointer
+  from csd_jax.run.checkpoint import Checkpointer
 
   workdir = paths.as_path(workdir)
   config = load_run_config(workdir)

@@ -14,7 +14,7 @@ import json
 import pathlib
 from typing import Any
 
-from csd_jax.config import Config, ConfigError
+from csd_jax.config.schema import Config, ConfigError
 from csd_jax.errors import UserError
 
 # key, the smallest valid value, what the key means (the hint the error gives).
@@ -195,7 +195,7 @@ def _check_rules(config: Config) -> None:
 def _check_mesh(config: Config) -> None:
   """mesh.rules names known logical and mesh axes (sharding.resolve_rules checks them)."""
   # Imported here: sharding imports jax, which config must not pull in at import time.
-  from csd_jax.sharding import resolve_rules
+  from csd_jax.runtime.sharding import resolve_rules
 
   try:
     resolve_rules(config.mesh.rules)

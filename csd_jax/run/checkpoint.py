@@ -1,9 +1,9 @@
 """Orbax checkpoints of a run: the student's trained state, the data position, the config.
 
-`W/checkpoints/<step>/` holds `state` (the fields of `csd_jax.state.TrainState`: the student's
+`W/checkpoints/<step>/` holds `state` (the fields of `csd_jax.run.state.TrainState`: the student's
 trained and untrained variables, the optimizer state, the step, the RNG key, the replay
 buffer), `loader` (the data iterators' positions, JSON), `config` (the resolved config, JSON)
-and `checksums.process_<i>.json` (see `csd_jax.checkpoint_integrity`). Never the teacher: it is
+and `checksums.process_<i>.json` (see `csd_jax.run.integrity`). Never the teacher: it is
 rebuilt from its source. Saves are asynchronous; Orbax writes each step into a temporary
 directory and renames it when complete (in an object store, which has no rename, it writes
 `commit_success.txt` last), so a process killed mid-save leaves nothing that looks finished. Restoring goes straight into the arrays' current shardings, whatever the mesh was at
@@ -33,13 +33,13 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 
-from csd_jax import checkpoint_integrity as integrity
-from csd_jax import paths
-from csd_jax.distributed import from_every_process
-from csd_jax.logs import quiet_closed_loop_errors
-from csd_jax.state import TrainState
+from csd_jax.run import integrity
+from csd_jax.runtime import paths
+from csd_jax.runtime.distributed import from_every_process
+from csd_jax.runtime.logs import quiet_closed_loop_errors
+from csd_jax.run.state import TrainState
 
-logger = logging.getLogger("csd_jax.checkpoint")
+logger = logging.getLogger("csd_jax.run.checkpoint")
 
 
 def _to_tree(state: TrainState) -> dict[str, Any]:
@@ -236,7 +236,7 @@ class Checkpointer:
     if move:
       if jax.process_count() > 1:  # every process is done reading them
         from jax.experimental import multihost_utils
-        multihost_utils.sync_global_devices("csd_jax.checkpoint: set aside")
+        multihost_utils.sync_global_devices("csd_jax.run.checkpoint: set aside")
       stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
       mine = ({str(step): self._move(step, stamp) for step, _ in unreadable}
               if jax.process_index() == 0 else {})

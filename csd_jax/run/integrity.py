@@ -40,8 +40,8 @@ import zlib
 from collections.abc import Callable
 from typing import Any
 
-from csd_jax import paths
-from csd_jax.distributed import from_every_process
+from csd_jax.runtime import paths
+from csd_jax.runtime.distributed import from_every_process
 
 LIST_PREFIX, LIST_SUFFIX = "checksums.process_", ".json"
 ALGORITHM = "crc32"

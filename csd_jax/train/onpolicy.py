@@ -45,12 +45,11 @@ from flax import nnx
 from csd_jax.config import OnPolicyConfig
 from csd_jax.data.chat import run_model_stop_ids, stop_ids
 from csd_jax.losses import IGNORE_LABEL
-from csd_jax.state import TrainState
+from csd_jax.run.state import ROW_KEYS, TrainState
 from csd_jax.models.generate import sample_loop
 
 Array = jax.Array
 Batch = dict[str, Array]
-ROW_KEYS = ("input_ids", "labels", "attention_mask", "positions")
 ONPOLICY_STREAM = 0x0A11CE  # folded into the run's key: on-policy draws never reuse dropout's
 
 
@@ -101,13 +100,6 @@ def answer_rows(prompt: Array, lengths: Array, answer: Array, *, eos_ids: Sequen
 
 
 # ---- the replay buffer: a ring of rows, drawn from uniformly ---------------------------------
-
-def init_buffer(size: int, length: int, pad_id: int) -> dict[str, Any]:
-  """An empty buffer of `size` rows of `length` tokens."""
-  fill = {"input_ids": pad_id, "labels": IGNORE_LABEL, "attention_mask": 0, "positions": 0}
-  return {"rows": {k: jnp.full((size, length), fill[k], jnp.int32) for k in ROW_KEYS},
-          "filled": jnp.zeros((), jnp.int32), "cursor": jnp.zeros((), jnp.int32)}
-
 
 def push(buffer: Mapping[str, Any], rows: Mapping[str, Array]) -> dict[str, Any]:
   """`rows` written over the oldest entries (the buffer holds at least one batch)."""
@@ -214,14 +206,6 @@ class OnPolicy:
       return state, self._gkd(state.params, state.untrained, batch, key)
     replay, batch = self._replay(state.params, state.untrained, state.replay, batch, key)
     return state.replace(replay=replay), batch
-
-
-def initial_replay(config: Any, pad_id: int = 0) -> dict[str, Any] | None:
-  """The empty replay buffer a run's train state holds (and its checkpoints), or None when
-  the run has none (no on-policy data, or gkd, which trains on fresh answers only)."""
-  if not config.onpolicy.ratio or config.onpolicy.mix not in ("imitkd", "distillm"):
-    return None
-  return init_buffer(config.onpolicy.buffer_size, config.data.max_length, pad_id)
 
 
 def build(config: Any, student_graphdef: nnx.GraphDef, tokenizer: Any | None,

@@ -14,10 +14,10 @@ import dataclasses
 import pathlib
 from typing import Any
 
-from csd_jax import paths
+from csd_jax.runtime import paths
 from csd_jax.errors import UserError
-from csd_jax.eval.prompt_sets import check_format, load_prompts, write_answer_file
-from csd_jax.eval.responses import DEFAULT_SAMPLING, GenerateConfig, generate_responses
+from csd_jax.generate.prompt_sets import check_format, load_prompts, write_answer_file
+from csd_jax.generate.responses import DEFAULT_SAMPLING, GenerateConfig, generate_responses
 from csd_jax.sampling import Sampling
 
 RESPONSES_SUFFIX = ".responses"

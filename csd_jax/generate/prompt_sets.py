@@ -28,7 +28,7 @@ import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from csd_jax.data.instruct import CONTEXT_FIELDS, INSTRUCTION_FIELDS
+from csd_jax.data.fields import CONTEXT_FIELDS, INSTRUCTION_FIELDS
 from csd_jax.data.records import read_json_records
 from csd_jax.errors import UserError
 

@@ -9,7 +9,7 @@ Multi-turn prompts (MT-Bench's `turns`) are answered turn by turn: every row's t
 after every row's turn 0 is answered, in the conversation with its own first answer.
 
 Batches: the rows of a turn are grouped by sampling and by prompt bucket (widths padded to
-multiples of `WIDTH_MULTIPLE`), in (prompt, sample) order within a group, and cut into batches
+multiples of `PROMPT_WIDTH_MULTIPLE`), in (prompt, sample) order within a group, and cut into batches
 of `batch_size` rows (the last completed with copies whose answers are dropped): the jitted
 sampler compiles once per bucket, and the rows spread over the devices' data axis.
 
@@ -41,12 +41,12 @@ from typing import Any
 import jax
 import numpy as np
 
-from csd_jax.data.batching import bucket_length
+from csd_jax.data.batching import PROMPT_WIDTH_MULTIPLE, bucket_length, left_pad, until_stop
 from csd_jax.data.chat import render_chat
-from csd_jax.data.instruct import TEMPLATE_NAMES, render_prompt
+from csd_jax.data.fields import TEMPLATE_NAMES
+from csd_jax.data.instruct import render_prompt
 from csd_jax.errors import UserError
-from csd_jax.eval.generation import WIDTH_MULTIPLE, _left_padded, _until_stop
-from csd_jax.eval.prompt_sets import (MT_BENCH_DEFAULT_TEMPERATURE, MT_BENCH_TEMPERATURES,
+from csd_jax.generate.prompt_sets import (MT_BENCH_DEFAULT_TEMPERATURE, MT_BENCH_TEMPERATURES,
                                       Prompt)
 from csd_jax.models import generate
 from csd_jax.sampling import Sampling
@@ -268,7 +268,7 @@ def generate_responses(model: Any, tokenizer: Any, prompts: Sequence[Prompt],
       cut += len(ids) > config.max_prompt_length and key[1] == 0
       ids = list(ids)[-config.max_prompt_length:]
       sampling = config.sampling_for(prompts[key[0]])
-      width = bucket_length(len(ids), multiple=WIDTH_MULTIPLE, cap=config.max_prompt_length)
+      width = bucket_length(len(ids), multiple=PROMPT_WIDTH_MULTIPLE, cap=config.max_prompt_length)
       groups.setdefault((sampling, width), []).append(_Row(key, ids, sampling, width))
     for group_key in sorted(groups, key=lambda g: (g[1], dataclasses.astuple(g[0]))):
       rows = groups[group_key]
@@ -300,7 +300,7 @@ def _run_batch(model: Any, tokenizer: Any, prompts: Sequence[Prompt], batch: Seq
   """Sample one batch (completed to `batch_size` rows with copies of its last row); the lines of
   its rows not yet written, and the new tokens they hold."""
   rows = list(batch) + [batch[-1]] * (config.batch_size - len(batch))
-  ids, mask = _left_padded([r.ids for r in rows], batch[0].width, pad)
+  ids, mask = left_pad([r.ids for r in rows], batch[0].width, pad)
   index, sample, turn = (np.asarray([r.key[j] for r in rows], np.int32) for j in range(3))
   keys = _row_keys(np.int32(config.seed), index, sample, turn)
   out = np.asarray(generate(model, ids, prompt_mask=mask, max_new_tokens=config.max_new_tokens,
@@ -310,7 +310,7 @@ def _run_batch(model: Any, tokenizer: Any, prompts: Sequence[Prompt], batch: Seq
   for row, new in zip(batch, out):
     if row.key in file.done:
       continue
-    kept = _until_stop(new, stops)
+    kept = until_stop(new, stops)
     finished = len(kept) < len(new)
     tokens += len(kept) + finished
     index_, sample_, turn_ = row.key
