@@ -1,7 +1,7 @@
 """`csd-jax generate`'s orchestration: the prompts, the model (a Hugging Face directory or a run's
 student, loaded as `csd-jax eval` loads it), the settings, and the files written.
 
-`--format jsonl` writes the responses to `--out` itself (resumable, see `eval/responses.py`);
+`--format jsonl` writes the responses to `--out` itself (resumable, see `responses.py`);
 `alpaca_eval` and `mt_bench` keep that JSONL beside the answer file as `OUT.responses` (the
 record a re-run resumes from; no `.jsonl` suffix, so that FastChat, which reads every `*.jsonl`
 of its answer directory, never takes it for a model's answers) and write `OUT` from it once

@@ -1,17 +1,19 @@
 """`csd-jax generate`: a model's sampled responses to a prompt set, as resumable JSONL.
 
-Each (prompt, sample, turn) is one row: its prompt (the chat template's conversation so far with
-the generation prompt, or the minillm / bare template for single prompts) is tokenised, keeps its
-last `max_prompt_length` tokens, and is sampled with the KV cache (`csd_jax.models.generate`)
-for up to `max_new_tokens`, ending at the first stop id. Defaults are the official CSD
-`generate_vllm.py`'s: temperature 0.8, top-p 0.95, 1024 new tokens, seed 42, one sample.
+Each (prompt, sample, turn) is one row, keyed by a `plan.RowKey`: its prompt (the chat
+template's conversation so far with the generation prompt, or the minillm / bare template for
+single prompts) is tokenised, keeps its last `max_prompt_length` tokens, and is sampled with the
+KV cache (`csd_jax.models.generate`) for up to `max_new_tokens`, ending at the first stop id.
+Defaults are the official CSD `generate_vllm.py`'s: temperature 0.8, top-p 0.95, 1024 new
+tokens, seed 42, one sample.
 Multi-turn prompts (MT-Bench's `turns`) are answered turn by turn: every row's turn 1 is asked
 after every row's turn 0 is answered, in the conversation with its own first answer.
 
-Batches: the rows of a turn are grouped by sampling and by prompt bucket (widths padded to
-multiples of `PROMPT_WIDTH_MULTIPLE`), in (prompt, sample) order within a group, and cut into batches
-of `batch_size` rows (the last completed with copies whose answers are dropped): the jitted
-sampler compiles once per bucket, and the rows spread over the devices' data axis.
+Batches (`plan.plan_batches`, pure): the rows of a turn are grouped by sampling and by prompt
+bucket (widths padded to multiples of `PROMPT_WIDTH_MULTIPLE`), in (prompt, sample) order within
+a group, and cut into batches of `batch_size` rows (the last completed with copies whose answers
+are dropped): the jitted sampler compiles once per bucket, and the rows spread over the devices'
+data axis.
 
 Randomness: row (index i, sample s, turn t) samples with its own key, fold_in(fold_in(fold_in(
 key(seed), i), s), t); the key is split per row at every step. A row's draws never depend on the
@@ -41,13 +43,14 @@ from typing import Any
 import jax
 import numpy as np
 
-from csd_jax.data.batching import PROMPT_WIDTH_MULTIPLE, bucket_length, left_pad, until_stop
+from csd_jax.data.batching import left_pad, until_stop
 from csd_jax.data.chat import render_chat
 from csd_jax.data.fields import TEMPLATE_NAMES
 from csd_jax.data.instruct import render_prompt
 from csd_jax.errors import UserError
+from csd_jax.generate.plan import Row, RowKey, fill_batch, make_row, plan_batches
 from csd_jax.generate.prompt_sets import (MT_BENCH_DEFAULT_TEMPERATURE, MT_BENCH_TEMPERATURES,
-                                      Prompt)
+                                          Prompt)
 from csd_jax.models import generate
 from csd_jax.sampling import Sampling
 
@@ -55,7 +58,6 @@ logger = logging.getLogger("csd_jax.generate")
 
 # The official general-chat generation script (aailab-kaist/CSD generate/generate_vllm.py).
 DEFAULT_SAMPLING = Sampling(temperature=0.8, top_p=0.95)
-Key = tuple[int, int, int]   # (index, sample, turn)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -98,7 +100,7 @@ class ResponseFile:
 
   def __init__(self, path: str | os.PathLike):
     self.path = pathlib.Path(path)
-    self.done: dict[Key, dict[str, Any]] = {}
+    self.done: dict[RowKey, dict[str, Any]] = {}
     self.appended = False
     if self.path.exists():
       self._read()
@@ -116,15 +118,15 @@ class ResponseFile:
         continue
       try:
         record = json.loads(line)
-        key = (record["index"], record["sample"], record["turn"])
+        key = RowKey.of(record)
         if not all(isinstance(k, int) for k in key) or not isinstance(record["response"], str):
           raise TypeError
       except (ValueError, KeyError, TypeError):
         raise UserError(f"{self.path}:{number}: not a `csd-jax generate` response line; pass "
                         "another --out (or remove the file)") from None
       if key in self.done:
-        raise UserError(f"{self.path}:{number}: index {key[0]}, sample {key[1]}, turn {key[2]} "
-                        "is written twice; the file was edited or merged: pass another --out")
+        raise UserError(f"{self.path}:{number}: {key.label()} is written twice; the file was "
+                        "edited or merged: pass another --out")
       self.done[key] = record
 
   def append(self, records: Sequence[Mapping[str, Any]]) -> None:
@@ -134,7 +136,7 @@ class ResponseFile:
       f.flush()
       os.fsync(f.fileno())
     for r in records:
-      self.done[(r["index"], r["sample"], r["turn"])] = dict(r)
+      self.done[RowKey.of(r)] = dict(r)
     self.appended = True
 
   def records(self) -> list[dict[str, Any]]:
@@ -148,16 +150,8 @@ class ResponseFile:
     os.replace(temporary, self.path)
 
 
-@dataclasses.dataclass(frozen=True)
-class _Row:
-  key: Key
-  ids: list[int]
-  sampling: Sampling
-  width: int
-
-
 @jax.jit
-def _row_keys(seed: jax.Array, index: jax.Array, sample: jax.Array, turn: jax.Array
+def _prng_keys(seed: jax.Array, index: jax.Array, sample: jax.Array, turn: jax.Array
               ) -> jax.Array:
   fold = jax.random.fold_in
   base = jax.random.key(seed)
@@ -214,17 +208,18 @@ def check_prompts(prompts: Sequence[Prompt], tokenizer: Any, template: str) -> N
 
 
 def _check_known(file: ResponseFile, prompts: Sequence[Prompt], n: int) -> None:
-  for index, sample, turn in file.done:
-    if not (index < len(prompts) and sample < n and turn < len(prompts[index].turns)):
-      raise UserError(f"{file.path} holds a response (index {index}, sample {sample}, turn "
-                      f"{turn}) that this run does not ask for: pass the same --prompts, --n and "
-                      "--max-examples as the run that wrote it, or another --out")
+  for key in file.done:
+    if not (key.index < len(prompts) and key.sample < n
+            and key.turn < len(prompts[key.index].turns)):
+      raise UserError(f"{file.path} holds a response ({key.label()}) that this run does not ask "
+                      "for: pass the same --prompts, --n and --max-examples as the run that "
+                      "wrote it, or another --out")
 
 
 def _check_line(line: Mapping[str, Any], text: str, settings: Mapping[str, Any], model_id: str,
                 path: pathlib.Path) -> None:
   """A written line must come from the same prompt, settings and model as this run's row."""
-  key = f"index {line['index']}, sample {line['sample']}, turn {line['turn']}"
+  key = RowKey.of(line).label()
   if line.get("settings") != settings:
     raise UserError(f"{path}: {key} was written with other settings ({line.get('settings')} vs "
                     f"{dict(settings)}); resume with the same settings, or pass another --out")
@@ -234,6 +229,29 @@ def _check_line(line: Mapping[str, Any], text: str, settings: Mapping[str, Any],
   if line.get("prompt") != text:
     raise UserError(f"{path}: {key} answers another prompt than the prompt file's; the file "
                     "changed since: pass another --out")
+
+
+def _turn_rows(prompts: Sequence[Prompt], turn: int, tokenizer: Any, config: GenerateConfig,
+               file: ResponseFile) -> tuple[list[Row], int]:
+  """The rows of `turn`, in (index, sample) order, and how many prompts were longer than
+  `max_prompt_length` (each counted by its sample 0's row, not once per sample)."""
+  asked = [p for p in prompts if len(p.turns) > turn]
+  keys = [RowKey(p.index, s, turn) for p in asked for s in range(config.n)]
+  special = config.template != "chat"   # a chat template writes its own BOS
+  if turn == 0:   # one text per prompt, whatever n
+    texts = [_render(p, 0, [], tokenizer, config.template) for p in asked]
+    encoded = [ids for ids in tokenizer(texts, add_special_tokens=special)["input_ids"]
+               for _ in range(config.n)]
+  else:   # each sample's own conversation so far
+    texts = [_render(prompts[k.index], turn,
+                     [file.done[k._replace(turn=t)]["response"] for t in range(turn)],
+                     tokenizer, config.template) for k in keys]
+    encoded = tokenizer(texts, add_special_tokens=special)["input_ids"]
+  cut = sum(len(ids) > config.max_prompt_length and k.sample == 0
+            for k, ids in zip(keys, encoded))
+  rows = [make_row(k, ids, config.sampling_for(prompts[k.index]), config.max_prompt_length)
+          for k, ids in zip(keys, encoded)]
+  return rows, cut
 
 
 def generate_responses(model: Any, tokenizer: Any, prompts: Sequence[Prompt],
@@ -252,39 +270,19 @@ def generate_responses(model: Any, tokenizer: Any, prompts: Sequence[Prompt],
                        progress_every)
   cut = 0
   for turn in range(turns):
-    asked = [p for p in prompts if len(p.turns) > turn]
-    keys = [(p.index, s, turn) for p in asked for s in range(config.n)]
-    special = config.template != "chat"   # a chat template writes its own BOS
-    if turn == 0:   # one text per prompt, whatever n
-      texts = [_render(p, 0, [], tokenizer, config.template) for p in asked]
-      encoded = [ids for ids in tokenizer(texts, add_special_tokens=special)["input_ids"]
-                 for _ in range(config.n)]
-    else:   # each sample's own conversation so far
-      texts = [_render(prompts[i], turn, [file.done[(i, s, t)]["response"] for t in range(turn)],
-                       tokenizer, config.template) for i, s, _ in keys]
-      encoded = tokenizer(texts, add_special_tokens=special)["input_ids"]
-    groups: dict[tuple[Sampling, int], list[_Row]] = {}
-    for key, ids in zip(keys, encoded):
-      cut += len(ids) > config.max_prompt_length and key[1] == 0
-      ids = list(ids)[-config.max_prompt_length:]
-      sampling = config.sampling_for(prompts[key[0]])
-      width = bucket_length(len(ids), multiple=PROMPT_WIDTH_MULTIPLE, cap=config.max_prompt_length)
-      groups.setdefault((sampling, width), []).append(_Row(key, ids, sampling, width))
-    for group_key in sorted(groups, key=lambda g: (g[1], dataclasses.astuple(g[0]))):
-      rows = groups[group_key]
-      for start in range(0, len(rows), config.batch_size):
-        batch = rows[start:start + config.batch_size]
-        todo = [r for r in batch if r.key not in file.done]
-        for row in batch:
-          if row.key in file.done:
-            _check_line(file.done[row.key], prompts[row.key[0]].user_text(turn),
-                        config.line_settings(row.sampling), model_id, file.path)
-        if not todo:
-          continue
-        lines, tokens = _run_batch(model, tokenizer, prompts, batch, config, file, model_id,
-                                   stops, pad)
-        file.append(lines)
-        progress.update(len(lines), tokens, turn, turns)
+    rows, longer = _turn_rows(prompts, turn, tokenizer, config, file)
+    cut += longer
+    for batch in plan_batches(rows, config.batch_size):
+      for row in batch:
+        if row.key in file.done:   # written by an earlier run: it must answer this very row
+          _check_line(file.done[row.key], prompts[row.key.index].user_text(turn),
+                      config.line_settings(row.sampling), model_id, file.path)
+      if all(row.key in file.done for row in batch):
+        continue
+      lines, tokens = _run_batch(model, tokenizer, prompts, batch, config, file, model_id,
+                                 stops, pad)
+      file.append(lines)
+      progress.update(len(lines), tokens, turn, turns)
   progress.update(0, 0, turns - 1, turns, final=True)
   if cut:
     logger.warning("%d prompts were longer than --max-prompt-length %d tokens: their start was "
@@ -294,18 +292,20 @@ def generate_responses(model: Any, tokenizer: Any, prompts: Sequence[Prompt],
   return file.records()
 
 
-def _run_batch(model: Any, tokenizer: Any, prompts: Sequence[Prompt], batch: Sequence[_Row],
+def _run_batch(model: Any, tokenizer: Any, prompts: Sequence[Prompt], batch: Sequence[Row],
                config: GenerateConfig, file: ResponseFile, model_id: str,
                stops: Sequence[int], pad: int) -> tuple[list[dict[str, Any]], int]:
   """Sample one batch (completed to `batch_size` rows with copies of its last row); the lines of
   its rows not yet written, and the new tokens they hold."""
-  rows = list(batch) + [batch[-1]] * (config.batch_size - len(batch))
+  rows = fill_batch(batch, config.batch_size)
   ids, mask = left_pad([r.ids for r in rows], batch[0].width, pad)
-  index, sample, turn = (np.asarray([r.key[j] for r in rows], np.int32) for j in range(3))
-  keys = _row_keys(np.int32(config.seed), index, sample, turn)
+  index = np.asarray([r.key.index for r in rows], np.int32)
+  sample = np.asarray([r.key.sample for r in rows], np.int32)
+  turn = np.asarray([r.key.turn for r in rows], np.int32)
+  prng = _prng_keys(np.int32(config.seed), index, sample, turn)
   out = np.asarray(generate(model, ids, prompt_mask=mask, max_new_tokens=config.max_new_tokens,
                             sampling=batch[0].sampling, eos_id=tuple(stops), pad_id=pad,
-                            row_keys=keys))
+                            row_keys=prng))
   lines, tokens = [], 0
   for row, new in zip(batch, out):
     if row.key in file.done:
@@ -313,9 +313,8 @@ def _run_batch(model: Any, tokenizer: Any, prompts: Sequence[Prompt], batch: Seq
     kept = until_stop(new, stops)
     finished = len(kept) < len(new)
     tokens += len(kept) + finished
-    index_, sample_, turn_ = row.key
-    lines.append({"index": index_, "sample": sample_, "turn": turn_,
-                  "prompt": prompts[index_].user_text(turn_),
+    lines.append({"index": row.key.index, "sample": row.key.sample, "turn": row.key.turn,
+                  "prompt": prompts[row.key.index].user_text(row.key.turn),
                   "response": tokenizer.decode(kept, skip_special_tokens=True).strip(),
                   "model": model_id, "finished": bool(finished),
                   "new_tokens": int(len(kept) + finished),
