@@ -1,9 +1,15 @@
-"""Test set-up: 8 CPU devices for the sharding tests (set before JAX is imported)."""
+"""Test set-up: 8 CPU devices for the sharding tests and one shared XLA compile cache (both set
+before JAX is imported), and the fixtures many test files share."""
 
 import os
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# One XLA compile cache for every run the tests start, in this process, the other xdist worker
+# and their subprocesses (`train.compile_cache`'s default honours it): the same tiny programs
+# compile once a session, not once a test. The tests whose point is compiling name their own.
+os.environ.setdefault("CSD_JAX_COMPILE_CACHE", os.path.join(
+    os.path.dirname(os.path.dirname(os.path.abspath(__file__))), ".pytest_cache", "xla_cache"))
 
 
 import pathlib  # noqa: E402
@@ -23,6 +29,26 @@ def _release_compiled_programs():
 
   jax.clear_caches()
   gc.collect()
+
+
+@pytest.fixture
+def run_cli(capsys, monkeypatch):
+  """`csd-jax ARGS` in this process, from `cwd` (default: where the test runs): its exit status,
+  stdout and stderr. No interpreter to start, no JAX to import again: the error cases cost
+  what their check costs (one case per command family still runs the real entry point)."""
+  from csd_jax import cli
+
+  def run(*args, cwd=None):
+    if cwd is not None:
+      monkeypatch.chdir(cwd)
+    try:
+      code = cli.main([str(a) for a in args])
+    except SystemExit as exit_:   # argparse's usage errors
+      code = exit_.code
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+  return run
 
 
 @pytest.fixture(scope="module")

@@ -14,9 +14,17 @@ TINY = str(ROOT / "configs" / "tiny.yaml")
 
 
 def _train(*args, workdir):
+  """The real entry point, in a new interpreter."""
   return subprocess.run([sys.executable, "-m", "csd_jax.cli", "train", *args, "--workdir",
                          str(workdir)], capture_output=True, text=True, check=False, cwd=ROOT,
                         timeout=300)
+
+
+def _assert_one_line(code, stderr, message):
+  assert code == 2, stderr
+  errors = [line for line in stderr.splitlines() if line.startswith("csd-jax train:")]
+  assert len(errors) == 1 and message in errors[0], stderr
+  assert "Traceback" not in stderr
 
 
 @pytest.mark.parametrize("args,message", [
@@ -34,24 +42,27 @@ def _train(*args, workdir):
     (["--config", TINY, "teacher.path=/nonexistent", "teacher.config=null"],
      "/nonexistent is not a model directory"),
 ])
-def test_errors_are_one_line(args, message, tmp_path):
-  result = _train(*args, workdir=tmp_path / "w")
-  assert result.returncode == 2, result.stderr
-  errors = [line for line in result.stderr.splitlines() if line.startswith("csd-jax train:")]
-  assert len(errors) == 1 and message in errors[0], result.stderr
-  assert "Traceback" not in result.stderr
+def test_errors_are_one_line(args, message, tmp_path, run_cli):
+  code, _, err = run_cli("train", *args, "--workdir", tmp_path / "w", cwd=ROOT)
+  _assert_one_line(code, err, message)
+  assert not (tmp_path / "w").exists()
 
 
-def test_different_tokenizers_are_refused(tmp_path, gpt2_tokenizer, converted):
+def test_an_error_from_the_real_entry_point_is_one_line(tmp_path):
+  result = _train("--config", TINY, "train.stepz=3", workdir=tmp_path / "w")
+  _assert_one_line(result.returncode, result.stderr, "unknown config key 'train.stepz'")
+
+
+def test_different_tokenizers_are_refused(tmp_path, gpt2_tokenizer, converted, run_cli):
   from hf_tiny import make_checkpoint
 
   teacher = tmp_path / "teacher"
   make_checkpoint("gpt2_n_inner", teacher)
   gpt2_tokenizer.save_pretrained(teacher)
-  result = _train("--config", TINY, f"teacher.path={teacher}", "teacher.config=null",
-                  f"student.path={converted}", "student.config=null", workdir=tmp_path / "w")
-  assert result.returncode == 2
-  assert "use different tokenizers" in result.stderr and "Traceback" not in result.stderr
+  code, _, err = run_cli("train", "--config", TINY, f"teacher.path={teacher}",
+                         "teacher.config=null", f"student.path={converted}", "student.config=null",
+                         "--workdir", tmp_path / "w")
+  _assert_one_line(code, err, "use different tokenizers")
 
 
 def test_paper_hyper_parameters():

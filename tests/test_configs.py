@@ -87,3 +87,12 @@ def test_openllama_is_v2_with_lora_on_q_and_v():
     config = load_config(ROOT / "configs" / name)
     assert config.student.path.endswith("_v2") and config.lora.targets == ["q", "v"]
     assert (config.lora.rank, config.lora.alpha, config.lora.dropout) == (16, 64, 0.1)
+
+
+def test_the_compile_cache_default_honours_the_environment(monkeypatch):
+  monkeypatch.setenv("CSD_JAX_COMPILE_CACHE", "/shared/xla")
+  tiny = ROOT / "configs" / "tiny.yaml"
+  assert load_config(tiny).train.compile_cache == "/shared/xla"
+  assert load_config(tiny, ["train.compile_cache=workdir"]).train.compile_cache == "workdir"
+  monkeypatch.delenv("CSD_JAX_COMPILE_CACHE")
+  assert load_config(tiny).train.compile_cache == "workdir"

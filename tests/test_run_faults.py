@@ -100,12 +100,15 @@ def _compiled(stderr):
 
 
 def test_a_rerun_loads_every_program_from_the_persistent_cache(tmp_path):
-  first = _subprocess("train", "--config", TINY, "--workdir", str(tmp_path), "train.steps=4")
+  # The run's own cache (W/xla_cache), not the tests' shared one: this test is about compiling.
+  first = _subprocess("train", "--config", TINY, "--workdir", str(tmp_path), "train.steps=4",
+                      "train.compile_cache=workdir")
   assert first.returncode == 0, first.stderr
   programs, _, hits = _compiled(first.stderr)
   assert programs > 0 and hits == 0
   assert any((tmp_path / "xla_cache").iterdir())
-  again = _subprocess("train", "--config", TINY, "--workdir", str(tmp_path), "train.steps=8")
+  again = _subprocess("train", "--config", TINY, "--workdir", str(tmp_path), "train.steps=8",
+                      "train.compile_cache=workdir")
   assert again.returncode == 0, again.stderr
   assert "resuming from the checkpoint of step 4" in again.stderr
   programs, _, hits = _compiled(again.stderr)

@@ -5,12 +5,14 @@ free-form dicts, the renamed keys). `load.py` builds a `Config` from YAML and ov
 from __future__ import annotations
 
 import dataclasses
+import os
 
 from csd_jax.errors import UserError
 from csd_jax.sampling import Sampling
 
 
 VALIDATION_SPLIT = "split:valid"   # eval.datasets.NAME: the run's own validation split
+COMPILE_CACHE_ENV = "CSD_JAX_COMPILE_CACHE"   # train.compile_cache's default, where set
 
 
 class ConfigError(UserError):
@@ -75,8 +77,10 @@ class TrainConfig:
   heldout_every: int = 0          # held-out loss every N steps (0: only at the end)
   heldout_batches: int = 4        # batches of the held-out set per evaluation
   max_nonfinite_steps: int = 3    # skipped non-finite updates in a row before the run stops
-  compile_cache: str = "workdir"  # XLA's persistent cache: workdir (W/xla_cache), a directory,
-                                  # or "" (off)
+  # XLA's persistent cache: workdir (W/xla_cache), a directory, or "" (off). The default is
+  # $CSD_JAX_COMPILE_CACHE where that is set: one cache for every run of a machine or a job.
+  compile_cache: str = dataclasses.field(
+      default_factory=lambda: os.environ.get(COMPILE_CACHE_ENV, "workdir"))
 
 
 @dataclasses.dataclass(frozen=True)
