@@ -16,6 +16,8 @@ import pathlib  # noqa: E402
 
 import pytest  # noqa: E402
 
+from shared_runs import checkpointed_run  # noqa: E402, F401  (a session fixture)
+
 
 @pytest.fixture(autouse=True, scope="module")
 def _release_compiled_programs():

@@ -23,9 +23,7 @@ from csd_jax.metrics import read_metrics
 from csd_jax.runtime.sharding import make_mesh
 from csd_jax.train.loop import build_trainer
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-TINY = str(ROOT / "configs" / "tiny.yaml")
-ARGS = ["train.steps=12", "checkpoint.every=2", "checkpoint.keep=2", "student.dtype=float32"]
+from shared_runs import CHECKPOINTED as ARGS, ROOT, TINY
 
 
 def _start(workdir, *extra):
@@ -70,11 +68,9 @@ def _losses(workdir):
   return [(r["step"], r["loss"]) for r in read_metrics(workdir)]
 
 
-@pytest.fixture(scope="module")
-def uninterrupted(tmp_path_factory):
-  workdir = tmp_path_factory.mktemp("uninterrupted")
-  _run(workdir)
-  return workdir
+@pytest.fixture
+def uninterrupted(checkpointed_run):
+  return checkpointed_run
 
 
 def _assert_same_run(workdir, reference):

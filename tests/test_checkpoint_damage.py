@@ -6,11 +6,8 @@ One uninterrupted run is the reference; each test damages a copy of it.
 
 import json
 import logging
-import os
 import pathlib
 import shutil
-import subprocess
-import sys
 
 import jax
 import numpy as np
@@ -24,26 +21,16 @@ from csd_jax.metrics import read_metrics
 from csd_jax.runtime.sharding import make_mesh
 from csd_jax.train.loop import build_trainer
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-TINY = str(ROOT / "configs" / "tiny.yaml")
-ARGS = ["train.steps=12", "checkpoint.every=2", "checkpoint.keep=2", "student.dtype=float32"]
+from shared_runs import CHECKPOINTED as ARGS, TINY, train_in_subprocess
 
 
 def _run(workdir: pathlib.Path) -> str:
-  env = {**os.environ, "PYTHONPATH": str(ROOT)}
-  proc = subprocess.run([sys.executable, str(ROOT / "tests" / "train_until.py"), "--config", TINY,
-                         "--workdir", str(workdir), *ARGS], env=env, cwd=ROOT,
-                        capture_output=True, text=True, timeout=600, check=False)
-  out = proc.stdout + proc.stderr
-  assert proc.returncode == 0, out
-  return out
+  return train_in_subprocess(workdir, *ARGS)
 
 
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory) -> pathlib.Path:
-  workdir = tmp_path_factory.mktemp("reference")
-  _run(workdir)
-  return workdir
+@pytest.fixture
+def reference(checkpointed_run) -> pathlib.Path:
+  return checkpointed_run
 
 
 @pytest.fixture(scope="module")

@@ -73,10 +73,10 @@ def test_reduced_gemma3_demo_brings_the_student_to_the_teacher(tmp_path, gemma3_
   import subprocess
   import sys
 
-  code = (f"from csd_jax.demo import command as demo; import json; print(json.dumps(demo.run({str(tmp_path)!r}, "
-          f"teacher='gemma3-270m', steps=4, num_prompts=12, num_eval=4, max_new_tokens=8, "
-          f"assets={str(gemma3_dir.parent)!r}, overrides=['train.log_every=2', "
-          f"'train.heldout_every=0'])))")
+  code = (f"from csd_jax.demo import command as demo; import json; "
+          f"print(json.dumps(demo.run({str(tmp_path)!r}, teacher='gemma3-270m', steps=4, "
+          f"num_prompts=12, num_eval=4, max_new_tokens=8, assets={str(gemma3_dir.parent)!r}, "
+          f"overrides=['train.log_every=2', 'train.heldout_every=0'])))")
   env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
   done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
                         timeout=900)

@@ -43,21 +43,18 @@ def test_seeded_generation_metrics_and_a_teacher_equal_to_the_student(tiny_model
   assert "kl" not in again
 
 
-def test_cli_eval_writes_json_and_a_table(tiny_model_dir, data_file, tmp_path):
+def test_cli_eval_writes_json_and_a_table(tiny_model_dir, data_file, tmp_path, run_cli):
   out = tmp_path / "results.json"
-  result = subprocess.run(
-      [sys.executable, "-m", "csd_jax.cli", "eval", "--model", str(tiny_model_dir), "--data",
-       f"colours={data_file}", "--seeds", "10,20", "--max-prompt-length", "48",
-       "--max-length", "64", "--out", str(out)], capture_output=True, text=True, check=False,
-      cwd=ROOT, timeout=600)
-  assert result.returncode == 0, result.stderr
-  assert "colours" in result.stdout and "rougeL" in result.stdout
+  code, stdout, stderr = run_cli(
+      "eval", "--model", tiny_model_dir, "--data", f"colours={data_file}", "--seeds", "10,20",
+      "--max-prompt-length", "48", "--max-length", "64", "--out", out, cwd=ROOT)
+  assert code == 0, stderr
+  assert "colours" in stdout and "rougeL" in stdout
   results = json.loads(out.read_text())
   assert set(results["colours"]["samples"]) == {"10", "20"}
-  bad = subprocess.run([sys.executable, "-m", "csd_jax.cli", "eval", "--model",
-                        str(tiny_model_dir), "--data", "nofile.jsonl"], capture_output=True,
-                       text=True, check=False, cwd=ROOT, timeout=300)
-  assert bad.returncode == 2 and "expected NAME=FILE" in bad.stderr
+  code, _, stderr = run_cli("eval", "--model", tiny_model_dir, "--data", "nofile.jsonl",
+                            cwd=ROOT)
+  assert code == 2 and "expected NAME=FILE" in stderr
 
 
 def test_table_columns_stay_aligned_for_huge_perplexities():

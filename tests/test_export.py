@@ -1,8 +1,6 @@
 """`csd-jax export`: transformers loads the exported student, logits equal ours; LoRA merged."""
 
 import pathlib
-import subprocess
-import sys
 
 import jax.numpy as jnp
 import numpy as np
@@ -19,15 +17,13 @@ TINY = ROOT / "configs" / "tiny.yaml"
 
 @pytest.mark.parametrize("extra", [[], ["lora.rank=4", "lora.targets=[q, v, up]"]],
                          ids=["full", "lora"])
-def test_exported_student_loads_in_transformers_with_equal_logits(tmp_path, extra):
+def test_exported_student_loads_in_transformers_with_equal_logits(tmp_path, extra, run_cli):
   config = load_config(TINY, ["train.steps=4", "student.dtype=float32", "optim.lr=3e-2", *extra])
   result = train(config, tmp_path / "run")
   out = tmp_path / "hf"
-  cli = subprocess.run([sys.executable, "-m", "csd_jax.cli", "export", "--workdir",
-                        str(tmp_path / "run"), "--out", str(out)], capture_output=True, text=True,
-                       check=False, cwd=ROOT, timeout=300)
-  assert cli.returncode == 0, cli.stderr
-  assert "wrote the student of step 4" in cli.stdout
+  code, stdout, stderr = run_cli("export", "--workdir", tmp_path / "run", "--out", out)
+  assert code == 0, stderr
+  assert "wrote the student of step 4" in stdout
   ids = np.random.default_rng(0).integers(0, 256, (2, 20))
   ours = np.asarray(result.student(jnp.asarray(ids)))
   reloaded = transformers.AutoModelForCausalLM.from_pretrained(out).float().eval()
@@ -38,12 +34,10 @@ def test_exported_student_loads_in_transformers_with_equal_logits(tmp_path, extr
   assert transformers.AutoConfig.from_pretrained(out).n_embd == untrained["n_embd"]
 
 
-def test_export_errors(tmp_path):
-  cli = subprocess.run([sys.executable, "-m", "csd_jax.cli", "export", "--workdir",
-                        str(tmp_path), "--out", str(tmp_path / "o")], capture_output=True,
-                       text=True, check=False, cwd=ROOT, timeout=300)
-  assert cli.returncode == 2 and "has no config.yaml" in cli.stderr
-  assert "Traceback" not in cli.stderr
+def test_export_errors(tmp_path, run_cli):
+  code, _, err = run_cli("export", "--workdir", tmp_path, "--out", tmp_path / "o")
+  assert code == 2 and "has no config.yaml" in err
+  assert "Traceback" not in err
 
 
 def test_exported_generation_config_lists_every_stop_id(tmp_path, converted):

@@ -247,14 +247,12 @@ def test_corrupt_gguf_and_missing_tokenizer_named(tmp_path: pathlib.Path):
   assert not (tmp_path / "out").exists()
 
 
-def test_cli_missing_file_is_one_line(tmp_path: pathlib.Path):
+def test_cli_missing_file_is_one_line(tmp_path: pathlib.Path, run_cli):
   """A user error exits 2 with one line on stderr, no traceback."""
-  result = subprocess.run(
-      [sys.executable, "-m", "csd_jax.cli", "convert-gguf", str(tmp_path / "missing.gguf"),
-       str(tmp_path / "out")], capture_output=True, text=True, timeout=300)
-  assert result.returncode == 2, result.stderr
-  lines = result.stderr.strip().splitlines()
-  assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
+  code, _, err = run_cli("convert-gguf", tmp_path / "missing.gguf", tmp_path / "out")
+  assert code == 2, err
+  lines = err.strip().splitlines()
+  assert len(lines) == 1 and "Traceback" not in err, err
   assert lines[0].startswith("csd-jax convert-gguf: GGUF file not found: ")
   assert "missing.gguf" in lines[0]
   assert not (tmp_path / "out").exists()

@@ -139,9 +139,24 @@ def _tiny(workdir, *overrides):
   return read_metrics(workdir)
 
 
+@pytest.fixture(scope="module")
+def whole_run(tmp_path_factory):
+  """The metrics of each mix's uninterrupted 8-step run, trained once a module, when a test
+  first asks for it: "the loss falls" and "a resume repeats it" read the same run."""
+  runs = {}
+
+  def get(mix):
+    if mix not in runs:
+      runs[mix] = _tiny(tmp_path_factory.mktemp(f"whole-{mix}"), f"onpolicy.mix={mix}")
+    return runs[mix]
+
+  return get
+
+
 @pytest.mark.parametrize("mix", ["imitkd", "gkd"])
-def test_a_short_onpolicy_run_lowers_the_loss(tmp_path, mix):
-  rows = _tiny(tmp_path, f"onpolicy.mix={mix}", "train.heldout_every=0")
+def test_a_short_onpolicy_run_lowers_the_loss(whole_run, mix):
+  assert load_config(TINY).train.heldout_every == 0   # the held-out loss only at the end
+  rows = whole_run(mix)
   losses = [r["loss"] for r in rows if "loss" in r]
   assert losses[-1] < 0.7 * losses[0], losses
   # synthetic rows have 32 targets; an answer row 24 (1 prompt token + 24 sampled)
@@ -150,14 +165,14 @@ def test_a_short_onpolicy_run_lowers_the_loss(tmp_path, mix):
 
 
 @pytest.mark.parametrize("mix", ["imitkd", "distillm"])
-def test_resume_draws_the_same_rows(tmp_path, mix):
+def test_resume_draws_the_same_rows(tmp_path, whole_run, mix):
   """Stopped after 4 steps and resumed, a run with a replay buffer repeats the uninterrupted one
   exactly: the buffer (16 rows; imitkd draws 4 a step, distillm's heads steps all 8) is part of
   the checkpoint."""
   if mix == "distillm":   # heads on both sides of the split: the resumed steps draw old rows
     coins = [_driver("onpolicy.mix=distillm").coin(step) for step in range(8)]
     assert any(coins[:4]) and any(coins[4:]), coins
-  whole = _tiny(tmp_path / "whole", f"onpolicy.mix={mix}")
+  whole = whole_run(mix)
   _tiny(tmp_path / "split", f"onpolicy.mix={mix}", "train.steps=4")
   resumed = _tiny(tmp_path / "split", f"onpolicy.mix={mix}")
   by_step = {r["step"]: r["loss"] for r in whole if "loss" in r}

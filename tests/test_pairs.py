@@ -7,8 +7,6 @@ import json
 import math
 import pathlib
 import re
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -287,20 +285,19 @@ def test_the_official_config():
   assert float(schedule(39)) == pytest.approx(5e-5) and float(schedule(38)) < 5e-5
 
 
-def test_a_tiny_pairs_run_learns(tmp_path, qwen_tokenizer):
+def test_a_tiny_pairs_run_learns(tmp_path, qwen_tokenizer, run_cli):
   qwen_tokenizer.save_pretrained(tmp_path / "tokenizer")
   size = ["teacher.config.vocab_size=288", "student.config.vocab_size=288",
           "teacher.config.n_positions=256", "student.config.n_positions=256"]
   steps = 24
-  result = subprocess.run(
-      [sys.executable, "-m", "csd_jax.cli", "train", "--config", str(TINY), "--workdir",
-       str(tmp_path / "w"), "data.source=pairs", f"data.train_files=[{PAIRS}]",
-       f"data.tokenizer={tmp_path / 'tokenizer'}", "data.template=chat", "data.max_length=256",
-       "data.max_prompt_length=160", f"data.data_dir={tmp_path / 'tfds'}",
-       "loss.normalize=sequence", "loss.pair_beta_end=1.5", f"train.steps={steps}",
-       "train.batch_size=16", "train.grad_accum=2", *size],   # 8 pairs; 8 rows a device each
-      capture_output=True, text=True, check=False, cwd=ROOT, timeout=600)
-  assert result.returncode == 0, result.stderr[-3000:]
+  code, _, stderr = run_cli(
+      "train", "--config", TINY, "--workdir", tmp_path / "w", "data.source=pairs",
+      f"data.train_files=[{PAIRS}]", f"data.tokenizer={tmp_path / 'tokenizer'}",
+      "data.template=chat", "data.max_length=256", "data.max_prompt_length=160",
+      f"data.data_dir={tmp_path / 'tfds'}", "loss.normalize=sequence", "loss.pair_beta_end=1.5",
+      f"train.steps={steps}", "train.batch_size=16", "train.grad_accum=2", *size,  # 8 pairs;
+      cwd=ROOT)                                                                 # 8 rows a device
+  assert code == 0, stderr[-3000:]
   from csd_jax.metrics import read_metrics
 
   rows = [row for row in read_metrics(tmp_path / "w") if "loss" in row]

@@ -145,8 +145,8 @@ def generate_answers(model: Any, tokenizer: Any, prompt_ids: Sequence[Sequence[i
   """One sampled answer per prompt, ended by the first of `stops` (`decode`, given, turns a
   row of new token ids into the answer instead: the task evaluators cut at stop strings too).
   Batches are `batch_size` rows (the last one completed with copies of its last prompt, answers
-  dropped) and `PROMPT_WIDTH_MULTIPLE`-wide buckets, with `cfg.max_new_tokens` new tokens or else the
-  length budget of the bucket (`max_length - width`): `generate` compiles once per width used,
+  dropped) and `PROMPT_WIDTH_MULTIPLE`-wide buckets, with `cfg.max_new_tokens` new tokens or else
+  the length budget of the bucket (`max_length - width`): `generate` compiles once per width used,
   whatever the number of batches."""
   pad = _token_id(tokenizer, "pad")
   pad = pad if pad is not None else (stops[0] if stops else 0)  # the mask hides left padding
@@ -202,8 +202,8 @@ def teacher_forced_metrics(model: Any, teacher: Any | None, tokenizer: Any,
   """Perplexity of the reference responses; with a teacher, KL(p||q), CSD and the top-1
   agreement on them (the teacher and student compared on the vocabulary both have).
 
-  One jitted function, compiled once per row width (multiples of `PROMPT_WIDTH_MULTIPLE`); the logits
-  are formed a chunk of tokens at a time.
+  One jitted function, compiled once per row width (multiples of `PROMPT_WIDTH_MULTIPLE`); the
+  logits are formed a chunk of tokens at a time.
   """
   encode = InstructionTokenizer(tokenizer, template=cfg.template, max_length=cfg.max_length,
                                 max_prompt_length=cfg.max_prompt_length)

@@ -1,7 +1,8 @@
 """Building blocks of the decoders: dense layers, norms, dropout, MLPs (attention lives in
 attention.py, the decoder block in transformer.py).
 
-Every parameter is an `nnx.Param` with `logical_axes` metadata (see `csd_jax.runtime.sharding.RULES`).
+Every parameter is an `nnx.Param` with `logical_axes` metadata (see
+`csd_jax.runtime.sharding.RULES`).
 Parameters are stored in `cfg.param_dtype` and cast to `cfg.dtype` where they are used; norms
 and softmaxes run in float32.
 """

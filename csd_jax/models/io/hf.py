@@ -59,7 +59,8 @@ def init_random(hf_config: Any, seed: int = 0, *, dtype: Any = jnp.float32,
                 param_dtype: Any = None, mesh: Mesh | None = None,
                 rules: Mapping[str, Sequence[str]] | None = None, **overrides: Any) -> CausalLM:
   """A randomly initialised model for a transformers config (dict or `PretrainedConfig`),
-  born sharded over `mesh` when one is given (by `rules`, default `csd_jax.runtime.sharding.RULES`)."""
+  born sharded over `mesh` when one is given (by `rules`, default
+  `csd_jax.runtime.sharding.RULES`)."""
   cfg = config_from_hf(hf_config, dtype=dtype, param_dtype=param_dtype, **overrides)
   graphdef, abstract = _abstract(cfg)
 
