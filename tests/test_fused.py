@@ -7,6 +7,7 @@ import pytest
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
 from csd_jax.losses import LOSS_NAMES, fused_logit_loss, logit_loss
+from csd_jax.losses.fused_sharding import Head
 
 PARAMS = {"csd": [{}, {"w1": "uniform", "w2": "student", "temperature": 2.0},
                   {"w1": "teacher", "w2": "student"}, {"w1": 0.15, "w2": 0.15}],
@@ -190,3 +191,21 @@ def test_fused_uses_the_first_columns_of_a_wider_teacher_head(teacher_vm, on_mes
   want = jax.value_and_grad(lambda h, w: logit_loss("csd", h @ w, h_t @ w_t, mask),
                             argnums=(0, 1))(h_s, w_s)
   _assert_same(got, want)
+
+
+def test_a_vocab_major_head_reads_like_its_transpose():
+  """A `Head` stored `[V, H]` gives the logits, gradients, padding and cut of the same head
+  stored `[H, V]`, each in its own layout."""
+  h, w, _, _, _, _ = _problem(9)
+  g = jnp.asarray(np.random.default_rng(9).normal(size=(h.shape[0], w.shape[1])), jnp.float32)
+  plain, tied = Head(w), Head(w.T, vocab_major=True)
+  assert (plain.vocab_size, plain.hidden_size) == (tied.vocab_size, tied.hidden_size) == (37, 8)
+  # Same products, other operand layouts: float32 rounding may differ in the last bit.
+  np.testing.assert_allclose(plain.logits(h), tied.logits(h), rtol=1e-6, atol=1e-6)
+  (dh1, dw1), (dh2, dw2) = plain.vjp(h, g), tied.vjp(h, g)
+  np.testing.assert_allclose(dh1, dh2, rtol=1e-6, atol=1e-6)
+  np.testing.assert_allclose(dw1, dw2.T, rtol=1e-6, atol=1e-6)
+  for edit in (lambda head: head.padded(3), lambda head: head.cut(30)):
+    a, b = edit(plain), edit(tied)
+    assert b.vocab_major and a.vocab_size == b.vocab_size
+    np.testing.assert_array_equal(a.weight, b.weight.T)

@@ -5,29 +5,31 @@ student's and teacher's logits (float32 accumulation), the per-token loss and it
 with respect to the student's logits, then `d hidden = g W^T` and `d W += h^T g`. All of this
 happens in the forward pass of a `jax.custom_vjp`; the backward pass only scales the stored
 gradients by the incoming cotangent. Peak extra memory is O(chunk x V), whatever N is, plus the
-float32 `d W` accumulator. Each head is read in the layout it is stored in (`[H, V]`, or `[V, H]`
-for a tied embedding with `vocab_major`): a transposed head fed to the chunk loop is a full copy.
+float32 `d W` accumulator. Each model's head travels as a `fused_sharding.Head` (weight, layout,
+soft-cap) and is read in the layout it is stored in (`[H, V]`, or `[V, H]` for a tied embedding
+with `vocab_major`): a transposed head fed to the chunk loop is a full copy.
 
-On a mesh, tokens are split over the data axes and the vocabulary over the tensor axis (a
-`shard_map`): each device computes its tokens' logits for its slice of the vocabulary, the
-per-row reductions over V are combined across the tensor axis (see `vocab.VocabAxis`), and no
-device ever holds a full `[N, V]` array. A vocabulary that does not divide the tensor axis is
-padded with columns that count as invalid (-inf logits): the result is unchanged.
+On a mesh, `fused_sharding.split_over_mesh` runs the chunk loop under a `shard_map`: tokens are
+split over the data axes and the vocabulary over the tensor axis, each device computes its
+tokens' logits for its slice of the vocabulary, the per-row reductions over V are combined across
+the tensor axis (see `vocab.VocabAxis`), and no device ever holds a full `[N, V]` array. A
+vocabulary that does not divide the tensor axis is padded with columns that count as invalid
+(-inf logits): the result is unchanged.
 
 The teacher is frozen: its hidden states and head get zero gradients.
 """
 
 from __future__ import annotations
 
-import math
+import functools
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 from jax import lax
-from jax.sharding import PartitionSpec as P
 
+from csd_jax.losses.fused_sharding import Head, pad_rows, round_up, split_over_mesh
 from csd_jax.losses.reduce import token_weights, weighted_sum
 from csd_jax.losses.registry import IGNORE_LABEL, LossSpec, loss_mask, resolve, spec_loss
 from csd_jax.losses.vocab import VocabAxis
@@ -42,64 +44,44 @@ def softcap(logits: Array, cap: float | None) -> Array:
   return logits if cap is None else cap * jnp.tanh(logits / cap)
 
 
-def _round_up(n: int, multiple: int) -> int:
-  return -(-n // multiple) * multiple
-
-
-def _logits(h: Array, w: Array, vocab_major: bool) -> Array:
-  """`[C, H]` hidden states times a head (`[H, V]`, or `[V, H]` if vocab-major): `[C, V]` f32."""
-  dims = ((1,), (1,)) if vocab_major else ((1,), (0,))
-  return lax.dot_general(h, w, (dims, ((), ())), preferred_element_type=jnp.float32)
-
-
-def _head_vjp(h: Array, g: Array, w: Array, vocab_major: bool) -> tuple[Array, Array]:
-  """`d h = g W^T` `[C, H]` and the chunk's `d W` (in the head's own layout), both f32."""
-  dh = lax.dot_general(g.astype(w.dtype), w, (((1,), (0 if vocab_major else 1,)), ((), ())),
-                       preferred_element_type=jnp.float32)
-  g = g.astype(h.dtype)
-  lhs, rhs = (g, h) if vocab_major else (h, g)
-  dw = lax.dot_general(lhs, rhs, (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32)
-  return dh, dw
-
-
 def _chunked_value_and_grads(
-    spec: LossSpec, params: dict[str, Any], hs: Array, ws: Array, target: Array,
-    wt: Array | None, weights: Array, *, chunk_size: int, vocab_size: int,
-    softcaps: tuple[float | None, float | None], axis: VocabAxis,
-    vocab_major: tuple[bool, bool]) -> tuple[Array, Array, Array]:
-  """Loss value, d/d hs and d/d ws over (this device's) tokens and vocabulary slice.
+    spec: LossSpec, params: dict[str, Any], hs: Array, student: Head, target: Array,
+    teacher: Head | None, weights: Array, axis: VocabAxis, *, chunk_size: int,
+    vocab_size: int) -> tuple[Array, Array, Array]:
+  """Loss value, d/d hs and d/d the student's weight over (this device's) tokens and vocabulary
+  slice; `vocab_size` is the real V, past which columns are padding.
 
   The first chunk runs before the `lax.scan` over the others and its `d W` starts the
   float32 accumulator: a zero-filled `[H, V]` initial carry depends on nothing, and XLA's
   scheduler was free to create it (and hold it) as early as the step's first forward layer.
   """
   n = hs.shape[0]
-  student_vm, teacher_vm = vocab_major
-  local_vocab = ws.shape[0 if student_vm else 1]
+  local_vocab = student.vocab_size
   chunk = min(chunk_size, max(n, 1))
-  n_pad = _round_up(n, chunk)
-  pad = n_pad - n
-  hs_c = jnp.pad(hs, ((0, pad), (0, 0))).reshape(n_pad // chunk, chunk, -1)
-  w_c = jnp.pad(weights, (0, pad)).reshape(n_pad // chunk, chunk)
-  if spec.takes_labels:
-    tgt_c = jnp.pad(target, (0, pad), constant_values=IGNORE_LABEL).reshape(-1, chunk)
-  else:
-    tgt_c = jnp.pad(target, ((0, pad), (0, 0))).reshape(n_pad // chunk, chunk, -1)
+  n_pad = round_up(n, chunk)
+
+  def chunked(x: Array, value: int = 0) -> Array:
+    return pad_rows(x, n_pad - n, value).reshape(n_pad // chunk, chunk, *x.shape[1:])
+
+  hs_c, w_c = chunked(hs), chunked(weights)
+  tgt_c = chunked(target, IGNORE_LABEL if spec.takes_labels else 0)
   # Columns past the real vocabulary (padding for an even split) are invalid: -inf logits.
   in_vocab = axis.global_index(local_vocab) < vocab_size
-  student_cap, teacher_cap = softcaps
+
+  def final_logits(z: Array, head: Head) -> Array:
+    return jnp.where(in_vocab, softcap(z, head.softcap), -jnp.inf)
 
   def chunk_loss(z_pre: Array, target_logits: Array, w: Array) -> Array:
-    z = jnp.where(in_vocab, softcap(z_pre, student_cap), -jnp.inf)
-    return weighted_sum(spec_loss(spec, z, target_logits, axis, **params), w)
+    return weighted_sum(spec_loss(spec, final_logits(z_pre, student), target_logits, axis,
+                                  **params), w)
 
   def one_chunk(h: Array, tgt: Array, w: Array) -> tuple[Array, Array, Array]:
-    z_pre = _logits(h, ws, student_vm)
-    if not spec.takes_labels:
-      t = _logits(tgt, wt, teacher_vm)[:, :local_vocab]  # a wider teacher head: its first V
-      tgt = jnp.where(in_vocab, softcap(t, teacher_cap), -jnp.inf)
+    z_pre = student.logits(h)
+    if teacher is not None:
+      # A teacher head over a padded vocabulary is wider: the loss runs over its first V.
+      tgt = final_logits(teacher.logits(tgt)[:, :local_vocab], teacher)
     value, g = jax.value_and_grad(chunk_loss)(z_pre, tgt, w)
-    dh, dw = _head_vjp(h, g, ws, student_vm)
+    dh, dw = student.vjp(h, g)
     return value, dh, dw
 
   def body(dws_acc: Array, xs: tuple[Array, Array, Array]) -> tuple[Array, tuple[Array, Array]]:
@@ -115,93 +97,38 @@ def _chunked_value_and_grads(
   return jnp.sum(values), dhs.reshape(n_pad, -1)[:n], dws
 
 
-def _mesh_axes(mesh: Any, token_axes: Sequence[str], vocab_axis: str
-               ) -> tuple[tuple[str, ...], str | None]:
-  names = tuple(mesh.axis_names)
-  tokens = tuple(a for a in token_axes if a in names)
-  return tokens, (vocab_axis if vocab_axis in names else None)
+def _make_fused(spec: LossSpec, params: dict[str, Any], *, chunk_size: int, mesh: Any,
+                token_axes: Sequence[str], vocab_axis: str) -> Callable[..., Array]:
+  """The custom-VJP function (hs, student, target, teacher, weights) -> loss for one
+  configuration; the heads' layouts and caps travel as their static fields."""
 
-
-def _pad_vocab(w: Array, pad: int, vocab_major: bool) -> Array:
-  return jnp.pad(w, ((0, pad), (0, 0)) if vocab_major else ((0, 0), (0, pad)))
-
-
-def _make_fused(spec: LossSpec, params: dict[str, Any], *, chunk_size: int,
-                softcaps: tuple[float | None, float | None], mesh: Any,
-                token_axes: Sequence[str], vocab_axis: str,
-                vocab_major: tuple[bool, bool]) -> Callable[..., Array]:
-  """The custom-VJP function (hs, ws, target, wt, weights) -> loss for one configuration."""
-  student_vm, teacher_vm = vocab_major
-
-  def value_and_grads(hs, ws, target, wt, weights):
-    vocab_size = ws.shape[0 if student_vm else 1]
-    options = {"chunk_size": chunk_size, "vocab_size": vocab_size, "softcaps": softcaps,
-               "vocab_major": vocab_major}
-    if mesh is None or mesh.empty:
-      return _chunked_value_and_grads(spec, params, hs, ws, target, wt, weights,
-                                      axis=VocabAxis(), **options)
-    tokens, vocab = _mesh_axes(mesh, token_axes, vocab_axis)
-    n_token_shards = math.prod(mesh.shape[a] for a in tokens)
-    n_vocab_shards = mesh.shape[vocab] if vocab else 1
-    # Pad tokens (zero weight) and vocabulary (invalid columns) to split evenly.
-    n = hs.shape[0]
-    pad_n = _round_up(n, n_token_shards) - n
-    pad_v = _round_up(vocab_size, n_vocab_shards) - vocab_size
-    hs_p = jnp.pad(hs, ((0, pad_n), (0, 0)))
-    ws_p = _pad_vocab(ws, pad_v, student_vm)
-    weights_p = jnp.pad(weights, (0, pad_n))
-    if spec.takes_labels:
-      target_p, wt_p = jnp.pad(target, (0, pad_n), constant_values=IGNORE_LABEL), None
-    else:
-      if n_vocab_shards > 1 and wt.shape[0 if teacher_vm else 1] != vocab_size:
-        # Split over the tensor axis, a wider teacher head is cut to V first (a copy): its
-        # shards must hold the student's shards' columns.
-        wt = wt[:vocab_size] if teacher_vm else wt[:, :vocab_size]
-      target_p, wt_p = jnp.pad(target, ((0, pad_n), (0, 0))), _pad_vocab(wt, pad_v, teacher_vm)
-    rows = P(tokens or None)
-    rows_h = P(tokens or None, None)
-
-    def cols(vm: bool) -> P:
-      return P(vocab, None) if vm else P(None, vocab)
-
-    def local(hs_l, ws_l, target_l, wt_l, w_l):
-      value, dhs, dws = _chunked_value_and_grads(
-          spec, params, hs_l, ws_l, target_l, wt_l, w_l, axis=VocabAxis(vocab), **options)
-      if tokens:
-        value = lax.psum(value, tokens)
-        dws = lax.psum(dws, tokens)
-      if vocab:
-        dhs = lax.psum(dhs, vocab)
-      return value, dhs, dws
-
-    target_spec = rows if spec.takes_labels else rows_h
-    wt_spec = None if wt_p is None else cols(teacher_vm)
-    value, dhs, dws = jax.shard_map(
-        local, mesh=mesh, in_specs=(rows_h, cols(student_vm), target_spec, wt_spec, rows),
-        out_specs=(P(), rows_h, cols(student_vm)))(hs_p, ws_p, target_p, wt_p, weights_p)
-    return value, dhs[:n], (dws[:vocab_size] if student_vm else dws[:, :vocab_size])
+  def value_and_grads(hs: Array, student: Head, target: Array, teacher: Head | None,
+                      weights: Array) -> tuple[Array, Array, Array]:
+    local = functools.partial(_chunked_value_and_grads, spec, params, chunk_size=chunk_size,
+                              vocab_size=student.vocab_size)
+    return split_over_mesh(local, hs, student, target, teacher, weights, mesh=mesh,
+                           token_axes=token_axes, vocab_axis=vocab_axis)
 
   @jax.custom_vjp
-  def fused(hs, ws, target, wt, weights):
-    return value_and_grads(hs, ws, target, wt, weights)[0]
+  def fused(hs, student, target, teacher, weights):
+    return value_and_grads(hs, student, target, teacher, weights)[0]
 
-  def fused_fwd(hs, ws, target, wt, weights):
-    value, dhs, dws = value_and_grads(hs, ws, target, wt, weights)
-    return value, (dhs.astype(hs.dtype), dws.astype(ws.dtype), target, wt, weights)
+  def fused_fwd(hs, student, target, teacher, weights):
+    value, dhs, dws = value_and_grads(hs, student, target, teacher, weights)
+    grads = (dhs.astype(hs.dtype), student.with_weight(dws.astype(student.weight.dtype)))
+    return value, (grads, (target, teacher, weights))
 
   def fused_bwd(residuals, cotangent):
-    dhs, dws, target, wt, weights = residuals
-    # The teacher is frozen and the weights are constants: zero cotangents for them.
-    return ((cotangent * dhs).astype(dhs.dtype), (cotangent * dws).astype(dws.dtype),
-            _zero_cotangent(target), _zero_cotangent(wt), jnp.zeros_like(weights))
+    grads, frozen = residuals
+    # The teacher is frozen and the token weights are constants: zero cotangents for them.
+    return (*jax.tree.map(lambda d: (cotangent * d).astype(d.dtype), grads),
+            *jax.tree.map(_zero_cotangent, frozen))
 
   fused.defvjp(fused_fwd, fused_bwd)
   return fused
 
 
-def _zero_cotangent(x: Array | None) -> Any:
-  if x is None:
-    return None
+def _zero_cotangent(x: Array) -> Array:
   if jnp.issubdtype(x.dtype, jnp.integer):
     return jnp.zeros(x.shape, jax.dtypes.float0)
   return jnp.zeros_like(x)
@@ -250,41 +177,34 @@ def fused_logit_loss(
   if chunk_size < 1:
     raise ValueError(f"chunk_size={chunk_size}: must be a positive number of tokens")
   positions = student_hidden.shape[:-1]
-  student_layout, teacher_layout = ("[V, H]" if vm else "[H, V]"
-                                    for vm in (vocab_major, teacher_vocab_major))
-  if (student_head.ndim != 2
-      or student_head.shape[1 if vocab_major else 0] != student_hidden.shape[-1]):
+  student = Head(student_head, vocab_major, logit_softcap)
+  if student_head.ndim != 2 or student.hidden_size != student_hidden.shape[-1]:
     raise ValueError(f"student head {student_head.shape} does not match hidden size "
-                     f"{student_hidden.shape[-1]}: expected {student_layout}")
-  vocab_size = student_head.shape[0 if vocab_major else 1]
+                     f"{student_hidden.shape[-1]}: expected {student.layout}")
   if spec.takes_labels:
     if labels is None:
       raise ValueError(f"loss {name!r} needs labels=")
-    target, wt = jnp.reshape(labels, (-1,)), None
+    target, teacher = jnp.reshape(labels, (-1,)), None
   else:
     if teacher_hidden is None or teacher_head is None:
       raise ValueError(f"loss {name!r} needs teacher_hidden and teacher_head")
     if teacher_hidden.shape[:-1] != positions:
       raise ValueError(f"teacher hidden {teacher_hidden.shape} and student hidden "
                        f"{student_hidden.shape} cover different positions")
-    teacher_dims = teacher_head.shape[::-1] if teacher_vocab_major else teacher_head.shape
-    if (teacher_head.ndim != 2 or teacher_dims[0] != teacher_hidden.shape[-1]
-        or teacher_dims[1] < vocab_size):
+    teacher = Head(teacher_head, teacher_vocab_major, teacher_logit_softcap)
+    if (teacher_head.ndim != 2 or teacher.hidden_size != teacher_hidden.shape[-1]
+        or teacher.vocab_size < student.vocab_size):
       raise ValueError(f"vocabulary mismatch: student head {student_head.shape} "
-                       f"({student_layout}), teacher head {teacher_head.shape} "
-                       f"({teacher_layout}); the teacher's must cover the student's V")
+                       f"({student.layout}), teacher head {teacher_head.shape} "
+                       f"({teacher.layout}); the teacher's must cover the student's V")
     target = jnp.reshape(teacher_hidden, (-1, teacher_hidden.shape[-1]))
-    wt = teacher_head
   weights = token_weights(loss_mask(name, positions, mask, labels), normalize=normalize,
                           num_valid_tokens=num_valid_tokens, num_sequences=num_sequences,
                           row_weights=row_weights)
   if mesh is None:
     mesh = jax.sharding.get_abstract_mesh()
-  softcaps = (logit_softcap, teacher_logit_softcap)
-  fused = _make_fused(spec, full, chunk_size=chunk_size, softcaps=softcaps, mesh=mesh,
-                      token_axes=tuple(token_axes), vocab_axis=vocab_axis,
-                      vocab_major=(vocab_major, teacher_vocab_major))
+  fused = _make_fused(spec, full, chunk_size=chunk_size, mesh=mesh,
+                      token_axes=tuple(token_axes), vocab_axis=vocab_axis)
   hs = jnp.reshape(student_hidden, (-1, student_hidden.shape[-1]))
-  return fused(hs, student_head, lax.stop_gradient(target),
-               None if wt is None else lax.stop_gradient(wt),
+  return fused(hs, student, lax.stop_gradient(target), lax.stop_gradient(teacher),
                lax.stop_gradient(weights.reshape(-1)))
