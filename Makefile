@@ -1,12 +1,13 @@
 # Two commands do all the set-up on a fresh machine with Python 3.11:
 #   make demo   -- create .venv, install csd-jax, run a short CSD distillation
-#   make test   -- create .venv, install csd-jax[test], run the whole test suite
+#   make test   -- create .venv, install csd-jax[test], run the whole test suite (what CI runs)
+#   make test-fast -- the same without the tests marked slow, for local iteration
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 PYTEST_ARGS ?=
 
-.PHONY: demo test bench clean
+.PHONY: demo test test-fast bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -35,8 +36,13 @@ $(VENV)/.installed-test: pyproject.toml | $(BIN)/python
 demo: $(VENV)/.installed
 	$(BIN)/csd-jax demo
 
+# --dist loadgroup: the two demo tests (xdist_group "demo", ~12 GB each) run one after the other
+# on one worker while the other worker takes the rest; tests/conftest.py starts the slow first.
 test: $(VENV)/.installed-test
-	$(BIN)/python -m pytest -n 2 $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -n 2 --dist loadgroup $(PYTEST_ARGS)
+
+test-fast: $(VENV)/.installed-test
+	$(BIN)/python -m pytest -n 2 --dist loadgroup -m "not slow" $(PYTEST_ARGS)
 
 bench: $(VENV)/.installed
 	$(BIN)/python bench/loss.py

@@ -19,6 +19,17 @@ import pytest  # noqa: E402
 from shared_runs import checkpointed_run  # noqa: E402, F401  (a session fixture)
 
 
+def pytest_collection_modifyitems(config, items):
+  """The longest tests first, so that neither xdist worker is left with a long one at the end
+  while the other idles: the demo group (one worker runs both, `--dist loadgroup`), then the
+  tests marked slow, then the rest, each in collection order (the same on every worker)."""
+  def rank(item):
+    group = item.get_closest_marker("xdist_group")
+    return 0 if group is not None else 1 if item.get_closest_marker("slow") else 2
+
+  items.sort(key=rank)
+
+
 @pytest.fixture(autouse=True, scope="module")
 def _release_compiled_programs():
   """After each test module, its jitted programs (and the constants and arrays they keep

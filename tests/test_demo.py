@@ -1,11 +1,14 @@
 """The embedded demos, in a reduced size: teacher data, layer-dropped student, CSD, the table.
 
-The two reduced demo runs take about 14.6 GB (SmolLM2) and 11.1 GB (Gemma 3) of memory: a file
-lock keeps them from running at the same time on two xdist workers.
+The two reduced demo runs each take several GB (Gemma 3: about 11 GB): they run on one xdist
+worker one after the other, and a file lock keeps them apart under any other scheduling.
 """
 
 import fcntl
 import json
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -13,6 +16,11 @@ import pytest
 from csd_jax.demo import command as demo
 from csd_jax.models import load_pretrained
 from csd_jax.models.io.layer_drop import layer_dropped_copy
+
+
+# One xdist worker runs both demos, one after the other (`make test`: --dist loadgroup), while
+# the other takes the rest of the suite; the lock still keeps them apart under other schedulers.
+DEMO_GROUP = pytest.mark.xdist_group("demo")
 
 
 @pytest.fixture
@@ -48,42 +56,47 @@ def test_layer_dropped_gemma3_keeps_the_kept_layers_types(tmp_path):
   assert student.cfg.layer_types == ("full_attention", "sliding_attention")
 
 
-def test_reduced_demo_lowers_the_held_out_csd(tmp_path, capsys, one_demo_at_a_time):
-  results = demo.run(tmp_path, steps=12, num_prompts=40, num_eval=8, max_new_tokens=16,
-                     overrides=["train.log_every=4"])
+def _demo_on_one_device(workdir, **kwargs) -> tuple[dict, str]:
+  """`demo.run(workdir, **kwargs)` in a subprocess on ONE CPU device, as `csd-jax demo` runs:
+  under this suite's 8 fake devices the run replicates teacher, student and optimizer state per
+  device (the SmolLM2 demo took 14.6 GB and 6x the time). Its results and its stdout."""
+  args = ", ".join(f"{k}={v!r}" for k, v in kwargs.items())
+  code = ("from csd_jax.demo import command as demo; import json; "
+          f"print(json.dumps(demo.run({str(workdir)!r}, {args})))")
+  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
+  done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                        timeout=900)
+  assert done.returncode == 0, done.stderr[-3000:]
+  return json.loads(done.stdout.strip().splitlines()[-1]), done.stdout
+
+
+@pytest.mark.slow
+@DEMO_GROUP
+def test_reduced_demo_lowers_the_held_out_csd(tmp_path, converted, one_demo_at_a_time):
+  results, out = _demo_on_one_device(tmp_path, steps=12, num_prompts=40, num_eval=8,
+                                     max_new_tokens=16, assets=str(converted.parent),
+                                     overrides=["train.log_every=4"])
   assert results["after"]["csd"] < results["before"]["csd"]
   assert results["after"]["fkl"] < results["before"]["fkl"]
-  out = capsys.readouterr().out
   assert "ROUGE-L" in out and out.count("\nbefore") == 1 and out.count("\nafter") == 1
   answers = (tmp_path / "data" / "teacher_answers.jsonl").read_text().splitlines()
   assert len(answers) == 40 and all(json.loads(a)["response"] for a in answers)
 
 
+@pytest.mark.slow
+@DEMO_GROUP
 def test_reduced_gemma3_demo_brings_the_student_to_the_teacher(tmp_path, gemma3_dir,
                                                                 one_demo_at_a_time):
   """262k vocabulary through the fused loss; the student keeps sliding and global layers.
 
   The Gemma demo trains teacher-weighted CSD (configs/demo_gemma3.yaml: student-weighted CSD
   lets this student collapse onto one token, which zeroes that loss), while the table's CSD
-  column is the student-weighted one: the held-out forward KL is what must fall.
-
-  In a subprocess on ONE CPU device, as `csd-jax demo` runs: under this suite's 8 fake devices
-  the run replicates teacher, student and optimizer state per device and exceeds 24 GB."""
-  import os
-  import subprocess
-  import sys
-
-  code = (f"from csd_jax.demo import command as demo; import json; "
-          f"print(json.dumps(demo.run({str(tmp_path)!r}, teacher='gemma3-270m', steps=4, "
-          f"num_prompts=12, num_eval=4, max_new_tokens=8, assets={str(gemma3_dir.parent)!r}, "
-          f"overrides=['train.log_every=2', 'train.heldout_every=0'])))")
-  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
-  done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
-                        timeout=900)
-  assert done.returncode == 0, done.stderr[-3000:]
-  results = json.loads(done.stdout.strip().splitlines()[-1])
+  column is the student-weighted one: the held-out forward KL is what must fall."""
+  results, out = _demo_on_one_device(
+      tmp_path, teacher="gemma3-270m", steps=4, num_prompts=12, num_eval=4, max_new_tokens=8,
+      assets=str(gemma3_dir.parent), overrides=["train.log_every=2", "train.heldout_every=0"])
   assert results["after"]["fkl"] < results["before"]["fkl"]
   student = json.loads((tmp_path / "assets" / "student_init" / "config.json").read_text())
   assert student["num_hidden_layers"] == 6
   assert student["layer_types"].count("full_attention") == 3
-  assert "\nbefore" in done.stdout
+  assert "\nbefore" in out

@@ -35,7 +35,7 @@ from csd_jax.eval.text_metrics import rouge_l
 from csd_jax.models import generate, load_pretrained
 from csd_jax.models.io.layer_drop import layer_dropped_copy
 
-CONFIGS = pathlib.Path(__file__).resolve().parents[1] / "configs"
+CONFIGS = pathlib.Path(__file__).resolve().parents[2] / "configs"   # the checkout's configs/
 DEMO_CONFIG = CONFIGS / "demo.yaml"
 STUDENT_LAYERS = (0, 10, 20, 29)
 
