@@ -3,13 +3,18 @@ before JAX is imported), and the fixtures many test files share."""
 
 import os
 
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+from cpu_devices import xla_flags
+
+os.environ.setdefault("XLA_FLAGS", xla_flags(8))
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # One XLA compile cache for every run the tests start, in this process, the other xdist worker
 # and their subprocesses (`train.compile_cache`'s default honours it): the same tiny programs
 # compile once a session, not once a test. The tests whose point is compiling name their own.
 os.environ.setdefault("CSD_JAX_COMPILE_CACHE", os.path.join(
     os.path.dirname(os.path.dirname(os.path.abspath(__file__))), ".pytest_cache", "xla_cache"))
+# The same cache for what compiles outside a training run (evaluation, generation, export), for
+# programs that take JAX's default second or more to compile.
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.environ["CSD_JAX_COMPILE_CACHE"])
 
 
 import pathlib  # noqa: E402

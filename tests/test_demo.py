@@ -16,6 +16,7 @@ import pytest
 from csd_jax.demo import command as demo
 from csd_jax.models import load_pretrained
 from csd_jax.models.io.layer_drop import layer_dropped_copy
+from cpu_devices import xla_flags
 
 
 # One xdist worker runs both demos, one after the other (`make test`: --dist loadgroup), while
@@ -63,7 +64,7 @@ def _demo_on_one_device(workdir, **kwargs) -> tuple[dict, str]:
   args = ", ".join(f"{k}={v!r}" for k, v in kwargs.items())
   code = ("from csd_jax.demo import command as demo; import json; "
           f"print(json.dumps(demo.run({str(workdir)!r}, {args})))")
-  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
+  env = {**os.environ, "XLA_FLAGS": xla_flags(1)}
   done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
                         timeout=900)
   assert done.returncode == 0, done.stderr[-3000:]

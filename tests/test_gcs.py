@@ -18,6 +18,7 @@ import time
 import numpy as np
 import pytest
 
+from cpu_devices import xla_flags
 from gcs_emulator import DEFAULT_BUCKET as BUCKET
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -35,7 +36,7 @@ def _port():
 
 def _env(gcs, **extra):
   return {**os.environ, **gcs.env, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu",
-          "XLA_FLAGS": "--xla_force_host_platform_device_count=2", **extra}
+          "XLA_FLAGS": xla_flags(2), **extra}
 
 
 def _start(gcs, workdir, extra_args=()):

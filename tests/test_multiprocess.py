@@ -10,6 +10,7 @@ import time
 
 import numpy as np
 
+from cpu_devices import xla_flags
 from csd_jax.metrics import read_metrics
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -27,7 +28,7 @@ def _port():
 
 def _env(devices, **extra):
   env = {**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu",
-         "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}", **extra}
+         "XLA_FLAGS": xla_flags(devices), **extra}
   return env
 
 
