@@ -5,6 +5,8 @@ import pathlib
 import subprocess
 import sys
 
+import pytest
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
@@ -56,6 +58,7 @@ def test_bench_step_runs_beside_the_torch_baseline():
   assert float(fields[2].replace(",", "")) > 0 and float(fields[6].replace(",", "")) > 0
 
 
+@pytest.mark.slow
 def test_bench_levers_runs_every_lever():
   env = {**os.environ, "PYTHONPATH": str(ROOT)}
   result = subprocess.run(

@@ -82,6 +82,7 @@ def _assert_same_run(workdir, reference):
     np.testing.assert_array_equal(params[path], value, err_msg=str(path))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kill_after", [3, 7])
 def test_kill_9_then_resume_equals_the_uninterrupted_run(tmp_path, uninterrupted, kill_after):
   proc = _start(tmp_path)

@@ -43,6 +43,7 @@ def test_seeded_generation_metrics_and_a_teacher_equal_to_the_student(tiny_model
   assert "kl" not in again
 
 
+@pytest.mark.slow
 def test_cli_eval_writes_json_and_a_table(tiny_model_dir, data_file, tmp_path, run_cli):
   out = tmp_path / "results.json"
   code, stdout, stderr = run_cli(
@@ -90,6 +91,7 @@ def _mixed_records(count: int) -> list[dict[str, str]]:
            "context": "", "response": f"Colour {i} is blue."} for i in range(count)]
 
 
+@pytest.mark.slow
 def test_generation_compiles_once_per_prompt_width_and_keeps_the_tokenizer(tiny_model_dir):
   """64 prompts of mixed lengths in batches of 10 (the last one partial): `generate`'s jitted
   loop compiles once per padding width, not once per batch, and so does the teacher-forced
@@ -138,6 +140,7 @@ def test_answers_do_not_depend_on_the_batch(tiny_model_dir):
   assert batched["short"]["sampling"]["temperature"] == 0.0
 
 
+@pytest.mark.slow
 def test_chunked_metrics_equal_dense_logits(tiny_model_dir, data_file, tmp_path):
   """Perplexity, KL, CSD and agreement from the chunked heads equal those of full logits, with
   a different, soft-capped teacher; a student with more vocabulary rows than its teacher keeps

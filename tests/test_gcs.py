@@ -55,11 +55,10 @@ def _finish(procs):
   return outs
 
 
-def _cli(gcs, *args):
-  result = subprocess.run([sys.executable, "-m", "csd_jax.cli", *args], env=_env(gcs),
-                          capture_output=True, text=True, timeout=600, check=False)
-  assert result.returncode == 0, result.stdout + result.stderr
-  return result
+def _cli(run_cli, *args):
+  """`csd-jax ARGS` in this process (the `gcs` fixture points it at the server too)."""
+  code, out, err = run_cli(*args)
+  assert code == 0, out + err
 
 
 def _losses(workdir):
@@ -80,8 +79,9 @@ def tokenizer_in_bucket(gcs, gpt2_tokenizer, tmp_path_factory):
   return remote
 
 
+@pytest.mark.slow
 def test_gs_workdir_killed_and_resumed_matches_a_local_run(gcs, tokenizer_in_bucket, tmp_path,
-                                                            monkeypatch):
+                                                            monkeypatch, run_cli):
   from csd_jax.runtime import paths
   from csd_jax.train.storage import complete_checkpoints
 
@@ -135,8 +135,8 @@ def test_gs_workdir_killed_and_resumed_matches_a_local_run(gcs, tokenizer_in_buc
   assert [logged[s] for s in sorted(logged)] == [float(np.float32(want[s])) for s in sorted(want)]
 
   # export: from the bucket to the bucket, and the same weights as the local run's.
-  _cli(gcs, "export", "--workdir", workdir, "--out", f"gs://{BUCKET}/exports/killed")
-  _cli(gcs, "export", "--workdir", str(local), "--out", str(tmp_path / "local_export"))
+  _cli(run_cli, "export", "--workdir", workdir, "--out", f"gs://{BUCKET}/exports/killed")
+  _cli(run_cli, "export", "--workdir", str(local), "--out", str(tmp_path / "local_export"))
   exported = paths.as_path(f"gs://{BUCKET}/exports/killed")
   names = sorted(p.name for p in exported.iterdir())
   assert "config.json" in names and "model.safetensors" in names and "tokenizer.json" in names
@@ -151,13 +151,15 @@ def test_gs_workdir_killed_and_resumed_matches_a_local_run(gcs, tokenizer_in_buc
   # eval: the run and a data file in the bucket, the results written beside the run.
   data = paths.as_path(f"gs://{BUCKET}/data/set.jsonl")
   data.write_text(json.dumps({"instruction": "Say hi.", "response": "Hi."}) + "\n")
-  _cli(gcs, "eval", "--workdir", workdir, "--data", f"set={data}", "--max-new-tokens", "4",
+  _cli(run_cli, "eval", "--workdir", workdir, "--data", f"set={data}", "--max-new-tokens", "4",
        "--seeds", "1")
   results = json.loads(paths.as_path(f"{workdir}/eval_results.json").read_text())
   assert "set" in results and "rougeL" in results["set"]
 
 
-def test_models_and_data_read_from_the_bucket(gcs, instruction_files, tmp_path, monkeypatch):
+@pytest.mark.slow
+def test_models_and_data_read_from_the_bucket(gcs, instruction_files, tmp_path, monkeypatch,
+                                              run_cli):
   """`student.path`, `data.tokenizer` and `data.train_files` / `eval_files` in the bucket: the
   model and tokenizer directories are copied into the local cache once (safetensors and
   tokenizers read local files), the data files are read from the bucket directly."""
@@ -175,7 +177,7 @@ def test_models_and_data_read_from_the_bucket(gcs, instruction_files, tmp_path, 
   paths.copy_tree(student, f"{bucket}/student")
   paths.copy_tree(instruction_files, f"{bucket}/data")
   workdir = f"gs://{BUCKET}/runs/inputs"
-  _cli(gcs, "train", "--config", str(ROOT / "configs" / "tiny.yaml"), "--workdir", workdir,
+  _cli(run_cli, "train", "--config", str(ROOT / "configs" / "tiny.yaml"), "--workdir", workdir,
        "train.steps=2", "student.config=null", f"student.path={bucket}/student",
        "data.source=files",
        f"data.tokenizer={bucket}/data/tokenizer", f"data.train_files=[{bucket}/data/train.jsonl]",

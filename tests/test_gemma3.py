@@ -60,6 +60,7 @@ def test_converted_config(gemma3_dir):
   assert generation["eos_token_id"] == [1, 106]   # <eos>, <end_of_turn>
 
 
+@pytest.mark.slow
 def test_converted_weights_model_english(models):
   """A wrong conversion (norms without llama.cpp's +1 undone, permuted q/k rows) garbles the
   model: plain English then costs ~10 nats a token. (The converted tensors were also checked
@@ -103,6 +104,7 @@ def test_chat_prompts_logits_match_transformers(models):
   assert _max_rel(got[mask], ref[mask]) <= TOL
 
 
+@pytest.mark.slow
 def test_greedy_answer_matches_transformers(models):
   ours, reference, tokenizer = models
   ids = _chat_ids(tokenizer, PROMPTS[2])

@@ -30,6 +30,7 @@ def _evaluated(workdir):
   return {r["step"]: r[METRIC] for r in read_metrics(workdir) if METRIC in r}
 
 
+@pytest.mark.slow
 def test_the_best_checkpoint_is_kept_across_a_resume(instruction_files, tmp_path):
   workdir = tmp_path / "run"
   train(_config(instruction_files, "train.steps=8"), workdir)      # epochs end at 4 and 8

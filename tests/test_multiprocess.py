@@ -9,6 +9,7 @@ import sys
 import time
 
 import numpy as np
+import pytest
 
 from cpu_devices import xla_flags
 from csd_jax.metrics import read_metrics
@@ -52,6 +53,7 @@ def _checkpoints(workdir):
   return [p for p in directory.iterdir() if p.name.isdigit()] if directory.exists() else []
 
 
+@pytest.mark.slow
 def test_two_processes_killed_and_resumed_match_one_process(tmp_path):
   reference = tmp_path / "one_process"
   one = subprocess.run([sys.executable, str(ROOT / "tests" / "train_until.py"), *ARGS,
@@ -81,6 +83,7 @@ def test_two_processes_killed_and_resumed_match_one_process(tmp_path):
   assert len(list((workdir / "tensorboard").iterdir())) == 2  # only process 0 writes: 2 runs
 
 
+@pytest.mark.slow
 def test_onpolicy_on_two_processes_is_deterministic_and_learns(tmp_path):
   """Student answers generated from global batches, a replicated replay buffer, on 2
   processes: both finish, the loss falls, and a second run repeats the first bit for bit.

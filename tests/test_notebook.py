@@ -42,6 +42,7 @@ def runs(tmp_path_factory, gpt2_tokenizer):
   return base, workdirs
 
 
+@pytest.mark.slow
 def test_token_report_matches_the_run(runs):
   _, workdirs = runs
   run = inspection.open_run(workdirs["csd"])
@@ -61,6 +62,7 @@ def test_token_report_matches_the_run(runs):
       float(report["per_token"][targets].max()))
 
 
+@pytest.mark.slow
 def test_the_notebook_executes_and_saves_its_figures(runs, tmp_path, monkeypatch):
   base, workdirs = runs
   figures = tmp_path / "figures"

@@ -153,6 +153,7 @@ def whole_run(tmp_path_factory):
   return get
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mix", ["imitkd", "gkd"])
 def test_a_short_onpolicy_run_lowers_the_loss(whole_run, mix):
   assert load_config(TINY).train.heldout_every == 0   # the held-out loss only at the end

@@ -99,6 +99,7 @@ def _compiled(stderr):
   return int(match.group(1)), float(match.group(2)), int(match.group(3))
 
 
+@pytest.mark.slow
 def test_a_rerun_loads_every_program_from_the_persistent_cache(tmp_path):
   # The run's own cache (W/xla_cache), not the tests' shared one: this test is about compiling.
   first = _subprocess("train", "--config", TINY, "--workdir", str(tmp_path), "train.steps=4",

@@ -16,6 +16,7 @@ SFT = ["teacher=null", "loss.kd_coef=0", "loss.ce_coef=1", "student.dropout=0.0"
        "train.heldout_every=4"]
 
 
+@pytest.mark.slow
 def test_sft_holds_no_teacher_and_its_loss_falls(instruction_files):
   config = load_config(TINY, [*instruction_overrides(instruction_files), *SFT, "train.steps=12"])
   assert config.teacher is None

@@ -121,6 +121,7 @@ def test_tiny_config_lowers_the_loss_and_writes_metrics(tmp_path):
   assert load_config(tmp_path / "config.yaml").train.steps == 30  # the resolved config reloads
 
 
+@pytest.mark.slow
 def test_sft_and_lm_terms_with_different_vocab_sizes(tmp_path, converted, caplog):
   """Instruction files + pre-training text through the real tokenizer; the teacher's head has
   padded rows (a larger vocabulary), cut to the common size with a warning."""

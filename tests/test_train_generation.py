@@ -24,6 +24,7 @@ def _config(files, *overrides):
   return load_config(TINY, [*instruction_overrides(files), "train.steps=4", *overrides])
 
 
+@pytest.mark.slow
 def test_onpolicy_rows_and_generation_eval_during_training(files, tmp_path):
   config = _config(files, "onpolicy.ratio=0.5", "onpolicy.buffer_size=8", "eval.every=2",
                    f"eval.datasets.test={files / 'test.jsonl'}", "eval.seeds=[10, 20]",

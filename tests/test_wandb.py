@@ -133,6 +133,7 @@ def test_offline_run_files_hold_the_scalars_and_a_resume_continues_the_run(offli
   assert runs[1]["history"] == {s: rows[s] for s in (4, 5)}
 
 
+@pytest.mark.slow
 def test_a_failing_wandb_init_leaves_training_running(offline, xla_cache, monkeypatch, caplog):
   def refuse(*args, **kwargs):
     raise wandb.errors.CommError("the W&B server said no\nand more lines")
