@@ -96,6 +96,18 @@ def _parser() -> argparse.ArgumentParser:
   convert.add_argument("out_dir")
   convert.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default="float32")
   _add_generate(commands)
+  compile_ = commands.add_parser(
+      "compile", help="compile a run for a TPU slice on a machine without one (libtpu): "
+                      "memory per chip, fits or not, cost, collectives")
+  compile_.add_argument("--config", required=True, help="a YAML file, e.g. configs/tiny.yaml")
+  compile_.add_argument("--topology", help="a TPU slice, e.g. v5e-8, v5p-128, v6e-256 "
+                                           "(default: the config's mesh.slice)")
+  compile_.add_argument("--slices", type=int, default=1, help="slices of that topology")
+  compile_.add_argument("--out", help="a directory for report.json and the optimized HLO")
+  compile_.add_argument("--must-fit", action="store_true",
+                        help="exit with status 2 when a program does not fit the chips' HBM")
+  compile_.add_argument("overrides", nargs="*", metavar="key=value",
+                        help="dotted overrides, as for train")
   pairs = commands.add_parser(
       "pairs", help="join a teacher's and a student's csd-jax generate files into the chat "
                     "pairs file of data.source: pairs (the official reformat.py's train.json)")
@@ -154,10 +166,13 @@ def _add_generate(commands: Any) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
   args = _parser().parse_args(argv)
+  from csd_jax.runtime.platforms import skip_absent_tpu
+
+  skip_absent_tpu()
   command: Callable[[argparse.Namespace], int] = {
       "demo": _demo, "train": _train, "export": _export, "eval": _eval,
       "convert-gguf": _convert_gguf, "report": _report, "generate": _generate,
-      "pairs": _pairs}[args.command]
+      "pairs": _pairs, "compile": _compile}[args.command]
   try:
     return command(args)
   except UserError as error:  # anything else is a bug: its traceback is shown
@@ -294,6 +309,20 @@ def _report(args: argparse.Namespace) -> int:
     print(f"wrote {md_path} and {csv_path}")
   return 0
 
+
+def _compile(args: argparse.Namespace) -> int:
+  from csd_jax.compile.command import CompileRequest, run_compile
+  from csd_jax.compile.report import format_report
+  from csd_jax.runtime.logs import setup_logging
+
+  setup_logging()
+  report = run_compile(CompileRequest(config=args.config, overrides=args.overrides,
+                                      topology=args.topology, num_slices=args.slices,
+                                      out=args.out))
+  print(format_report(report))
+  if args.out:
+    print(f"report and HLO in {args.out}")
+  return 2 if args.must_fit and not report.fits else 0
 
 
 def _pairs(args: argparse.Namespace) -> int:

@@ -193,7 +193,8 @@ def _check_rules(config: Config) -> None:
 
 
 def _check_mesh(config: Config) -> None:
-  """mesh.rules names known logical and mesh axes (sharding.resolve_rules checks them)."""
+  """mesh.rules names known logical and mesh axes (sharding.resolve_rules checks them);
+  mesh.slice is a known TPU slice."""
   # Imported here: sharding imports jax, which config must not pull in at import time.
   from csd_jax.runtime.sharding import resolve_rules
 
@@ -201,6 +202,11 @@ def _check_mesh(config: Config) -> None:
     resolve_rules(config.mesh.rules)
   except UserError as error:
     raise ConfigError(f"mesh.rules: {error}") from error
+  from csd_jax.compile.topologies import SLICES   # a table: imports no JAX
+
+  if config.mesh.slice is not None and config.mesh.slice not in SLICES:
+    raise ConfigError(f"mesh.slice={config.mesh.slice}: unknown TPU slice; known slices: "
+                      f"{', '.join(SLICES)}")
 
 
 def _check_sft(config: Config) -> None:

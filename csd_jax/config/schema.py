@@ -33,6 +33,8 @@ class ModelSpec:
   seed: int = 0
   dropout: float | None = None     # student: None = its config.json's rates (GPT-2: 0.1); a
                                    # number replaces the embedding, attention and residual rates
+  like: str | None = None          # a hub id of this model's architecture: `csd-jax compile`
+                                   # takes the shapes from it while `path` does not exist yet
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,6 +93,8 @@ class MeshConfig:
   # Logical axis -> list of mesh axes (data, fsdp, tensor), overriding sharding.RULES for
   # teacher and student alike, e.g. {vocab: [], mlp: [fsdp, tensor]}.
   rules: dict = dataclasses.field(default_factory=dict)
+  slice: str | None = None        # the TPU slice the run is made for (v5e-8, v5p-128, ...):
+                                  # what `csd-jax compile` compiles it for by default
 
 
 @dataclasses.dataclass(frozen=True)

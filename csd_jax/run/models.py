@@ -40,17 +40,25 @@ CONFIG_FILE = "config.yaml"
 
 # ---- models from a config --------------------------------------------------------------------
 
-def build_model(spec: ModelSpec, mesh: Mesh, *, trainable: bool,
-                rules: Mapping[str, Sequence[str]] | None = None, **options: Any) -> CausalLM:
-  """A model from a path / hub id or a random-init config, born sharded over `mesh` by `rules`
-  (default `sharding.RULES`). A model that is not trained (the teacher) stores its weights in
-  its compute dtype; `options` are `ModelConfig` overrides (LoRA)."""
+def model_settings(spec: ModelSpec, *, trainable: bool, **options: Any
+                   ) -> tuple[Any, Any, dict[str, Any]]:
+  """(compute dtype, storage dtype, `ModelConfig` overrides) of a teacher or student: a model
+  that is not trained (the teacher) stores its weights in its compute dtype."""
   dtype = DTYPES[spec.dtype]
   param_dtype = DTYPES[spec.param_dtype] if trainable else dtype
   options = {"remat": spec.remat, "attention_impl": spec.attention_impl, **options}
   if spec.dropout is not None:
     options.update(embed_dropout=spec.dropout, attention_dropout=spec.dropout,
                    residual_dropout=spec.dropout)
+  return dtype, param_dtype, options
+
+
+def build_model(spec: ModelSpec, mesh: Mesh, *, trainable: bool,
+                rules: Mapping[str, Sequence[str]] | None = None, **options: Any) -> CausalLM:
+  """A model from a path / hub id or a random-init config, born sharded over `mesh` by `rules`
+  (default `sharding.RULES`), with `model_settings`; `options` are `ModelConfig` overrides
+  (LoRA)."""
+  dtype, param_dtype, options = model_settings(spec, trainable=trainable, **options)
   if spec.path is not None:
     return load_pretrained(spec.path, dtype=dtype, param_dtype=param_dtype, mesh=mesh,
                            rules=rules, **options)
@@ -58,13 +66,17 @@ def build_model(spec: ModelSpec, mesh: Mesh, *, trainable: bool,
                      mesh=mesh, rules=rules, **options)
 
 
+def student_adapters(config: Config) -> dict[str, Any]:
+  """The student's LoRA settings as `ModelConfig` overrides ({} without LoRA)."""
+  lora = config.lora
+  return ({"lora_rank": lora.rank, "lora_alpha": lora.alpha, "lora_dropout": lora.dropout,
+           "lora_targets": tuple(lora.targets)} if lora.rank > 0 else {})
+
+
 def build_student(config: Config, mesh: Mesh) -> CausalLM:
   """The student as the run trains it (with its LoRA adapters, if any)."""
-  lora = config.lora
-  adapters = ({"lora_rank": lora.rank, "lora_alpha": lora.alpha, "lora_dropout": lora.dropout,
-               "lora_targets": tuple(lora.targets)} if lora.rank > 0 else {})
   return build_model(config.student, mesh, trainable=True,
-                     rules=resolve_rules(config.mesh.rules), **adapters)
+                     rules=resolve_rules(config.mesh.rules), **student_adapters(config))
 
 
 def common_vocab_size(teacher: CausalLM, student: CausalLM) -> int:

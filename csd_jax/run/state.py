@@ -108,9 +108,43 @@ def init_train_state(student: Any, optimizer: optax.GradientTransformation, mesh
   if replay is not None:
     replay = jax.tree.map(lambda x: replicated(mesh, x), replay)
   state = TrainState(params=params, untrained=untrained,
-                     opt_state=jax.jit(optimizer.init)(params),
+                     opt_state=optimizer_init(optimizer)(params),
                      step=replicated(mesh, np.int32(0)), key=key, replay=replay)
   return graphdef, _commit(state, mesh)
+
+
+def optimizer_init(optimizer: optax.GradientTransformation) -> Any:
+  """The jitted function that builds the optimizer state from the parameters (its output
+  shardings are where the state lives)."""
+  return jax.jit(optimizer.init)
+
+
+def abstract_train_state(student: Any, optimizer: optax.GradientTransformation, mesh: Mesh, *,
+                         trainable: Any = nnx.Param, replay: dict[str, Any] | None = None
+                         ) -> tuple[nnx.GraphDef, TrainState]:
+  """`init_train_state` without allocating: the student's graph and a `TrainState` of
+  `jax.ShapeDtypeStruct`s with the shardings training gives each leaf (the optimizer state's
+  from compiling `optimizer_init` for `mesh`). `student` is an abstract model
+  (`csd_jax.models.io.hf.abstract_model`); `replay` the replay buffer's shapes (`jax.eval_shape` of `initial_replay`) or None."""
+  graphdef, params, untrained = nnx.split(student, trainable, ...)
+  init = optimizer_init(optimizer)
+  placed = init.lower(params).compile().output_shardings
+  everywhere = NamedSharding(mesh, P())
+  # A leaf the init leaves on one device (the step count) is replicated, as `_commit` does.
+  opt_state = jax.tree.map(
+      lambda a, s: jax.ShapeDtypeStruct(
+          a.shape, a.dtype, sharding=s if isinstance(s, NamedSharding) else everywhere),
+      jax.eval_shape(optimizer.init, params), placed)
+
+  def replicated_abstract(tree: Any) -> Any:
+    return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=everywhere),
+                        tree)
+
+  state = TrainState(params=params, untrained=untrained, opt_state=opt_state,
+                     step=replicated_abstract(jax.ShapeDtypeStruct((), jnp.int32)),
+                     key=replicated_abstract(jax.eval_shape(lambda: jax.random.key(0))),
+                     replay=None if replay is None else replicated_abstract(replay))
+  return graphdef, state
 
 
 def learning_rate_schedule(optim: OptimConfig, total_steps: int) -> optax.Schedule:

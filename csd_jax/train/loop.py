@@ -81,13 +81,7 @@ def build_trainer(config: Config, mesh: Mesh | None = None) -> Trainer:
   the jitted steps."""
   # ---- mesh, models, data ----------------------------------------------------------------
   mesh = mesh or make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
-  rules = resolve_rules(config.mesh.rules)
-  data_parallel = data_parallel_size(mesh, rules)
-  micro_rows = config.train.batch_size // config.train.grad_accum
-  if micro_rows % data_parallel:
-    raise UserError(f"micro-batches of {micro_rows} rows (train.batch_size / train.grad_accum) "
-                    f"do not split over the {data_parallel} data-parallel devices of the mesh; "
-                    f"use a multiple of {data_parallel} rows")
+  check_batch_split(config, mesh)
   models = build_models(config, mesh)
   inputs = build_inputs(config, mesh, models.vocab_size, resolve_tokenizer(config))
   total_steps = config.train.steps or math.ceil(config.train.epochs *
@@ -106,23 +100,45 @@ def build_trainer(config: Config, mesh: Mesh | None = None) -> Trainer:
               else f"teacher {count_params(teacher_state):,} (frozen)")
 
   # ---- the jitted steps ------------------------------------------------------------------
+  train_step, eval_step = make_steps(config, student_graphdef, teacher_graphdef,
+                                     jax.tree.map(lambda x: x.sharding, state),
+                                     total_steps, models.vocab_size)
+  return Trainer(config, mesh, models, inputs, total_steps, state, student_graphdef,
+                 teacher_state, train_step, eval_step, onpolicy)
+
+
+def check_batch_split(config: Config, mesh: Mesh) -> None:
+  """Raises UserError when a micro-batch's rows do not split over the mesh's data-parallel
+  devices."""
+  data_parallel = data_parallel_size(mesh, resolve_rules(config.mesh.rules))
+  micro_rows = config.train.batch_size // config.train.grad_accum
+  if micro_rows % data_parallel:
+    raise UserError(f"micro-batches of {micro_rows} rows (train.batch_size / train.grad_accum) "
+                    f"do not split over the {data_parallel} data-parallel devices of the mesh; "
+                    f"use a multiple of {data_parallel} rows")
+
+
+def make_steps(config: Config, student_graphdef: nnx.GraphDef,
+               teacher_graphdef: nnx.GraphDef | None, state_shardings: Any, total_steps: int,
+               vocab_size: int) -> tuple[Any, Any]:
+  """The run's jitted train step (the train state donated, kept in `state_shardings`) and
+  held-out eval step: what `build_trainer` trains with and `csd-jax compile` compiles."""
   tx, schedule = make_optimizer(config.optim, total_steps)
   loss = config.loss
   # Chat pairs: beta at each step (constant, or the official gradual schedule).
   beta = functools.partial(pair_beta, start=loss.pair_beta, end=loss.pair_beta_end,
                            ramp=loss.pair_beta_ramp, total_steps=total_steps)
   objective = Objective(loss.name, loss.params, loss.kd_coef, loss.ce_coef, loss.lm_coef,
-                        loss.fused, loss.chunk_size, loss.normalize, models.vocab_size, rules,
+                        loss.fused, loss.chunk_size, loss.normalize, vocab_size,
+                        resolve_rules(config.mesh.rules),
                         beta if config.data.source == "pairs" else None)
-  state_shardings = jax.tree.map(lambda x: x.sharding, state)
   train_step = jax.jit(
       make_train_step(student_graphdef, teacher_graphdef, tx, schedule, objective,
                       config.train.grad_accum),
       in_shardings=(state_shardings, None, None, None), out_shardings=(state_shardings, None),
       donate_argnums=(0,))
   eval_step = jax.jit(make_eval_step(student_graphdef, teacher_graphdef, objective))
-  return Trainer(config, mesh, models, inputs, total_steps, state, student_graphdef,
-                 teacher_state, train_step, eval_step, onpolicy)
+  return train_step, eval_step
 
 
 def _check_positions(config: Config, models: Models) -> None:

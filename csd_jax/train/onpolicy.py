@@ -183,6 +183,12 @@ class OnPolicy:
     self._replay = jax.jit(replay, donate_argnums=(2,))
     self._gkd = jax.jit(gkd)
 
+  @property
+  def sampler(self) -> Any:
+    """The jitted program of an on-policy step: gkd's `(params, untrained, batch, key) ->
+    batch`, or the replay modes' `(params, untrained, buffer, batch, key) -> (buffer, batch)`."""
+    return self._gkd if self.config.mix == "gkd" else self._replay
+
   def _key(self, state: TrainState, step: int) -> Array:
     return jax.random.fold_in(jax.random.fold_in(state.key, ONPOLICY_STREAM), step)
 

@@ -72,6 +72,24 @@ def init_random(hf_config: Any, seed: int = 0, *, dtype: Any = jnp.float32,
   return nnx.merge(graphdef, state)
 
 
+def abstract_model(hf_config: Any, *, dtype: Any = jnp.float32, param_dtype: Any = None,
+                   mesh: Mesh | None = None, rules: Mapping[str, Sequence[str]] | None = None,
+                   **overrides: Any) -> CausalLM:
+  """A model of a transformers config's shapes whose variables are `jax.ShapeDtypeStruct`s,
+  carrying the shardings `init_random` / `load_pretrained` would give them on `mesh`: nothing is
+  allocated (what `csd-jax compile` lowers a run's programs with)."""
+  cfg = config_from_hf(hf_config, dtype=dtype, param_dtype=param_dtype, **overrides)
+  graphdef, abstract = _abstract(cfg)
+  if mesh is not None:
+    variables = dict(nnx.to_flat_state(abstract))
+    for path, sharding in nnx.to_flat_state(state_shardings(abstract, mesh, rules)):
+      value = variables[path].get_value()
+      variables[path].set_value(jax.ShapeDtypeStruct(value.shape, value.dtype,
+                                                     sharding=sharding))
+    abstract = nnx.from_flat_state(variables)
+  return nnx.merge(graphdef, abstract)
+
+
 def _place(array: np.ndarray, sharding: Any) -> jax.Array:
   if sharding is None:
     return jnp.asarray(array)
