@@ -9,6 +9,8 @@ Matmuls are library calls at any level; only fused elementwise code is less opti
 FAST_COMPILE = "--xla_backend_optimization_level=0"
 
 
-def xla_flags(devices: int) -> str:
-  """XLA_FLAGS for a test process with `devices` fake CPU devices."""
-  return f"--xla_force_host_platform_device_count={devices} {FAST_COMPILE}"
+def xla_flags(devices: int, *, fast_compile: bool = True) -> str:
+  """XLA_FLAGS for a test process with `devices` fake CPU devices (and -O0 unless the process
+  runs more than it compiles: fast_compile=False)."""
+  flags = f"--xla_force_host_platform_device_count={devices}"
+  return f"{flags} {FAST_COMPILE}" if fast_compile else flags

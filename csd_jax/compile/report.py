@@ -9,7 +9,8 @@ temporaries), against the chip's HBM. A program the compiler cannot fit fails to
 RESOURCE_EXHAUSTED: the report then says "does not fit" with the compiler's own figures. Cost is
 the compiler's (`cost_analysis()`: FLOPs, bytes accessed, `optimal_seconds`), per chip; XLA counts
 a loop's body once, so `optimal_seconds` and the tokens/s and MFU it implies are only given for a
-program without loops (grad_accum > 1, the fused loss's chunk loop, decoding all make loops).
+program without loops (grad_accum > 1, the fused loss's chunk loop, decoding all make loops),
+and only where that estimate is positive (it can be negative: a data-parallel GPT-2-XL step's).
 Collectives are read from the optimized HLO (count and result bytes by kind, a loop body's
 once).
 """
@@ -167,7 +168,10 @@ def _program_lines(report: FitReport, program: ProgramReport) -> list[str]:
         f"{(program.bytes_accessed or 0) / 1e9:.2f} GB accessed")
     if program.optimal_seconds is None:
       cost += "; optimal_seconds: n/a (the program has loops, whose body XLA counts once)"
-    elif program.optimal_seconds > 0:
+    elif program.optimal_seconds <= 0:
+      cost += (f"; optimal_seconds: n/a (the compiler's estimate, "
+               f"{program.optimal_seconds:.3g} s, is not positive)")
+    else:
       cost += f"; optimal {program.optimal_seconds * 1e3:.2f} ms"
       if program.name == "train_step":
         tokens_s = report.tokens_per_step / program.optimal_seconds
