@@ -132,9 +132,16 @@ class CausalLM(nnx.Module):
       layer_cache = None if cache is None else cache[i]
       key = sub_key(dropout_key, i)
       if cfg.remat != "none" and cache is None:
-        x, _ = nnx.remat(lambda blk, h: blk(h, positions, kv_valid, query_segments=query_segments,
-                                            dropout_key=key),
-                         policy=_REMAT[cfg.remat])(block, x)
+        # jax.checkpoint over the block's state, not nnx.remat: a block's forward changes no
+        # variable, and nnx.remat's write-back of the block's variables fails when they come
+        # from two trace levels (LoRA: trained adapters beside the frozen base).
+        graphdef, state = nnx.split(block)
+
+        def forward(state, h, key=key):
+          return nnx.merge(graphdef, state)(h, positions, kv_valid,
+                                            query_segments=query_segments, dropout_key=key)[0]
+
+        x = jax.checkpoint(forward, policy=_REMAT[cfg.remat])(state, x)
       else:
         x, layer_cache = block(x, positions, kv_valid, cache=layer_cache, cache_index=cache_index,
                                query_segments=query_segments, dropout_key=key)
