@@ -108,33 +108,36 @@ def init_train_state(student: Any, optimizer: optax.GradientTransformation, mesh
   if replay is not None:
     replay = jax.tree.map(lambda x: replicated(mesh, x), replay)
   state = TrainState(params=params, untrained=untrained,
-                     opt_state=optimizer_init(optimizer)(params),
+                     opt_state=jax.jit(optimizer.init, out_shardings=optimizer_shardings(
+                         optimizer, params, mesh))(params),
                      step=replicated(mesh, np.int32(0)), key=key, replay=replay)
   return graphdef, _commit(state, mesh)
 
 
-def optimizer_init(optimizer: optax.GradientTransformation) -> Any:
-  """The jitted function that builds the optimizer state from the parameters (its output
-  shardings are where the state lives)."""
-  return jax.jit(optimizer.init)
+def optimizer_shardings(optimizer: optax.GradientTransformation, params: nnx.State,
+                        mesh: Mesh) -> Any:
+  """Where the optimizer state lives: each leaf that mirrors a parameter (Adam's moments) is
+  sharded like that parameter, the rest (step counts) replicated. Left to XLA, the zeros that
+  `optimizer.init` returns come back replicated: every chip would hold the whole float32
+  moments."""
+  return optax.tree_map_params(
+      optimizer, lambda _, sharding: sharding, jax.eval_shape(optimizer.init, params),
+      jax.tree.map(lambda p: p.sharding, params),
+      transform_non_params=lambda _: NamedSharding(mesh, P()))
 
 
 def abstract_train_state(student: Any, optimizer: optax.GradientTransformation, mesh: Mesh, *,
                          trainable: Any = nnx.Param, replay: dict[str, Any] | None = None
                          ) -> tuple[nnx.GraphDef, TrainState]:
   """`init_train_state` without allocating: the student's graph and a `TrainState` of
-  `jax.ShapeDtypeStruct`s with the shardings training gives each leaf (the optimizer state's
-  from compiling `optimizer_init` for `mesh`). `student` is an abstract model
-  (`csd_jax.models.io.hf.abstract_model`); `replay` the replay buffer's shapes (`jax.eval_shape` of `initial_replay`) or None."""
+  `jax.ShapeDtypeStruct`s with the shardings training gives each leaf. `student` is an
+  abstract model (`csd_jax.models.io.hf.abstract_model`); `replay` the replay buffer's shapes
+  (`jax.eval_shape` of `initial_replay`) or None."""
   graphdef, params, untrained = nnx.split(student, trainable, ...)
-  init = optimizer_init(optimizer)
-  placed = init.lower(params).compile().output_shardings
   everywhere = NamedSharding(mesh, P())
-  # A leaf the init leaves on one device (the step count) is replicated, as `_commit` does.
-  opt_state = jax.tree.map(
-      lambda a, s: jax.ShapeDtypeStruct(
-          a.shape, a.dtype, sharding=s if isinstance(s, NamedSharding) else everywhere),
-      jax.eval_shape(optimizer.init, params), placed)
+  opt_state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                           jax.eval_shape(optimizer.init, params),
+                           optimizer_shardings(optimizer, params, mesh))
 
   def replicated_abstract(tree: Any) -> Any:
     return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=everywhere),
