@@ -1,7 +1,7 @@
 """Every shipped config compiled for the TPU slice it names (`mesh.slice`), in one table.
 
     PYTHONPATH=. python bench/tpu_fit.py                   # every configs/*.yaml, one at a time
-    PYTHONPATH=. python bench/tpu_fit.py --only gpt2_xl    # the configs whose name contains it
+    PYTHONPATH=. python bench/tpu_fit.py --only tiny,gpt2_xl_to_gpt2_dolly   # these, in order
 
 Each config runs `csd-jax compile` in its own process (a 7B pair's compile holds about 18 GB of
 host memory: never two at once on a 24 GB machine), and the table gives per chip: the teacher's
@@ -67,11 +67,18 @@ HEADER = ("| config | slice | teacher GiB/chip | student params | optimizer stat
 
 def main(argv: list[str] | None = None) -> int:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--only", default="", help="configs whose file name contains this")
+  parser.add_argument("--only", default="",
+                      help="comma-separated config names (file stems), compiled in that order")
   parser.add_argument("--timeout", type=float, default=1800, help="seconds per config")
   parser.add_argument("--out", help="keep each config's report.json and HLO under this")
   args = parser.parse_args(argv)
-  configs = sorted(p for p in (ROOT / "configs").glob("*.yaml") if args.only in p.stem)
+  configs = sorted((ROOT / "configs").glob("*.yaml"))
+  if args.only:
+    known = {p.stem: p for p in configs}
+    names = args.only.split(",")
+    if unknown := [n for n in names if n not in known]:
+      parser.error(f"--only: no configs/{unknown[0]}.yaml; known: {', '.join(known)}")
+    configs = [known[n] for n in names]
   root = pathlib.Path(args.out or tempfile.mkdtemp(prefix="tpu_fit_"))
   print(HEADER, flush=True)
   start = time.perf_counter()

@@ -6,6 +6,10 @@ bench/tpu_fit.py.
 """
 
 import json
+import os
+import pathlib
+import subprocess
+import sys
 
 import pytest
 
@@ -127,3 +131,14 @@ def test_absent_tpu_means_the_cpu_backend(monkeypatch):
   monkeypatch.setattr(platforms, "tpu_chips_present", lambda: True)
   platforms.skip_absent_tpu()
   assert "JAX_PLATFORMS" not in platforms.os.environ
+
+
+def test_fit_table_bench_compiles_a_config_for_its_slice(tmp_path):
+  root = pathlib.Path(__file__).resolve().parents[1]
+  done = subprocess.run([sys.executable, "bench/tpu_fit.py", "--only", "tiny", "--out",
+                         str(tmp_path)], cwd=root, capture_output=True, text=True, timeout=600,
+                        env={**os.environ, "PYTHONPATH": str(root)})
+  assert done.returncode == 0, done.stderr[-2000:]
+  row = [line for line in done.stdout.splitlines() if line.startswith("| tiny |")]
+  assert row and "| v5e-8 |" in row[0] and "| yes |" in row[0], done.stdout
+  assert (tmp_path / "tiny" / "report.json").exists()
