@@ -53,6 +53,20 @@ def test_remat_under_lora_gives_the_adapters_the_same_gradients(remat):
     np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-8)  # float32 recomputation
 
 
+@pytest.mark.parametrize("remat", ["none", "dots"])
+def test_layer_barrier_gives_the_same_value_and_gradients(remat):
+  config = CONFIGS["llama_gqa_untied_bias"]()
+  ids = jax.random.randint(jax.random.key(0), (2, 16), 0, 97)
+  plain = init_random(config, seed=1, remat=remat, layer_barrier=False)
+  barred = init_random(config, seed=1, remat=remat)   # the default
+  assert barred.cfg.num_layers > 1   # a barrier sits before every layer but the first
+  v1, g1 = jax.jit(nnx.value_and_grad(_loss))(plain, ids)
+  v2, g2 = jax.jit(nnx.value_and_grad(_loss))(barred, ids)
+  np.testing.assert_array_equal(v2, v1)   # the same operations: a barrier only orders them
+  for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g2)):
+    np.testing.assert_array_equal(b, a)
+
+
 def test_invalid_remat_policy_is_rejected():
   with pytest.raises(UserError, match="remat='some'; valid: none, full, dots"):
     init_random(CONFIGS["gpt2_n_inner"](), remat="some")

@@ -29,6 +29,7 @@ class ModelSpec:
   dtype: str = "bfloat16"          # compute dtype
   param_dtype: str = "float32"     # storage; the teacher is cast to `dtype` when frozen
   remat: str = "none"              # none | full | dots
+  layer_barrier: bool = True       # FSDP: gather a layer's weights at most one layer ahead
   attention_impl: str | None = None
   seed: int = 0
   dropout: float | None = None     # student: None = its config.json's rates (GPT-2: 0.1); a

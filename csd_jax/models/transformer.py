@@ -128,9 +128,17 @@ class CausalLM(nnx.Module):
       x = x + jnp.take(self.pos_embed[...], positions, axis=0).astype(cfg.dtype)
     x = dropout(x, cfg.embed_dropout, sub_key(dropout_key, cfg.num_layers))
     new_cache = [] if cache is not None else None
-    for i, block in enumerate(self.layers):
+    layers = list(self.layers)
+    for i in range(len(layers)):
+      block = layers[i]
       layer_cache = None if cache is None else cache[i]
       key = sub_key(dropout_key, i)
+      if cfg.layer_barrier and i + 1 < len(layers):
+        # The next layer's weights pass through a barrier with this layer's input: XLA may
+        # gather them while this layer runs (one layer ahead), not earlier.
+        graphdef, state = nnx.split(layers[i + 1])
+        x, state = jax.lax.optimization_barrier((x, state))
+        layers[i + 1] = nnx.merge(graphdef, state)
       if cfg.remat != "none" and cache is None:
         # jax.checkpoint over the block's state, not nnx.remat: a block's forward changes no
         # variable, and nnx.remat's write-back of the block's variables fails when they come

@@ -46,7 +46,8 @@ def model_settings(spec: ModelSpec, *, trainable: bool, **options: Any
   that is not trained (the teacher) stores its weights in its compute dtype."""
   dtype = DTYPES[spec.dtype]
   param_dtype = DTYPES[spec.param_dtype] if trainable else dtype
-  options = {"remat": spec.remat, "attention_impl": spec.attention_impl, **options}
+  options = {"remat": spec.remat, "attention_impl": spec.attention_impl,
+             "layer_barrier": spec.layer_barrier, **options}
   if spec.dropout is not None:
     options.update(embed_dropout=spec.dropout, attention_dropout=spec.dropout,
                    residual_dropout=spec.dropout)
