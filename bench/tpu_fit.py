@@ -36,6 +36,9 @@ def fit_row(config: pathlib.Path, out: pathlib.Path, timeout: float) -> dict:
       [sys.executable, "-m", "csd_jax.cli", "compile", "--config", str(config), "--out",
        str(out)], capture_output=True, text=True, timeout=timeout, cwd=ROOT)
   seconds = time.perf_counter() - start
+  if done.returncode < 0:   # the kernel's OOM killer sends SIGKILL
+    return {"config": config.stem, "seconds": seconds,
+            "error": f"the compile was killed by signal {-done.returncode} (host memory?)"}
   if done.returncode != 0 or not (out / "report.json").exists():
     lines = (done.stderr.strip() or done.stdout.strip() or "no output").splitlines()
     return {"config": config.stem, "error": lines[-1][:160], "seconds": seconds}
