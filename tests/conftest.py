@@ -26,9 +26,8 @@ from shared_runs import checkpointed_run  # noqa: E402, F401  (a session fixture
 
 def pytest_collection_modifyitems(config, items):
   """The longest tests first, so that neither xdist worker is left with a long one at the end
-  while the other idles: the xdist groups (the demos; the notebook's, whose runs train once per
-  worker; `--dist loadgroup` gives each group to one worker), then the tests marked slow, then
-  the rest, each in collection order (the same on every worker)."""
+  while the other idles: the demo group (one worker runs both, `--dist loadgroup`), then the
+  tests marked slow, then the rest, each in collection order (the same on every worker)."""
   def rank(item):
     group = item.get_closest_marker("xdist_group")
     return 0 if group is not None else 1 if item.get_closest_marker("slow") else 2

@@ -15,8 +15,6 @@ from csd_jax.train.loop import train
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs" / "tiny.yaml"
-# Both tests on one xdist worker (`--dist loadgroup`), so that the two runs train once.
-pytestmark = pytest.mark.xdist_group("notebook")
 
 
 @pytest.fixture(scope="module")
