@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import math
 import os
 from typing import Any
 
@@ -56,17 +57,11 @@ class SliceSpec:
 
   @property
   def chips(self) -> int:
-    out = 1
-    for size in self.topology:
-      out *= size
-    return out
+    return math.prod(self.topology)
 
   @property
   def hosts(self) -> int:
-    per_host = 1
-    for size in self.chips_per_host:
-      per_host *= size
-    return self.chips // per_host
+    return self.chips // math.prod(self.chips_per_host)
 
   @property
   def topology_name(self) -> str:
