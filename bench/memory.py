@@ -26,7 +26,7 @@ from flax import nnx
 
 from bench.presets import shared_vocab
 from csd_jax.config import OptimConfig
-from csd_jax.models import CausalLM, config_from_hf
+from csd_jax.models.io.hf import abstract_model
 from csd_jax.runtime.sharding import make_mesh
 from csd_jax.run.state import TrainState, make_optimizer
 from csd_jax.train.step import Objective, make_train_step
@@ -43,17 +43,12 @@ class Memory:
   compile_seconds: float
 
 
-def _abstract_model(hf_config: dict, dtype: Any, param_dtype: Any) -> CausalLM:
-  cfg = config_from_hf(hf_config, dtype=dtype, param_dtype=param_dtype)
-  return nnx.eval_shape(lambda: CausalLM(cfg, nnx.Rngs(0)))
-
-
 def step_memory(teacher_cfg: dict, student_cfg: dict, batch: int, seq: int, *, fused: bool,
                 compute: Any = jnp.bfloat16, teacher_dtype: Any = jnp.bfloat16,
                 chunk_size: int = 1024) -> Memory:
   """Compile (never run) the train step of CSD (S,S) + AdamW at these shapes."""
-  teacher = _abstract_model(teacher_cfg, teacher_dtype, teacher_dtype)
-  student = _abstract_model(student_cfg, compute, jnp.float32)
+  teacher = abstract_model(teacher_cfg, dtype=teacher_dtype, param_dtype=teacher_dtype)
+  student = abstract_model(student_cfg, dtype=compute, param_dtype=jnp.float32)
   tx, schedule = make_optimizer(OptimConfig(lr=1e-4, schedule="constant"), 100)
   graphdef, params, untrained = nnx.split(student, nnx.Param, ...)
   teacher_graphdef, teacher_state = nnx.split(teacher)
